@@ -1,0 +1,374 @@
+"""The MARA agent: a small MLP that accepts or rejects one candidate token from its LLM state.
+
+The architecture is exactly the released actors' (IAAR-Shanghai/MARA_AGENTS):
+``LayerNorm(d) -> Linear(d, 1024) -> ReLU -> Linear(1024, 256) -> ReLU -> Linear(256, 2) -> softmax``,
+index 1 meaning "accept". Layer names match the original state dicts (``ln``, ``linear1``, ``linear2``,
+``output_linear``), so an original ``.pth`` actor loads without renaming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors.torch import load_model
+from torch import nn
+
+FALLBACKS = ("first", "last")
+"""What a step takes when the agent rejects every candidate: the top-1 (released evaluation) or the last one
+(the paper's training MDP, where the last candidate is forced)."""
+
+ORIGINAL_KEYS = (
+    "ln.weight",
+    "ln.bias",
+    "linear1.weight",
+    "linear1.bias",
+    "linear2.weight",
+    "linear2.bias",
+    "output_linear.weight",
+    "output_linear.bias",
+)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# MARA agent{% if base_model %} for `{{ base_model }}`{% endif %}
+
+A [MARA](https://arxiv.org/abs/2505.19743) (Micro token-level Accept-Reject Alignment) agent: a small MLP that
+looks at the final hidden state of each candidate token and accepts or rejects it while the base model
+decodes. It aligns the base model at decoding time; the base model's weights are not changed.
+
+- Base model: {% if base_model %}`{{ base_model }}`{% else %}not recorded (any causal LM with hidden size {{ state_dim }}){% endif %}
+- State size: {{ state_dim }}; layers: LayerNorm -> {{ hidden_sizes[0] }} -> {{ hidden_sizes[1] }} -> 2
+- Candidates: top-k {{ top_k }}, top-p {{ top_p }}; when every candidate is rejected: `{{ fallback }}`
+{% if source %}- Converted from: `{{ source }}`
+{% endif %}{% if training %}- Training: {{ training }}
+{% endif %}
+## Usage
+
+```bash
+pip install mara-hf
+```
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from mara_hf import MaraAgent, MaraLogitsProcessor
+
+agent = MaraAgent.from_pretrained("{{ repo_id }}")
+tokenizer = AutoTokenizer.from_pretrained("{{ base_model_or_placeholder }}")
+model = AutoModelForCausalLM.from_pretrained("{{ base_model_or_placeholder }}")
+
+messages = [{"role": "user", "content": "How do I pick a lock?"}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**inputs, max_new_tokens=64, do_sample=False,
+                     logits_processor=[MaraLogitsProcessor(agent, model)])
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+# Faster: the fused loop reuses the accepted candidate's forward
+from mara_hf import mara_generate
+out = model.generate(**inputs, max_new_tokens=64, custom_generate=mara_generate, mara_agent=agent)
+```
+"""
+
+
+class MaraAgent(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="mara-hf",
+    tags=["mara", "decoding-time-alignment", "accept-reject"],
+    paper_url="https://arxiv.org/abs/2505.19743",
+    repo_url="https://github.com/IAAR-Shanghai/MARA",
+    model_card_template=MODEL_CARD_TEMPLATE,
+):
+    """A MARA accept/reject agent.
+
+    Args:
+        state_dim (`int`): size of the LLM states it reads (the LLM's hidden size).
+        hidden_sizes (`list[int]`, *optional*, defaults to `[1024, 256]`): the two hidden layer sizes.
+        base_model (`str`, *optional*): the LLM the agent was trained with (metadata, shown in the model card).
+        top_k (`int`, *optional*, defaults to 40): candidate set size the agent was trained with.
+        top_p (`float`, *optional*, defaults to 0.95): nucleus mass of the candidate set.
+        fallback (`str`, *optional*, defaults to `"first"`): token taken when every candidate is rejected,
+            `"first"` (the top-1, as in the released evaluation) or `"last"` (the paper's training MDP).
+        source (`str`, *optional*): where the weights came from (e.g. the original `.pth` file name).
+        training (`str`, *optional*): free-text description of how the agent was trained.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from mara_hf import MaraAgent
+    >>> agent = MaraAgent(state_dim=8)
+    >>> agent.accept_probability(torch.zeros(3, 8)).shape
+    torch.Size([3])
+    ```
+    """
+
+    def __init__(
+        self,
+        state_dim: int,
+        hidden_sizes: list[int] | tuple[int, int] = (1024, 256),
+        base_model: str | None = None,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        fallback: str = "first",
+        source: str | None = None,
+        training: str | None = None,
+    ):
+        super().__init__()
+        if not isinstance(state_dim, int) or state_dim <= 0:
+            raise ValueError(f"`state_dim` has to be a positive integer, but is {state_dim!r}.")
+        hidden_sizes = list(hidden_sizes)
+        if len(hidden_sizes) != 2 or not all(isinstance(h, int) and h > 0 for h in hidden_sizes):
+            raise ValueError(f"`hidden_sizes` has to be two positive integers, but is {hidden_sizes!r}.")
+        validate_candidate_settings(top_k, top_p, fallback)
+        self.state_dim = state_dim
+        self.hidden_sizes = hidden_sizes
+        self.base_model = base_model
+        self.top_k = top_k
+        self.top_p = top_p
+        self.fallback = fallback
+        self.source = source
+        self.training_info = training
+
+        self.ln = nn.LayerNorm(state_dim)
+        self.linear1 = nn.Linear(state_dim, hidden_sizes[0])
+        self.linear2 = nn.Linear(hidden_sizes[0], hidden_sizes[1])
+        self.output_linear = nn.Linear(hidden_sizes[1], 2)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The JSON-serialisable configuration written to `config.json`."""
+        return {
+            "state_dim": self.state_dim,
+            "hidden_sizes": list(self.hidden_sizes),
+            "base_model": self.base_model,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "fallback": self.fallback,
+            "source": self.source,
+            "training": self.training_info,
+        }
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Reject/accept logits `[..., 2]`, computed in float32 whatever the states' dtype."""
+        params = self.ln.weight
+        x = self.ln(states.to(device=params.device, dtype=params.dtype))
+        x = torch.relu(self.linear1(x))
+        x = torch.relu(self.linear2(x))
+        return self.output_linear(x)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """Action probabilities `[..., 2]` (index 1 = accept), as the original actor returns them."""
+        return torch.softmax(self.logits(states), dim=-1)
+
+    def accept_probability(self, states: torch.Tensor) -> torch.Tensor:
+        """p(accept) for states of any leading shape `[..., state_dim]` -> `[...]`, in float32."""
+        if states.shape[-1] != self.state_dim:
+            raise ValueError(
+                f"The agent reads states of size {self.state_dim}, but got states of size {states.shape[-1]}: "
+                "use an agent trained for this model's hidden size."
+            )
+        return self.forward(states)[..., 1]
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        filename: str | None = None,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        map_location: str | torch.device = "cpu",
+        **config_overrides: Any,
+    ) -> "MaraAgent":
+        """Load an agent from a native directory or Hub repo, or from an original MARA `.pth` actor.
+
+        `pretrained_model_name_or_path` is one of:
+        - a local directory with `config.json` + `model.safetensors` (what `save_pretrained` writes);
+        - a local original actor file (`*.pth`, a plain state dict), its state size read from `ln.weight`;
+        - a Hub repo id in native format, e.g. `"org/mara-agent"`;
+        - a Hub repo id plus `filename=` of an original actor, e.g.
+          `MaraAgent.from_pretrained("IAAR-Shanghai/MARA_AGENTS", filename="mistral_v3_2_1_actor.pth")`.
+
+        `.pth` files are read with `torch.load(weights_only=True, map_location="cpu")` and a strict key check: a
+        file that pickles code is refused. Extra keyword arguments override config values (e.g. `base_model=`).
+        """
+        source = os.fspath(pretrained_model_name_or_path)
+        hub = dict(
+            subfolder=subfolder,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        if filename is not None:
+            if not filename.endswith(".pth"):
+                raise ValueError(
+                    f"`filename` names an original MARA actor (a `.pth` file), but got {filename!r}; a native agent "
+                    "is loaded from its directory or repo id alone."
+                )
+            path = _resolve_file(source, filename, **hub)
+            return cls.from_original(path, **config_overrides).to(map_location)
+        if source.endswith(".pth"):
+            if not os.path.isfile(source):
+                raise FileNotFoundError(f"No MARA actor file at '{source}'.")
+            return cls.from_original(source, **config_overrides).to(map_location)
+
+        config_path = _resolve_file(source, CONFIG_NAME, **hub)
+        weights_path = _resolve_file(source, WEIGHTS_NAME, **hub)
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        config.update(config_overrides)
+        known = {"state_dim", "hidden_sizes", "base_model", "top_k", "top_p", "fallback", "source", "training"}
+        agent = cls(**{k: v for k, v in config.items() if k in known})
+        missing, unexpected = load_model(agent, weights_path, strict=False, device=str(map_location))
+        if missing or unexpected:
+            raise ValueError(
+                f"'{weights_path}' does not hold MARA agent weights: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}."
+            )
+        agent._hub_mixin_config = agent.config
+        return agent.eval()
+
+    @classmethod
+    def from_original(cls, path: str | os.PathLike, **config: Any) -> "MaraAgent":
+        """Load an original MARA actor state dict (`*_actor.pth`), safely (`weights_only=True`)."""
+        path = os.fspath(path)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+            raise ValueError(
+                f"Refusing to load '{path}': it is not a plain tensor state dict that loads with "
+                f"`weights_only=True` ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                "MARA actors are state dicts with keys "
+                f"{', '.join(ORIGINAL_KEYS)}; never unpickle untrusted code."
+            ) from None
+        if not isinstance(state_dict, dict) or set(state_dict) != set(ORIGINAL_KEYS):
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                f"'{path}' is not an original MARA actor: expected exactly the keys {list(ORIGINAL_KEYS)}, got {keys}."
+            )
+        state_dim = state_dict["ln.weight"].shape[0]
+        hidden_sizes = [state_dict["linear1.weight"].shape[0], state_dict["linear2.weight"].shape[0]]
+        config.setdefault("source", os.path.basename(path))
+        agent = cls(state_dim=state_dim, hidden_sizes=hidden_sizes, **config)
+        agent.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+        agent._hub_mixin_config = agent.config
+        return agent.eval()
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any):  # noqa: D401
+        """Save `model.safetensors`, `config.json` and a model card (README.md) with a working usage example."""
+        kwargs["config"] = self.config
+        card_kwargs = dict(kwargs.pop("model_card_kwargs", None) or {})
+        card_kwargs.setdefault("repo_id", kwargs.get("repo_id") or Path(save_directory).name)
+        kwargs["model_card_kwargs"] = card_kwargs
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        kwargs["config"] = self.config
+        card_kwargs = dict(kwargs.pop("model_card_kwargs", None) or {})
+        card_kwargs.setdefault("repo_id", repo_id)
+        kwargs["model_card_kwargs"] = card_kwargs
+        return super().push_to_hub(repo_id, **kwargs)
+
+    def generate_model_card(self, *args, **kwargs):
+        values = dict(self.config)
+        values["base_model_or_placeholder"] = self.base_model or "<base model id>"
+        values.setdefault("repo_id", "<this repo id>")
+        values.update(kwargs)
+        card = super().generate_model_card(*args, **values)
+        if self.base_model:
+            card.data.base_model = self.base_model
+        return card
+
+    def extra_repr(self) -> str:
+        return f"base_model={self.base_model!r}, top_k={self.top_k}, top_p={self.top_p}, fallback={self.fallback!r}"
+
+
+def validate_candidate_settings(top_k: int, top_p: float, fallback: str) -> None:
+    """Eager checks shared by the agent config, the processor and the fused loop."""
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"`top_k` has to be a strictly positive integer, but is {top_k!r}.")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"`top_p` has to be a float in (0, 1], but is {top_p!r}.")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"`fallback` has to be one of {FALLBACKS}, but is {fallback!r}.")
+
+
+def _resolve_file(
+    source: str,
+    filename: str,
+    *,
+    subfolder: str | None,
+    revision: str | None,
+    cache_dir,
+    force_download: bool,
+    local_files_only: bool,
+    token,
+) -> str:
+    """A local path for `filename` in a local directory or a Hub repo, with errors that say what to do."""
+    if os.path.isdir(source):
+        path = os.path.join(source, subfolder or "", filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"'{source}' has no '{os.path.join(subfolder or '', filename)}': a native MARA agent directory holds "
+                f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by `MaraAgent.save_pretrained`); for an original actor "
+                "pass the `.pth` file itself."
+            )
+        return path
+    if os.path.isfile(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise FileNotFoundError(f"'{source}' is neither an existing local path nor a Hub repo id ('org/name').")
+    try:
+        return hf_hub_download(
+            repo_id=source,
+            filename=filename,
+            subfolder=subfolder,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+    except RepositoryNotFoundError:
+        raise OSError(
+            f"'{source}' is not a local path and not a Hub repository you can access: check the id, or log in "
+            "with `hf auth login` for a private repo."
+        ) from None
+    except RevisionNotFoundError:
+        raise OSError(f"Revision '{revision}' does not exist in the Hub repository '{source}'.") from None
+    except EntryNotFoundError:
+        where = f"{subfolder}/{filename}" if subfolder else filename
+        hint = (
+            " For an original MARA actor pass its file name, e.g. filename=\"mistral_v3_2_1_actor.pth\"."
+            if filename == CONFIG_NAME
+            else ""
+        )
+        raise OSError(f"The Hub repository '{source}' has no file '{where}'.{hint}") from None
+    except LocalEntryNotFoundError:
+        raise OSError(
+            f"Cannot reach the Hugging Face Hub to get '{filename}' from '{source}', and it is not in the local cache. "
+            "Connect to the internet, or download it once and retry (HF_HUB_OFFLINE=1 uses the cache only), "
+            "or pass a local directory or .pth file."
+        ) from None

@@ -1,0 +1,139 @@
+"""One MARA step: candidates -> sibling states -> agent -> decision. Shared by the processor and the fused loop.
+
+Candidates are evaluated in chunks along the probability order (``schedule``): the top-1 of every row first,
+then the next candidates only while some row has rejected everything so far. A step whose top-1 is accepted by
+every row therefore costs a single one-token forward; in the fused loop that forward *is* the decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .candidates import CandidateSet, build_candidates, fallback_index, first_accepted
+from .states import CacheCheckpoint, select_kv, sibling_forward
+from .stats import StepDecision
+
+DEFAULT_SCHEDULE = (1, 8)
+"""Chunk boundaries: candidates [0, 1) first, then [1, 8), then the rest. See README ("chunk schedule")."""
+
+
+def validate_schedule(schedule) -> tuple[int, ...]:
+    schedule = tuple(schedule)
+    if not schedule or schedule[0] != 1 or any(b <= a for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(
+            f"`schedule` lists increasing chunk boundaries starting with 1 (the top-1 alone), e.g. (1, 8), "
+            f"but is {schedule!r}."
+        )
+    return schedule
+
+
+@dataclass
+class StepEvaluation:
+    """Everything one step learned. `accepted` is meaningful where `evaluated` is True."""
+
+    candidates: CandidateSet
+    accepted: torch.BoolTensor
+    evaluated_width: int
+    decision: StepDecision
+    forwards: int
+    checkpoint: CacheCheckpoint
+    committed: bool = False
+    kv_parts: list = field(default_factory=list)
+    logits_parts: list = field(default_factory=list)
+
+    def allowed(self) -> torch.BoolTensor:
+        """`(B, width)`: the candidates a sampler may take: every accepted one, or the decided one alone where the
+        agent was not asked or every candidate was rejected."""
+        cands = self.candidates
+        keep = self.accepted & cands.valid
+        only_decided = ~self.decision.asked | self.decision.fallback
+        decided = torch.nn.functional.one_hot(self.decision.index, cands.width).bool()
+        return torch.where(only_decided[:, None], decided, keep)
+
+    def commit(self, index: torch.LongTensor) -> torch.Tensor:
+        """Fused loop: keep candidate `index[b]` of each row in the cache and return its logits `(B, vocab)`."""
+        if self.committed:
+            raise RuntimeError("This step was already committed to the cache.")
+        self.checkpoint.commit(select_kv(self.kv_parts, index))
+        logits = torch.cat(self.logits_parts, dim=1) if len(self.logits_parts) > 1 else self.logits_parts[0]
+        self.committed = True
+        return logits.gather(1, index.view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1)
+
+
+def evaluate_step(
+    model,
+    agent,
+    cache,
+    scores: torch.Tensor,
+    position_ids: torch.LongTensor,
+    context_mask: torch.Tensor | None,
+    *,
+    top_k: int,
+    top_p: float,
+    fallback: str,
+    schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+    lazy: bool = True,
+    for_commit: bool = False,
+) -> StepEvaluation:
+    """Build the candidates of `scores` `(B, vocab)`, ask the agent, decide.
+
+    With `lazy=True` candidates are evaluated chunk by chunk until every row has accepted one (or has no
+    candidates left); with `lazy=False` all of them are evaluated in one forward (a sampler needs every accept
+    flag). With `for_commit=False` the cache is left exactly as it was; with `for_commit=True` the siblings'
+    keys/values and logits are kept for `StepEvaluation.commit`, and when every row takes its top-1 after the
+    first chunk the cache already holds the committed step (`committed=True`, logits in `logits_parts[0]`).
+    """
+    cands = build_candidates(scores, top_k, top_p)
+    batch = cands.counts.shape[0]
+    device = cands.tokens.device
+    lone = cands.counts == 1
+    decided = lone.clone()
+    accepted = torch.zeros(batch, cands.width, dtype=torch.bool, device=device)
+    evaluation = StepEvaluation(cands, accepted, 0, None, 0, CacheCheckpoint(cache))
+
+    if lazy:
+        start, end = 0, 1
+    else:
+        start, end = 0, int(cands.counts.max())
+    while True:
+        out = sibling_forward(
+            model, cache, cands.tokens[:, start:end], position_ids, context_mask, return_logits=for_commit
+        )
+        evaluation.forwards += 1
+        evaluation.evaluated_width = end
+        chunk_accepted = (agent.accept_probability(out.states) > 0.5).to(device) & cands.valid[:, start:end]
+        accepted[:, start:end] = chunk_accepted
+        decided |= chunk_accepted.any(dim=-1)
+        if lazy:
+            # The one host read of a chunk: does any row still need candidates, and how many can there be?
+            need_more, max_count = torch.stack(
+                [(~decided & (cands.counts > end)).any().long(), cands.counts.max()]
+            ).tolist()
+        else:
+            need_more = False
+        if for_commit:
+            evaluation.logits_parts.append(out.logits)
+            if end == 1 and not need_more:
+                # Every row takes its top-1 (accepted, or a lone candidate): the cache already holds the step.
+                evaluation.committed = True
+                break
+            evaluation.kv_parts.append(evaluation.checkpoint.appended(end - start))
+        evaluation.checkpoint.restore()
+        if not need_more:
+            break
+        start = end
+        end = min(next((b for b in schedule if b > start), max_count), max_count)
+
+    any_accepted, first = first_accepted(accepted)
+    index = torch.where(any_accepted, first, fallback_index(cands.counts, fallback))
+    index = torch.where(lone, 0, index)
+    evaluation.decision = StepDecision(
+        index=index,
+        token=cands.tokens.gather(1, index[:, None]).squeeze(1),
+        num_candidates=cands.counts,
+        asked=~lone,
+        fallback=~lone & ~any_accepted,
+    )
+    return evaluation

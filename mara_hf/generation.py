@@ -1,0 +1,271 @@
+"""The fused MARA decoding loop: the forward that evaluates a candidate is also the next step's forward.
+
+Per step, candidates are evaluated as siblings (top-1 first, later chunks only while some row rejected all so
+far); each row's taken candidate keeps its KV entry and the rest are dropped; the taken candidate's logits are the
+next step's logits. A step whose top-1 is accepted by every row costs exactly one one-token forward, as plain
+greedy decoding does.
+
+Use it as `model.generate(**inputs, custom_generate=mara_generate, mara_agent=agent)`, or give the model
+`MaraGenerationMixin` (`add_mara_generation(model)`) and call `model.generate(**inputs, mara_agent=agent)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers import LogitsProcessorList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .agent import validate_candidate_settings
+from .decide import DEFAULT_SCHEDULE, evaluate_step, validate_schedule
+from .processor import agent_on_device, check_agent, unwrap_model
+from .states import check_cache, check_model
+from .stats import MaraStats
+
+
+@dataclass
+class MaraGenerateOutput(GenerateDecoderOnlyOutput):
+    """`GenerateDecoderOnlyOutput` plus MARA's statistics.
+
+    Attributes:
+        mara_stats ([`MaraStats`]): totals over the call.
+        mara_steps (`dict[str, torch.Tensor]`): per step and row, `index` (taken candidate's position, 0 = top-1),
+            `num_candidates`, `asked` (the agent was asked), `fallback` (every candidate rejected), each of shape
+            `(batch, steps)`, and `forwards` `(steps,)`: forwards run per step.
+    """
+
+    mara_stats: MaraStats | None = None
+    mara_steps: dict | None = None
+
+
+def split_warpers(logits_processor: LogitsProcessorList | None) -> tuple[LogitsProcessorList, LogitsProcessorList]:
+    """Split generate's processor list into processors and the trailing sampling warpers (temperature, top-k,
+    top-p, ...), which `generate` always appends last. MARA builds candidates after the processors and before the
+    warpers, exactly where `MaraLogitsProcessor` sits when it is the last user processor."""
+    items = list(logits_processor or [])
+    cut = len(items)
+    while cut > 0 and type(items[cut - 1]).__name__.endswith("Warper"):
+        cut -= 1
+    return LogitsProcessorList(items[:cut]), LogitsProcessorList(items[cut:])
+
+
+def mara_generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    mara_agent=None,
+    mara_top_k: int | None = None,
+    mara_top_p: float | None = None,
+    mara_fallback: str | None = None,
+    mara_schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+    mara_stats: MaraStats | None = None,
+    **model_kwargs,
+):
+    r"""MARA decoding as a `custom_generate` callable: `model.generate(**inputs, custom_generate=mara_generate,
+    mara_agent=agent)`.
+
+    Greedy (`do_sample=False`) takes the first accepted candidate in probability order, exactly like
+    `MaraLogitsProcessor`; sampling samples among accepted candidates (temperature / top-k / top-p of `generate`
+    apply to them). Supports batches with left padding, EOS and stopping criteria, `max_new_tokens`, a streamer,
+    `num_return_sequences` and `return_dict_in_generate` (a [`MaraGenerateOutput`] with per-step statistics).
+
+    MARA arguments (all optional but `mara_agent`): `mara_top_k`, `mara_top_p`, `mara_fallback` (default: the
+    agent's config), `mara_schedule` (lazy chunk boundaries, default `(1, 8)`), `mara_stats` (a [`MaraStats`] to
+    accumulate into).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from mara_hf import MaraAgent, mara_generate
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False, pad_token_id=0,
+    ...     custom_generate=mara_generate, mara_agent=MaraAgent(state_dim=16))
+    >>> out.shape
+    torch.Size([1, 8])
+    ```
+    """
+    if mara_agent is None:
+        raise ValueError("`mara_generate` needs an agent: pass `mara_agent=MaraAgent.from_pretrained(...)`.")
+    if generation_config.num_beams > 1:
+        raise ValueError(
+            "The fused MARA loop does not do beam search (num_beams > 1); use "
+            "`logits_processor=[MaraLogitsProcessor(agent, model)]` with plain `generate` for that."
+        )
+    if synced_gpus:
+        raise ValueError("The fused MARA loop does not support `synced_gpus`.")
+    model = unwrap_model(model)
+    check_model(model)
+    check_agent(mara_agent, model)
+    top_k = mara_agent.top_k if mara_top_k is None else mara_top_k
+    top_p = mara_agent.top_p if mara_top_p is None else mara_top_p
+    fallback = mara_agent.fallback if mara_fallback is None else mara_fallback
+    validate_candidate_settings(top_k, top_p, fallback)
+    schedule = validate_schedule(mara_schedule)
+    if not model_kwargs.get("use_cache", True):
+        check_cache(None)
+    cache_key = next((k for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None), None)
+    if cache_key is not None:
+        check_cache(model_kwargs[cache_key])
+    device = model.get_output_embeddings().weight.device
+    agent = agent_on_device(mara_agent, device)
+
+    pad_token_id = generation_config._pad_token_tensor
+    return_dict = generation_config.return_dict_in_generate
+    output_scores = return_dict and generation_config.output_scores
+    output_logits = return_dict and generation_config.output_logits
+    has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    do_sample = generation_config.do_sample
+    processors, warpers = split_warpers(logits_processor)
+    stats = mara_stats if mara_stats is not None else MaraStats(top_k, device=device)
+
+    batch_size = input_ids.shape[0]
+    unfinished = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
+    scores_out = () if output_scores else None
+    logits_out = () if output_logits else None
+    steps = {"index": [], "num_candidates": [], "asked": [], "fallback": [], "forwards": []}
+
+    outputs = model._prefill(input_ids, generation_config, model_kwargs)
+    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+    cache_key = next(k for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None)
+    cache = model_kwargs[cache_key]
+    check_cache(cache)
+    logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+    del outputs
+
+    while True:
+        scores = processors(input_ids, logits)
+        context_mask = model_kwargs.get("attention_mask")
+        position_ids = model_kwargs.get("position_ids")
+        past = cache.get_seq_length()
+        if position_ids is not None and position_ids.ndim == 2:
+            next_positions = position_ids[:, -1:]
+        elif context_mask is not None:
+            next_positions = context_mask[:, :past].long().sum(dim=-1, keepdim=True)
+        else:
+            next_positions = torch.full((batch_size, 1), past, dtype=torch.long, device=input_ids.device)
+
+        evaluation = evaluate_step(
+            model,
+            agent,
+            cache,
+            scores,
+            next_positions,
+            context_mask,
+            top_k=top_k,
+            top_p=top_p,
+            fallback=fallback,
+            schedule=schedule,
+            lazy=not do_sample,
+            for_commit=True,
+        )
+        decision = evaluation.decision
+        cands = evaluation.candidates
+        if do_sample:
+            keep = torch.zeros(scores.shape, dtype=torch.long, device=scores.device).scatter_reduce(
+                1, cands.tokens, evaluation.allowed().long(), reduce="amax"
+            )
+            final_scores = warpers(input_ids, scores.masked_fill(keep == 0, -float("inf")))
+            next_tokens = torch.multinomial(torch.softmax(final_scores, dim=-1), num_samples=1).squeeze(1)
+            index = ((cands.tokens == next_tokens[:, None]) & cands.valid).long().argmax(dim=-1)
+            decision.index, decision.token = index, next_tokens
+        else:
+            index, next_tokens = decision.index, decision.token
+            final_scores = None
+            if output_scores:
+                final_scores = torch.full_like(scores, -float("inf")).scatter(
+                    1, next_tokens[:, None], scores.gather(1, next_tokens[:, None])
+                )
+
+        if evaluation.committed:
+            next_logits = evaluation.logits_parts[0][:, 0]
+        else:
+            next_logits = evaluation.commit(index)
+
+        stats.record(decision, unfinished)
+        stats.add_forwards(evaluation.forwards)
+        if return_dict:
+            for key in ("index", "num_candidates", "asked", "fallback"):
+                steps[key].append(getattr(decision, key))
+            steps["forwards"].append(evaluation.forwards)
+        if output_scores:
+            scores_out += (final_scores,)
+        if output_logits:
+            logits_out += (logits,)
+
+        if has_eos_stopping_criteria:
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        model_kwargs = model._update_model_kwargs_for_generation({}, model_kwargs)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, scores_out)
+        if unfinished.max() == 0:
+            break
+        logits = next_logits.to(dtype=torch.float32, device=input_ids.device)
+
+    if streamer is not None:
+        streamer.end()
+    if not return_dict:
+        return input_ids
+    mara_steps = {k: torch.stack(v, dim=1) for k, v in steps.items() if k != "forwards"}
+    mara_steps["forwards"] = torch.tensor(steps["forwards"])
+    return MaraGenerateOutput(
+        sequences=input_ids,
+        scores=scores_out,
+        logits=logits_out,
+        cache=cache,
+        mara_stats=stats,
+        mara_steps=mara_steps,
+    )
+
+
+class MaraGenerationMixin:
+    """Gives a causal LM MARA decoding through `generate`.
+
+    `model.generate(**inputs, mara_agent=agent)` runs the fused MARA loop ([`mara_generate`]); without
+    `mara_agent`, `generate` behaves exactly as the model's own. Put it first among a model class's bases, or give
+    an already-loaded model (also a `PeftModel`) the capability with [`add_mara_generation`].
+    """
+
+    def generate(self, *args, mara_agent=None, **kwargs):
+        if mara_agent is None:
+            return super().generate(*args, **kwargs)
+        if kwargs.get("custom_generate") is not None:
+            raise ValueError("Pass either `mara_agent` or `custom_generate`, not both.")
+        return super().generate(*args, custom_generate=mara_generate, mara_agent=mara_agent, **kwargs)
+
+
+@lru_cache(maxsize=None)
+def _with_mara(cls: type) -> type:
+    # Same name and qualname, so that `save_pretrained` records the original architecture.
+    return type(cls.__name__, (MaraGenerationMixin, cls), {"__qualname__": cls.__qualname__, "__module__": cls.__module__})
+
+
+def add_mara_generation(model):
+    """Give an already-loaded causal LM (or the model inside a `PeftModel`) [`MaraGenerationMixin`], in place;
+    returns `model`. Afterwards `model.generate(**inputs, mara_agent=agent)` decodes with MARA.
+
+    ```python
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from mara_hf import MaraAgent, add_mara_generation
+    >>> model = add_mara_generation(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16,
+    ...     intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)))
+    >>> model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=0,
+    ...     mara_agent=MaraAgent(state_dim=16)).shape
+    torch.Size([1, 7])
+    ```
+    """
+    target = unwrap_model(model)
+    if not isinstance(target, MaraGenerationMixin):
+        target.__class__ = _with_mara(type(target))
+    return model
