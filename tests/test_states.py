@@ -1,0 +1,75 @@
+"""The sibling forward gives each candidate its faithful state, and the cache is put back exactly."""
+
+import pytest
+import torch
+
+from conftest import ARCHS, left_padded, random_prompts, tiny_model
+from mara_hf.states import CacheCheckpoint, select_kv, sibling_forward
+from reference import naive_states
+
+
+def prefill(model, ids, mask):
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True).cache
+
+
+def snapshot(cache):
+    return [(layer.keys.clone(), layer.values.clone(), getattr(layer, "cumulative_length", None)) for layer in cache.layers]
+
+
+def assert_cache_equal(cache, saved):
+    for layer, (keys, values, cumulative) in zip(cache.layers, saved):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+        assert getattr(layer, "cumulative_length", None) == cumulative
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_sibling_states_equal_separate_forwards(arch, padded):
+    model = tiny_model(arch)
+    # Lengths 12 and 14 overflow the sliding window (8) of mistral / qwen2 / gemma2 layers.
+    prompts = random_prompts(3, lengths=(12, 5, 14) if padded else (12,), seed=1)
+    if not padded:
+        prompts = [prompts[0]] * 2
+    ids, mask = left_padded(prompts)
+    cache = prefill(model, ids, mask)
+    saved = snapshot(cache)
+    candidates = torch.randint(3, 96, (len(prompts), 6), generator=torch.Generator().manual_seed(2))
+    positions = mask.sum(-1, keepdim=True)
+    checkpoint = CacheCheckpoint(cache)
+    with torch.no_grad():
+        out = sibling_forward(model, cache, candidates, positions, mask if padded else None, return_logits=True)
+    for row, prompt in enumerate(prompts):
+        expected = naive_states(model, prompt, candidates[row].tolist())
+        torch.testing.assert_close(out.states[row], expected, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            expected_logits = model(torch.tensor([prompt + [c] for c in candidates[row].tolist()])).logits[:, -1]
+        torch.testing.assert_close(out.logits[row], expected_logits, atol=1e-4, rtol=1e-4)
+    checkpoint.restore()
+    assert_cache_equal(cache, saved)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_committed_sibling_continues_like_plain_decoding(arch):
+    """Keeping one sibling per row leaves the cache as if that token had been decoded normally."""
+    model = tiny_model(arch)
+    prompts = random_prompts(2, lengths=(11, 6), seed=3)
+    ids, mask = left_padded(prompts)
+    cache = prefill(model, ids, mask)
+    candidates = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])
+    positions = mask.sum(-1, keepdim=True)
+    checkpoint = CacheCheckpoint(cache)
+    with torch.no_grad():
+        sibling_forward(model, cache, candidates, positions, mask)
+    chosen = torch.tensor([2, 0])
+    checkpoint.commit(select_kv([checkpoint.appended(4)], chosen))
+    follow = torch.tensor([[30], [31]])
+    mask2 = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=-1)
+    with torch.no_grad():
+        logits = model(input_ids=follow, attention_mask=mask2, position_ids=positions + 1, cache=cache).logits[:, -1]
+    for row, prompt in enumerate(prompts):
+        full = prompt + [candidates[row, chosen[row]].item(), follow[row].item()]
+        with torch.no_grad():
+            expected = model(torch.tensor([full])).logits[0, -1]
+        torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
