@@ -102,6 +102,8 @@ def evaluate_step(
             return evaluation  # every row has a lone candidate: nothing to ask, no forward
         start, end = 0, 1 if lazy else max_count
     while True:
+        if end - start > 1:
+            evaluation.checkpoint.keep_appended()
         out = sibling_forward(
             model, cache, cands.tokens[:, start:end], position_ids, context_mask, return_logits=for_commit
         )

@@ -11,6 +11,7 @@ Use it as `model.generate(**inputs, custom_generate=mara_generate, mara_agent=ag
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -117,6 +118,8 @@ def mara_generate(
         check_cache(model_kwargs[cache_key])
     device = model.get_output_embeddings().weight.device
     agent = agent_on_device(mara_agent, device)
+    if streamer is None:
+        streamer = _streamer_of_calling_generate()
 
     pad_token_id = generation_config._pad_token_tensor
     return_dict = generation_config.return_dict_in_generate
@@ -226,6 +229,15 @@ def mara_generate(
         mara_stats=stats,
         mara_steps=mara_steps,
     )
+
+
+def _streamer_of_calling_generate():
+    """`generate` hands a callable `custom_generate` only the callable's own extra arguments and drops `streamer`
+    (transformers 5.x), although it already streamed the prompt to it; take it from the calling `generate`."""
+    caller = sys._getframe(2)
+    if caller.f_code.co_name == "generate":
+        return caller.f_locals.get("streamer")
+    return None
 
 
 class MaraGenerationMixin:

@@ -76,6 +76,13 @@ class CacheCheckpoint:
             layer.__dict__.clear()
             layer.__dict__.update(saved)
 
+    def keep_appended(self) -> None:
+        """Make sliding-window layers keep every entry appended from now on (until `restore`), so that more
+        siblings than the window holds can still be read with `appended`."""
+        for layer in self.layers:
+            if layer.is_sliding:
+                layer.record_past = True
+
     def appended(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the keys/values `(B, heads, count, head_dim)` of the last `count` appended entries."""
         return [(layer.keys[..., -count:, :], layer.values[..., -count:, :]) for layer in self.cache.layers]

@@ -1,0 +1,187 @@
+"""The fused loop (custom_generate / mixin) decides exactly as the drop-in processor and the naive reference."""
+
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from conftest import (
+    ARCHS,
+    assert_model_untouched,
+    constant_agent,
+    decisive_agent,
+    left_padded,
+    random_prompts,
+    tiny_model,
+)
+from mara_hf import MaraGenerationMixin, MaraLogitsProcessor, MaraStats, add_mara_generation, mara_generate
+from reference import naive_mara_greedy
+
+
+def both_paths(model, agent, ids, mask=None, n=10, **mara):
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    processor = MaraLogitsProcessor(agent, model, **{k[5:]: v for k, v in mara.items()})
+    dropin = model.generate(**common, logits_processor=[processor])
+    fused = model.generate(**common, custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True,
+                           **mara)
+    return dropin, fused, processor
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fallback", ["first", "last"])
+def test_fused_greedy_equals_processor_on_padded_batches(arch, fallback):
+    model = tiny_model(arch)
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=21))
+    dropin, fused, processor = both_paths(model, agent, ids, mask, n=12, mara_fallback=fallback)
+    assert torch.equal(fused.sequences, dropin)
+    a, b = fused.mara_stats.to_dict(), processor.stats.to_dict()
+    for key in ("tokens", "agent_decided", "fallbacks", "accepted_index_histogram"):
+        assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("schedule", [(1,), (1, 2), (1, 4, 16), (1, 40)])
+def test_chunk_schedule_changes_cost_not_decisions(schedule):
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    prompt = random_prompts(1, lengths=(10,), seed=5)[0]
+    expected, _ = naive_mara_greedy(model, agent, prompt, 10, eos_token_id=2)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         custom_generate=mara_generate, mara_agent=agent, mara_schedule=schedule)
+    got = out[0, len(prompt):].tolist()
+    assert got[: len(expected)] == expected
+
+
+def test_accept_all_agent_is_plain_greedy_with_one_forward_per_token():
+    model = tiny_model("qwen2")
+    ids, mask = left_padded(random_prompts(2, seed=3))
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
+                         custom_generate=mara_generate, mara_agent=constant_agent(accept=True),
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, plain)
+    assert out.mara_steps["forwards"].tolist() == [1] * out.mara_steps["index"].shape[1]
+    assert (out.mara_steps["index"] == 0).all()
+
+
+def test_sampling_equals_processor_for_the_same_seed():
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=5.0)
+    ids, mask = left_padded(random_prompts(2, seed=4))
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.8,
+                  top_p=0.9, num_return_sequences=2, pad_token_id=0)
+    torch.manual_seed(123)
+    dropin = model.generate(**common, logits_processor=[MaraLogitsProcessor(agent, model)])
+    torch.manual_seed(123)
+    fused = model.generate(**common, custom_generate=mara_generate, mara_agent=agent)
+    assert fused.shape[0] == 4 and torch.equal(fused, dropin)
+
+
+def test_return_dict_carries_per_step_statistics_and_scores():
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    ids = torch.tensor([random_prompts(1, seed=5, lengths=(10,))[0]])
+    out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                         custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True,
+                         output_scores=True, output_logits=True)
+    steps = out.mara_steps
+    assert steps["index"].shape == (1, 6) and steps["forwards"].shape == (6,)
+    assert len(out.scores) == 6 and len(out.logits) == 6
+    for step, scores in enumerate(out.scores):
+        assert scores[0].argmax().item() == out.sequences[0, ids.shape[1] + step].item()
+    assert out.mara_stats.tokens == 6
+    assert out.mara_stats.forwards == int(steps["forwards"].sum())
+
+
+def test_eos_stopping_criteria_streamer_and_external_stats():
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    ids = torch.tensor([random_prompts(1, seed=6)[0]])
+    stop = StopAfter()
+    stop.length = ids.shape[1] + 4
+    streamer, stats = Collect(), MaraStats(top_k=40)
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, custom_generate=mara_generate,
+                         mara_agent=agent, stopping_criteria=StoppingCriteriaList([stop]), streamer=streamer,
+                         mara_stats=stats)
+    assert out.shape[1] == ids.shape[1] + 4
+    assert streamer.ended and [c[0] for c in streamer.chunks[1:]] == out[0, ids.shape[1]:].tolist()
+    assert stats.tokens == 4
+
+    # A row that emits EOS stops and is padded while the others go on.
+    prompts = random_prompts(2, seed=8)
+    ids, mask = left_padded(prompts)
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    eos = plain[0, -1].item()  # make row 0's first greedy token the EOS
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                         eos_token_id=eos, custom_generate=mara_generate, mara_agent=constant_agent(accept=True))
+    assert out[0, ids.shape[1]].item() == eos and (out[0, ids.shape[1] + 1:] == 0).all()
+
+
+def test_mixin_and_add_mara_generation():
+    model = tiny_model("mistral")
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(2, lengths=(12, 5), seed=9))
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    plain = model.generate(**common)
+    fused = model.generate(**common, custom_generate=mara_generate, mara_agent=agent)
+    cls = type(model)
+    assert add_mara_generation(model) is model
+    assert isinstance(model, MaraGenerationMixin) and isinstance(model, cls) and type(model).__name__ == cls.__name__
+    assert torch.equal(model.generate(**common, mara_agent=agent), fused)
+    assert torch.equal(model.generate(**common), plain)  # without an agent: the model's own generate
+    add_mara_generation(model)  # idempotent
+    assert type(model).__mro__.count(MaraGenerationMixin) == 1
+
+    class MaraMistral(MaraGenerationMixin, cls):
+        pass
+
+    subclassed = MaraMistral(model.config).eval()
+    subclassed.load_state_dict(model.state_dict())
+    assert torch.equal(subclassed.generate(**common, mara_agent=agent), fused)
+
+
+def test_peft_model_through_mixin():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    agent = decisive_agent(reject_bias=9.0)
+    ids = torch.tensor([random_prompts(1, seed=6)[0]])
+    common = dict(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    dropin = peft_model.generate(**common, logits_processor=[MaraLogitsProcessor(agent, peft_model)])
+    add_mara_generation(peft_model)
+    assert torch.equal(peft_model.generate(**common, mara_agent=agent), dropin)
+    assert_model_untouched(peft_model)
+
+
+def test_fused_refusals():
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="needs an agent"):
+        model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, pad_token_id=0)
+    with pytest.raises(ValueError, match="does not do beam search"):
+        model.generate(ids, max_new_tokens=2, num_beams=2, custom_generate=mara_generate,
+                       mara_agent=constant_agent(), pad_token_id=0)
+    with pytest.raises(ValueError, match="cannot restore a StaticCache"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="static", custom_generate=mara_generate,
+                       mara_agent=constant_agent(), pad_token_id=0)
+    from mara_hf import MaraAgent
+
+    with pytest.raises(ValueError, match="hidden size 32"):
+        model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, mara_agent=MaraAgent(state_dim=8),
+                       pad_token_id=0)
+    assert_model_untouched(model)
