@@ -3,6 +3,7 @@
 from .agent import MaraAgent
 from .candidates import CandidateSet, build_candidates
 from .generation import MaraGenerateOutput, MaraGenerationMixin, add_mara_generation, mara_generate
+from .hub import export_custom_generate
 from .processor import MaraLogitsProcessor
 from .stats import MaraStats
 
@@ -17,6 +18,7 @@ __all__ = [
     "CandidateSet",
     "add_mara_generation",
     "build_candidates",
+    "export_custom_generate",
     "mara_generate",
     "__version__",
 ]

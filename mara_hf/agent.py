@@ -351,6 +351,12 @@ def _resolve_file(
             local_files_only=local_files_only,
             token=token,
         )
+    except LocalEntryNotFoundError:
+        raise OSError(
+            f"Cannot reach the Hugging Face Hub to get '{filename}' from '{source}', and it is not in the local cache. "
+            "Connect to the internet, or download it once and retry (HF_HUB_OFFLINE=1 uses the cache only), "
+            "or pass a local directory or .pth file."
+        ) from None
     except RepositoryNotFoundError:
         raise OSError(
             f"'{source}' is not a local path and not a Hub repository you can access: check the id, or log in "
@@ -366,9 +372,3 @@ def _resolve_file(
             else ""
         )
         raise OSError(f"The Hub repository '{source}' has no file '{where}'.{hint}") from None
-    except LocalEntryNotFoundError:
-        raise OSError(
-            f"Cannot reach the Hugging Face Hub to get '{filename}' from '{source}', and it is not in the local cache. "
-            "Connect to the internet, or download it once and retry (HF_HUB_OFFLINE=1 uses the cache only), "
-            "or pass a local directory or .pth file."
-        ) from None

@@ -58,12 +58,13 @@ def naive_mara_greedy(model, agent, prompt: list[int], max_new_tokens: int, *, t
         if len(candidates) == 1:
             choice = 0
         else:
-            with torch.no_grad():
-                p_accept = agent(naive_states(model, ids, candidates).float())[:, 1]
-            record["p_accept"] = p_accept.tolist()
-            choice = None
-            for i in range(len(candidates)):
-                if p_accept[i] > 0.5:
+            # Serial walk, one forward per candidate, stopping at the first accepted one.
+            choice, record["p_accept"] = None, []
+            for i, candidate in enumerate(candidates):
+                with torch.no_grad():
+                    p_accept = agent(naive_states(model, ids, [candidate]).float())[0, 1].item()
+                record["p_accept"].append(p_accept)
+                if p_accept > 0.5:
                     choice = i
                     break
             if choice is None:

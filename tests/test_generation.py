@@ -185,3 +185,26 @@ def test_fused_refusals():
         model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, mara_agent=MaraAgent(state_dim=8),
                        pad_token_id=0)
     assert_model_untouched(model)
+
+
+def test_hub_custom_generate_layout_from_a_local_directory(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from mara_hf import export_custom_generate
+
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    agent.save_pretrained(tmp_path / "agent")
+    generate_py = export_custom_generate(tmp_path / "agent")
+    assert generate_py.read_text().count("def generate(model") == 1
+    assert (tmp_path / "agent" / "custom_generate" / "requirements.txt").read_text().strip() == "mara-hf"
+    card = ModelCard.load(tmp_path / "agent" / "README.md")
+    assert "custom_generate" in card.data.tags and "trust_remote_code=True" in card.text
+
+    ids = torch.tensor([random_prompts(1, seed=5)[0]])
+    common = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, **common, custom_generate=mara_generate, mara_agent=agent)
+    got = model.generate(ids, **common, custom_generate=str(tmp_path / "agent"), trust_remote_code=True)
+    assert torch.equal(got, expected)
+    with pytest.raises(FileNotFoundError, match="not a native MARA agent folder"):
+        export_custom_generate(tmp_path)
