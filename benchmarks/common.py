@@ -498,6 +498,10 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
                         help="timed rounds over all batches; tokens/s uses the median round (default 1)")
     parser.add_argument("--warmup-tokens", type=int, default=8, help="new tokens of each untimed warm-up call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the decisive agent and random prompts/models")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads; 0 keeps torch's default (default: 1 on CPU, torch's default on "
+                             "CUDA). On the 2-vCPU dev VM two OpenMP threads were erratic and up to 10x slower "
+                             "than one")
     parser.add_argument("--out", default=default_out, help=f"JSON output path (default: {default_out})")
 
 
@@ -511,5 +515,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.max_new_tokens = 128 if cuda else 32
     if args.num_prompts is None:
         args.num_prompts = 8 if cuda else 4
+    if args.threads is None:
+        args.threads = 0 if cuda else 1
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     args.warmup_tokens = max(1, min(args.warmup_tokens, args.max_new_tokens))
     return args

@@ -33,7 +33,7 @@ class MaraGenerateOutput(GenerateDecoderOnlyOutput):
     Attributes:
         mara_stats ([`MaraStats`]): totals over the call.
         mara_steps (`dict[str, torch.Tensor]`): per step and row, `index` (taken candidate's position, 0 = top-1),
-            `num_candidates`, `asked` (the agent was asked), `fallback` (every candidate rejected), each of shape
+            `top1` (the model's most probable token), `num_candidates`, `asked` (the agent was asked), `fallback` (every candidate rejected), each of shape
             `(batch, steps)`, and `forwards` `(steps,)`: forwards run per step.
     """
 
@@ -134,7 +134,7 @@ def mara_generate(
     unfinished = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
     scores_out = () if output_scores else None
     logits_out = () if output_logits else None
-    steps = {"index": [], "num_candidates": [], "asked": [], "fallback": [], "forwards": []}
+    steps = {"index": [], "top1": [], "num_candidates": [], "asked": [], "fallback": [], "forwards": []}
 
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
@@ -198,6 +198,7 @@ def mara_generate(
         if return_dict:
             for key in ("index", "num_candidates", "asked", "fallback"):
                 steps[key].append(getattr(decision, key))
+            steps["top1"].append(cands.tokens[:, 0])
             steps["forwards"].append(evaluation.forwards)
         if output_scores:
             scores_out += (final_scores,)

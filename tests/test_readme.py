@@ -1,0 +1,26 @@
+"""The README's set-up commands are the ones CI runs."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n# install[^\n]*\n(.+?)\n# run the tests\n(.+?)\n```", readme, re.S)
+    assert block, "README must start with the install and test commands"
+    install, test = block.group(1).strip(), block.group(2).strip()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert install in ci and test in ci
+    assert ci.index(install) < ci.index(test)
+
+
+def test_shipped_agent_is_packaged():
+    from mara_hf import MaraAgent
+    from mara_hf.models import DEFAULT_AGENT, SHIPPED_AGENTS, shipped_agents
+
+    assert DEFAULT_AGENT in shipped_agents()
+    agent = MaraAgent.from_pretrained(SHIPPED_AGENTS / DEFAULT_AGENT)
+    assert agent.state_dim == 576 and "demo" in agent.training_info
+    assert "agents/*/*" in (ROOT / "setup.cfg").read_text()
