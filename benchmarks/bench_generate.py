@@ -46,16 +46,20 @@ def build_methods(args, agents: dict) -> list[common.Method]:
 
 
 def identity_pairs(results: list[common.MethodResult]) -> list[tuple]:
-    """Processor vs every fused schedule per agent; plain vs the accept-all processor and fused path."""
+    """Processor (or, without processor runs, the first fused schedule) vs every fused schedule per agent; plain
+    vs the accept-all processor and fused path."""
     by_name = {r.method.name: r for r in results}
     plain = by_name["plain"]
     pairs = []
+    first_fused = {}
     for r in results:
         if r.method.kind != "fused":
             continue
-        processor = by_name.get(f"processor/{r.method.agent_name}")
-        if processor is not None:
-            pairs.append((processor, r))
+        reference = by_name.get(f"processor/{r.method.agent_name}")
+        if reference is None:
+            reference = first_fused.setdefault(r.method.agent_name, r)
+        if reference is not r:
+            pairs.append((reference, r))
         if r.method.agent_name == "accept-all":
             pairs.append((plain, r))
     if "processor/accept-all" in by_name:

@@ -1,7 +1,8 @@
 """Candidate sets and the accept/reject decision rule, vectorised over the batch.
 
-MARA's candidates at a step are built as the original code builds them: `log_softmax(logits)`, then
-transformers' `TopKLogitsWarper(top_k)` and `TopPLogitsWarper(top_p)`, sorted by probability. The agent walks
+MARA's candidates at a step are built as the original code builds them: `log_softmax(logits)`, then top-k and
+transformers' `TopPLogitsWarper(top_p)` (as `TopKLogitsWarper` then `TopPLogitsWarper` compute them), sorted by
+probability. The agent walks
 them in that order and the first accepted one is taken; when every candidate is rejected, the fallback decides.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import TopPLogitsWarper
 
 
 @dataclass
@@ -56,11 +57,12 @@ def build_candidates(scores: torch.Tensor, top_k: int, top_p: float) -> Candidat
     ```
     """
     logprobs = torch.log_softmax(scores.float(), dim=-1)
-    # The warpers return new tensors (masked_fill without `_`): `scores` and `logprobs` stay untouched.
-    filtered = TopKLogitsWarper(top_k=top_k)(None, logprobs)
-    filtered = TopPLogitsWarper(top_p=top_p)(None, filtered)
-    width = min(top_k, filtered.shape[-1])
-    values, tokens = torch.topk(filtered, k=width, dim=-1, sorted=True)
+    # transformers' TopKLogitsWarper keeps the k best; TopPLogitsWarper then renormalises over them. Running the
+    # top-p warper on the `(B, k)` top-k values gives the same set as on the full vocabulary (the removed tokens
+    # carry no mass) without sorting the whole vocabulary every step. Neither input is modified.
+    width = min(top_k, logprobs.shape[-1])
+    values, tokens = torch.topk(logprobs, k=width, dim=-1, sorted=True)
+    values = TopPLogitsWarper(top_p=top_p)(None, values)
     kept = values > -float("inf")
     counts = kept.sum(dim=-1).clamp_min(1)
     tokens = torch.where(kept, tokens, tokens[:, :1])

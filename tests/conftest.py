@@ -16,7 +16,17 @@ from transformers.utils import logging as hf_logging
 from mara_hf import MaraAgent
 
 hf_logging.set_verbosity_error()
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models are fastest on one thread (thread hand-offs cost more than their matmuls); the real LLM uses two.
+TINY_THREADS, LLM_THREADS = 1, max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(TINY_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    uses_llm = any(name in request.fixturenames for name in ("smollm2", "setup", "real_model"))
+    torch.set_num_threads(LLM_THREADS if uses_llm else TINY_THREADS)
+    yield
+    torch.set_num_threads(TINY_THREADS)
 
 COMMON = dict(
     vocab_size=96,

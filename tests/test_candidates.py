@@ -44,3 +44,18 @@ def test_decision_helpers():
     counts = torch.tensor([3, 2, 5])
     assert fallback_index(counts, "first").tolist() == [0, 0, 0]
     assert fallback_index(counts, "last").tolist() == [2, 1, 4]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(40, 0.95), (10, 0.7), (40, 0.3)])
+def test_same_set_as_transformers_warpers_on_the_full_vocabulary(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(1)
+    scores = torch.randn(8, 1000) * torch.linspace(0.5, 12.0, 8)[:, None]
+    logprobs = torch.log_softmax(scores, dim=-1)
+    filtered = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, logprobs))
+    cands = build_candidates(scores, top_k, top_p)
+    for row in range(8):
+        kept = torch.isfinite(filtered[row]).nonzero().squeeze(-1)
+        expected = kept[filtered[row, kept].argsort(descending=True)].tolist()
+        assert cands.tokens[row, : cands.counts[row]].tolist() == expected

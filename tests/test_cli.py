@@ -1,0 +1,60 @@
+"""The `mara-hf` command: the main job on the real SmolLM2, conversion, and one-line errors."""
+
+import pytest
+import torch
+
+import mara_hf.models
+from conftest import decisive_agent
+from mara_hf import MaraAgent
+from mara_hf.cli import main
+
+
+@pytest.fixture
+def real_model(smollm2, monkeypatch):
+    """`generate` loads the real SmolLM2; reuse the session's copy instead of loading it again."""
+    model, tokenizer = smollm2
+    names = []
+
+    def load(name, device=None, dtype=None):
+        names.append(name)
+        tokenizer.padding_side = "left"
+        return model, tokenizer
+
+    monkeypatch.setattr(mara_hf.models, "load_base_model", load)
+    return names
+
+
+def test_generate_default_runs_the_shipped_agent_on_smollm2(real_model, capsys):
+    assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert real_model == ["smollm2"]
+    assert "agent: smollm2-demo" in err and "untrained demo" in err
+    assert len(out.strip()) > 0 and "[12 tokens; agent asked on" in err
+
+
+def test_generate_compare_marks_rejected_tokens(real_model, capsys):
+    assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "30", "--compare"]) == 0
+    out, _ = capsys.readouterr()
+    assert "=== base model ===" in out and "=== MARA ===" in out
+    assert "⟦" in out and "→" in out  # the demo agent rejects some top-1 tokens on this prompt
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["generate", "hi", "--agent", str(tmp_path / "missing.pth")]) == 2
+    assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out"), "--base-model", "x"]) == 2
+    assert main(["export-custom-generate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 3 and all(line.startswith("mara-hf ") and ": error: " in line for line in lines)
+    assert "Traceback" not in err
+
+
+def test_convert_and_export(tmp_path, capsys):
+    path = tmp_path / "smollm2_actor.pth"
+    torch.save(decisive_agent(state_dim=576).state_dict(), path)
+    assert main(["convert", str(path), str(tmp_path / "native"), "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct"]) == 0
+    agent = MaraAgent.from_pretrained(tmp_path / "native")
+    assert agent.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and agent.source == "smollm2_actor.pth"
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "native" / "README.md").read_text()
+    assert main(["export-custom-generate", str(tmp_path / "native"), "--repo-id", "org/agent"]) == 0
+    assert "AGENT_SOURCE = 'org/agent'" in (tmp_path / "native" / "custom_generate" / "generate.py").read_text()
