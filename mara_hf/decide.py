@@ -42,6 +42,8 @@ class StepEvaluation:
     committed: bool = False
     kv_parts: list = field(default_factory=list)
     logits_parts: list = field(default_factory=list)
+    bounds: list = field(default_factory=list)
+    picked: bool = False
 
     def allowed(self) -> torch.BoolTensor:
         """`(B, width)`: the candidates a sampler may take: every accepted one, or the decided one alone where the
@@ -57,8 +59,13 @@ class StepEvaluation:
         if self.committed:
             raise RuntimeError("This step was already committed to the cache.")
         self.checkpoint.commit(select_kv(self.kv_parts, index))
-        logits = torch.cat(self.logits_parts, dim=1) if len(self.logits_parts) > 1 else self.logits_parts[0]
         self.committed = True
+        if self.picked:
+            # One projected sibling per chunk and row: the one in the chunk that holds the row's choice.
+            chunk = sum((index >= start).long() for start, _ in self.bounds[1:])
+            picked = torch.stack([logits[:, 0] for logits in self.logits_parts])
+            return picked[chunk, torch.arange(index.shape[0], device=index.device)]
+        logits = torch.cat(self.logits_parts, dim=1) if len(self.logits_parts) > 1 else self.logits_parts[0]
         return logits.gather(1, index.view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1)
 
 
@@ -101,15 +108,23 @@ def evaluate_step(
             evaluation.decision = _decide(cands, accepted, lone, fallback)
             return evaluation  # every row has a lone candidate: nothing to ask, no forward
         start, end = 0, 1 if lazy else max_count
+    # Greedy fused steps let lm_head project only the sibling each row may keep (see `_pick`).
+    picking = for_commit and lazy
+    evaluation.picked = picking
     while True:
         if end - start > 1:
             evaluation.checkpoint.keep_appended()
+        p_accept = {}
+        pick = _pick(agent, cands, start, end, fallback, p_accept) if picking else None
         out = sibling_forward(
-            model, cache, cands.tokens[:, start:end], position_ids, context_mask, return_logits=for_commit
+            model, cache, cands.tokens[:, start:end], position_ids, context_mask, return_logits=for_commit, pick=pick
         )
         evaluation.forwards += 1
         evaluation.evaluated_width = end
-        chunk_accepted = (agent.accept_probability(out.states) > 0.5).to(device) & cands.valid[:, start:end]
+        evaluation.bounds.append((start, end))
+        if "value" not in p_accept:
+            p_accept["value"] = agent.accept_probability(out.states)
+        chunk_accepted = (p_accept["value"] > 0.5).to(device) & cands.valid[:, start:end]
         accepted[:, start:end] = chunk_accepted
         decided |= chunk_accepted.any(dim=-1)
         if lazy:
@@ -134,6 +149,24 @@ def evaluate_step(
 
     evaluation.decision = _decide(cands, accepted, lone, fallback)
     return evaluation
+
+
+def _pick(agent, cands: CandidateSet, start: int, end: int, fallback: str, p_accept: dict):
+    """The sibling of chunk `[start, end)` each row may keep: its first accepted one; with the `"last"` fallback,
+    the row's last candidate if it lies in this chunk and none was accepted (the `"first"` fallback and the
+    top-1 live in the first chunk, whose only sibling is the top-1). Stores p(accept) for the caller."""
+
+    def pick(states):
+        p_accept["value"] = p = agent.accept_probability(states)
+        accepted = (p > 0.5).to(cands.counts.device) & cands.valid[:, start:end]
+        any_accepted, first = first_accepted(accepted)
+        if fallback == "last":
+            last = cands.counts - 1 - start
+            in_chunk = (last >= 0) & (last < end - start)
+            first = torch.where(any_accepted | ~in_chunk, first, last.clamp(0, end - start - 1))
+        return first.to(states.device)
+
+    return pick
 
 
 def _decide(cands: CandidateSet, accepted: torch.BoolTensor, lone: torch.BoolTensor, fallback: str) -> StepDecision:

@@ -124,6 +124,7 @@ def evaluate(
     seed: int = 0,
     out_dir: str | os.PathLike = "eval-results",
     resume: bool = True,
+    rescore: bool = False,
     generation_kwargs: dict | None = None,
     mara_kwargs: dict | None = None,
     tie_tolerance: float = 0.0,
@@ -145,21 +146,22 @@ def evaluate(
     - `kl_per_token`: `mara` = mean over MARA's generated tokens of -log p_base(y_t | context), from a
       teacher-forced forward of the base model on prompt + MARA's answer. For greedy MARA decoding the output is
       deterministic, so per token KL(delta_y || p_base) = -log p_base(y_t): this is MARA's per-token KL to the
-      base model. `base_reference` is the same quantity for the base model's own answers (greedy: its own
-      top-1 tokens, the floor that any decoding rule pays). With `do_sample=True` both are cross-entropies of
-      the samples under the base model, not KLs. EOS counts as a generated token; padding does not.
+      base model. `base_reference` is the same quantity for the base model's own answers (greedy: its own top-1
+      tokens), as a point of comparison. With `do_sample=True` both are cross-entropies of the samples under the
+      base model, not KLs. EOS counts as a generated token; padding does not.
     - `agent`: MARA's decisions summed over all answers (as [`MaraStats`]): `tokens`, `agent_decided` (tokens
       with more than one candidate), `fallbacks`, `accepted_index_histogram`, their rates, and `changed_tokens`
       (tokens where MARA did not take the base model's top-1).
     - `speed`: generated tokens, seconds and tokens/s of each side (MARA's time includes its agent).
 
     Files: `responses.jsonl` gets one JSON line per prompt (`index`, `prompt`, `base`, `mara`, `rewards` per side,
-    `changed` = the tokens MARA changed with the base model's top-1, `mara_marked` = MARA's answer with each
-    changed token shown as ⟦top1→taken⟧, token counts, NLL sums, agent counts, seconds), appended and flushed per
-    finished batch. With `resume=True`, prompts already in that file (same index and text, same settings) are not
-    generated again, rewards missing from their lines are computed, and the summary is rebuilt from all lines;
-    `resume=False` starts the file over. `results.json` and the plots are written to a temporary file first and
-    then renamed, so they are never half-written.
+    `changed` = each token where MARA did not take the base model's top-1, with both; `mara_marked` = MARA's
+    answer with each changed token shown as ⟦top1→taken⟧; token counts, NLL sums, agent counts, seconds),
+    appended and flushed per finished batch. With `resume=True`, prompts already in that file (same index and
+    text, same settings) are not generated again, rewards missing from their lines are computed, and the summary
+    is rebuilt from all lines; `resume=False` starts the file over. Saved scores are keyed by reward name: after
+    changing what a name means, pass `rescore=True` to score the saved answers again. `results.json` and the
+    plots are written to a temporary file first and then renamed, so they are never half-written.
 
     Args:
         model, tokenizer: the base causal LM and its tokenizer (left padding is used; a missing pad token is set
@@ -171,6 +173,7 @@ def evaluate(
             seeded with `seed + index of its first prompt`.
         out_dir: output folder (created).
         resume: reuse the answers already in `out_dir`.
+        rescore: score reused answers again with `rewards` instead of keeping their saved scores.
         generation_kwargs: more `generate` arguments for both sides (e.g. `temperature=0.7`).
         mara_kwargs: MARA options (`mara_top_k`, `mara_top_p`, `mara_fallback`, `mara_schedule`).
         tie_tolerance: reward differences up to this count as ties.
@@ -214,6 +217,11 @@ def evaluate(
                          "resume=False to start over.")
     wanted = {(i, p) for i, p in enumerate(prompts)}
     reused = [records[key] for key in sorted(records) if key in wanted]
+    if rescore:
+        for record in reused:
+            for side in ("base", "mara"):
+                for name in rewards:
+                    record["rewards"][side].pop(name, None)
     if _fill_missing_rewards(reused, rewards, batch_size):
         _rewrite_records(responses_path, list(records.values()))
 
@@ -684,12 +692,13 @@ def format_summary(results: dict) -> str:
                  f"{num(kl['base_reference'])}")
     a = results["agent"]
     shown = a["accepted_index_histogram"][:max([i + 1 for i, c in enumerate(a["accepted_index_histogram"]) if c] + [2])]
-    lines.append(f"agent: asked on {a['agent_decided']} of {a['tokens']} tokens ({num(a['agent_decided_rate'], '.1%')}), "
+    lines.append(f"agent: asked on {a['agent_decided']} of {a['tokens']} tokens "
+                 f"({num(a['agent_decided_rate'], '.1%')}), "
                  f"changed {a['changed_tokens']} tokens in {a['answers_changed']} answers, fell back on "
                  f"{a['fallbacks']}; accepted index histogram {shown}")
     s = results["speed"]
-    lines.append(f"speed: base {num(s['base_tokens_per_s'], '.1f')} tokens/s, MARA {num(s['mara_tokens_per_s'], '.1f')} "
-                 f"tokens/s")
+    lines.append(f"speed: base {num(s['base_tokens_per_s'], '.1f')} tokens/s, "
+                 f"MARA {num(s['mara_tokens_per_s'], '.1f')} tokens/s")
     files = [RESULTS_FILE, results["files"]["responses"]] + results["files"]["plots"]
     lines.append("wrote " + ", ".join(files))
     return "\n".join(lines)
@@ -702,10 +711,11 @@ def format_summary(results: dict) -> str:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `mara-hf eval` (see [`run_eval`])."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = ("Answer a prompt file with the base model and with MARA (same decoding settings), score "
-                          "both with rewards, report preference rate, gain, per-token KL, agent statistics and "
-                          "speed. Resumable: re-running with the same --out skips answered prompts.")
-    parser.epilog = REWARD_HELP + "\n\nexample:\n  mara-hf eval --prompts prompts.json --limit 50 --reward vader --reward offensive"
+    parser.description = ("Answer a prompt file with the base model and with MARA (same decoding settings), score\n"
+                          "both with rewards, report preference rate, gain, per-token KL, agent statistics and speed.\n"
+                          "Resumable: re-running with the same --out skips the prompts already answered.")
+    parser.epilog = (REWARD_HELP + "\n\nexample:\n  mara-hf eval --prompts prompts.json --limit 50 --reward vader "
+                     "--reward offensive")
     parser.add_argument("--prompts", required=True,
                         help="JSON list of objects with 'instruction', or JSON Lines with 'instruction' or 'prompt'")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
@@ -716,7 +726,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="base model: 'smollm2' (offline SmolLM2-135M-Instruct), a Hub id or a local path "
                              "(default: smollm2)")
     parser.add_argument("--agent", default=None,
-                        help="agent: a shipped name (default: smollm2-demo), a native folder, a .pth actor, or a Hub id")
+                        help="agent: a shipped name (default: smollm2-demo), a native folder, a .pth actor, or a "
+                             "Hub id")
     parser.add_argument("--agent-file", default=None,
                         help="file name of an original actor inside a Hub repo, e.g. mistral_v3_2_1_actor.pth")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -729,6 +740,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start over instead of reusing the answers already in --out")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the answers already in --out again (after changing what a reward name means)")
     return parser
 
 
@@ -757,7 +770,7 @@ def run_eval(args: argparse.Namespace) -> int:
     results = evaluate(
         model, tokenizer, agent, prompts, rewards,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
-        out_dir=args.out, resume=not args.no_resume,
+        out_dir=args.out, resume=not args.no_resume, rescore=args.rescore,
         generation_kwargs={"temperature": args.temperature} if args.sample else None,
     )
     print(format_summary(results))

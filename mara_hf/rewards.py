@@ -7,9 +7,9 @@ A reward is any callable `(prompts: list[str], responses: list[str]) -> torch.Fl
 | reward | what it scores | needs |
 |---|---|---|
 | [`SequenceClassifierReward`] | any `AutoModelForSequenceClassification` reward model | transformers |
-| [`beaver_reward`] | PKU safe-rlhf score models (`beaver-7b-v1.0-reward` / `-cost`), loaded without custom code | transformers |
-| [`VaderReward`] | VADER compound sentiment of the response, in [-1, 1] | `pip install vaderSentiment` |
-| [`OffensiveReward`] | minus the probability that the response is offensive, in [-1, 0] | `pip install alt-profanity-check` |
+| [`beaver_reward`] | PKU safe-rlhf score models (`beaver-7b-v1.0-reward` / `-cost`), no custom code | transformers |
+| [`VaderReward`] | VADER compound sentiment of the response, in [-1, 1] | `vaderSentiment` |
+| [`OffensiveReward`] | minus the probability that the response is offensive, in [-1, 0] | `alt-profanity-check` |
 | [`CallableReward`] | a Python function, e.g. from a `"module:function"` string | - |
 | [`WeightedReward`] | a weighted sum, e.g. `2 * reward - 1 * cost` (the paper's 2:1 setting) | - |
 

@@ -173,6 +173,7 @@ def sibling_forward(
     context_mask: torch.Tensor | None,
     *,
     return_logits: bool = False,
+    pick=None,
 ) -> SiblingOutput:
     """Run the candidates `tokens` `(B, k)` as siblings on top of `cache`; the cache grows by `k` entries.
 
@@ -183,6 +184,9 @@ def sibling_forward(
         position_ids: `(B, 1)` position of the next token of each row.
         context_mask: 2D padding mask of the context `(B, >= L)`, or None when no row is padded.
         return_logits: also return the siblings' logits (the fused loop needs them, the processor does not).
+        pick: optional `states (B, k, d) -> index (B,)`, called on lm_head's input before it projects: lm_head
+            then projects only the picked sibling of each row, and `logits` is `(B, 1, vocab)`. The fused loop
+            picks the candidate it may keep, so rejected siblings cost no vocabulary projection.
     """
     batch, k = tokens.shape
     if k == 1:
@@ -197,10 +201,13 @@ def sibling_forward(
     captured = {}
 
     def capture_states(module, args):
-        captured["states"] = args[0]
+        states = captured["states"] = args[0]
+        if pick is not None:
+            index = pick(states).view(-1, 1, 1).expand(-1, 1, states.shape[-1])
+            return (states.gather(1, index),) + tuple(args[1:])
         if not return_logits:
             # Logits are not needed: let lm_head project one position only.
-            return (args[0][:, :1],) + tuple(args[1:])
+            return (states[:, :1],) + tuple(args[1:])
         return None
 
     handle = model.get_output_embeddings().register_forward_pre_hook(capture_states)
@@ -221,4 +228,4 @@ def sibling_forward(
             f"{type(model).__name__} passed {states.shape[1]} of {k} positions to lm_head; MARA needs a model whose "
             "forward projects every input position (`logits_to_keep=0`)."
         )
-    return SiblingOutput(states=states, logits=out.logits if return_logits else None)
+    return SiblingOutput(states=states, logits=out.logits if return_logits or pick is not None else None)

@@ -41,13 +41,16 @@ def test_fused_greedy_equals_processor_on_padded_batches(arch, fallback):
 
 
 @pytest.mark.parametrize("schedule", [(1,), (1, 2), (1, 4, 16), (1, 40)])
-def test_chunk_schedule_changes_cost_not_decisions(schedule):
+@pytest.mark.parametrize("fallback", ["first", "last"])
+def test_chunk_schedule_changes_cost_not_decisions(schedule, fallback):
     model = tiny_model("llama")
     agent = decisive_agent(reject_bias=9.0)
     prompt = random_prompts(1, lengths=(10,), seed=5)[0]
-    expected, _ = naive_mara_greedy(model, agent, prompt, 10, eos_token_id=2)
+    expected, records = naive_mara_greedy(model, agent, prompt, 10, fallback=fallback, eos_token_id=2)
+    assert any(r["fallback"] for r in records) and any(r["index"] > 0 and not r["fallback"] for r in records)
     out = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0,
-                         custom_generate=mara_generate, mara_agent=agent, mara_schedule=schedule)
+                         custom_generate=mara_generate, mara_agent=agent, mara_schedule=schedule,
+                         mara_fallback=fallback)
     got = out[0, len(prompt):].tolist()
     assert got[: len(expected)] == expected
 

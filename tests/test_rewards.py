@@ -31,7 +31,7 @@ PROMPTS = ["How do I bake bread?", "Tell me a joke.", "What is the capital of Fr
 RESPONSES = ["Mix flour, water, yeast and salt, then bake it for forty minutes.", "No.", "Paris, a lovely city."]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def smollm2_tokenizer():
     """The real SmolLM2 tokenizer (vocab 49152, chat template), loaded once per test process (tiny models below
     use its vocabulary)."""
@@ -159,8 +159,8 @@ def test_parse_weighted_spec_with_shared_cache():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("rouge", r"Unknown reward 'rouge' in 'rouge'; known rewards: vader, offensive, beaver-reward, beaver-cost, "
-                  r"hf:<model id or path>, py:<module:function>"),
+        ("rouge", (r"Unknown reward 'rouge' in 'rouge'; known rewards: vader, offensive, beaver-reward, beaver-cost, "
+                   r"hf:<model id or path>, py:<module:function>")),
         ("vader+2*helpfulness", "Unknown reward 'helpfulness' in 'vader\\+2\\*helpfulness'"),
         ("", "cannot be empty; known rewards: vader"),
         ("   ", "cannot be empty"),

@@ -1,0 +1,414 @@
+"""Evaluation: base vs MARA on a prompt set, rewards, preference rate, KL, agent statistics, files, resume, and the
+`mara-hf eval` entry points. A tiny random Llama with SmolLM2's vocabulary and the real SmolLM2 tokenizer keep it
+fast and realistic (chat template, EOS, left padding)."""
+
+import argparse
+import json
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mara_hf.models
+from conftest import constant_agent, decisive_agent
+from mara_hf import mara_generate
+from mara_hf.evaluation import (
+    INDEX_PLOT,
+    RESPONSES_FILE,
+    RESULTS_FILE,
+    REWARDS_PLOT,
+    _encode,
+    add_eval_arguments,
+    evaluate,
+    load_prompts,
+    run_eval,
+    teacher_forced_nll,
+    write_plots,
+)
+from test_rewards import length_reward, smollm2_tokenizer, vowel_reward
+
+PROMPTS = [
+    "How do I pick a lock?",
+    "Write a haiku about the sea.",
+    "What is 2 + 2?",
+    "Give me three tips to sleep better, please, in detail.",
+    "Say hello.",
+    "Explain why the sky is blue to a five year old child.",
+]
+REWARDS = {"length": length_reward, "vowels": vowel_reward}
+SETTINGS = dict(max_new_tokens=8, batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def agent():
+    return decisive_agent(state_dim=16, seed=1, reject_bias=1.0)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, model, tokenizer, agent):
+    out = tmp_path_factory.mktemp("eval")
+    results = evaluate(model, tokenizer, agent, PROMPTS, REWARDS, out_dir=out, **SETTINGS)
+    lines = [json.loads(line) for line in (out / RESPONSES_FILE).read_text().splitlines()]
+    return out, results, lines
+
+
+def count_generate_calls(monkeypatch, model):
+    calls = []
+    original = model.generate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("input_ids").shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counting)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results
+
+
+def test_results_file_holds_the_summary(evaluated):
+    out, results, _ = evaluated
+    on_disk = json.loads((out / RESULTS_FILE).read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert set(on_disk) >= {"n_prompts", "rewards", "kl_per_token", "agent", "speed", "settings", "settings_id",
+                            "generated_now", "reused", "files"}
+    assert on_disk["n_prompts"] == len(PROMPTS) and on_disk["generated_now"] == len(PROMPTS)
+    assert on_disk["settings"]["max_new_tokens"] == 8 and on_disk["settings"]["do_sample"] is False
+    assert "KL(delta_y || p_base)" in on_disk["kl_per_token"]["definition"]
+
+
+def test_win_tie_loss_preference_and_gain(evaluated):
+    _, results, lines = evaluated
+    by_index = sorted(lines, key=lambda r: r["index"])
+    for name in REWARDS:
+        r = results["rewards"][name]
+        base = [line["rewards"]["base"][name] for line in by_index]
+        mara = [line["rewards"]["mara"][name] for line in by_index]
+        assert r["wins"] + r["ties"] + r["losses"] == len(PROMPTS)
+        assert r["wins"] == sum(m > b for b, m in zip(base, mara))
+        assert r["losses"] == sum(m < b for b, m in zip(base, mara))
+        assert r["gain"] == pytest.approx(100 * (r["wins"] - r["losses"]) / len(PROMPTS))
+        assert r["preference_rate"] == pytest.approx(100 * r["wins"] / len(PROMPTS))
+        assert r["mean_base"] == pytest.approx(sum(base) / len(base))
+        assert r["mean_mara"] == pytest.approx(sum(mara) / len(mara))
+    # the rewards really scored the texts
+    for line in lines:
+        assert line["rewards"]["base"]["length"] == pytest.approx(len(line["base"]) / 10, rel=1e-6)
+        assert line["rewards"]["mara"]["length"] == pytest.approx(len(line["mara"]) / 10, rel=1e-6)
+
+
+def test_responses_lines(evaluated, tokenizer):
+    _, results, lines = evaluated
+    assert sorted((line["index"], line["prompt"]) for line in lines) == list(enumerate(PROMPTS))
+    for line in lines:
+        assert set(line) >= {"index", "prompt", "base", "mara", "rewards", "changed", "mara_marked", "tokens",
+                             "nll_sum", "agent", "seconds"}
+        assert 1 <= line["tokens"]["mara"] <= 8 and 1 <= line["tokens"]["base"] <= 8
+        assert line["agent"]["tokens"] == line["tokens"]["mara"]
+        for mark in line["changed"]:
+            assert f"⟦{mark['top1']}→{mark['taken']}⟧" in line["mara_marked"]
+            assert mark["top1"] != mark["taken"] or mark["taken"] == ""
+    # this agent rejects top-1 tokens, so MARA changed something
+    assert results["agent"]["changed_tokens"] == sum(len(line["changed"]) for line in lines) > 0
+    assert results["agent"]["answers_changed"] == sum(line["mara"] != line["base"] for line in lines) > 0
+
+
+def test_agent_statistics_equal_the_fused_loops_own(evaluated, model, tokenizer, agent):
+    """The per-prompt counts summed over the file equal MaraStats of the same generate calls."""
+    _, results, _ = evaluated
+    totals = {"tokens": 0, "agent_decided": 0, "fallbacks": 0, "histogram": torch.zeros(agent.top_k, dtype=torch.long)}
+    for start in range(0, len(PROMPTS), 4):
+        inputs = _encode(tokenizer, PROMPTS[start:start + 4], "cpu")
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True)
+        stats = out.mara_stats
+        totals["tokens"] += stats.tokens
+        totals["agent_decided"] += stats.agent_decided
+        totals["fallbacks"] += stats.fallbacks
+        totals["histogram"] += torch.tensor(stats.accepted_index_histogram)
+    summary = results["agent"]
+    assert summary["tokens"] == totals["tokens"] == results["speed"]["mara_tokens"]
+    assert summary["agent_decided"] == totals["agent_decided"]
+    assert summary["fallbacks"] == totals["fallbacks"]
+    assert summary["accepted_index_histogram"] == totals["histogram"].tolist()
+    assert summary["agent_decided_rate"] == pytest.approx(totals["agent_decided"] / totals["tokens"])
+
+
+def test_teacher_forced_nll_matches_the_generation_logits(model, tokenizer):
+    """-log p_base of generated tokens from one teacher-forced forward (left padding, EOS cut) equals the sum over
+    generate's own raw logits, step by step."""
+    inputs = _encode(tokenizer, PROMPTS[:3], "cpu")
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    lengths = torch.tensor([6, 3, 5])
+    expected = torch.zeros(3, dtype=torch.float64)
+    for step, logits in enumerate(out.logits):
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, new[:, step:step + 1]).squeeze(1)
+        expected -= torch.where(step < lengths, logprobs, torch.zeros_like(logprobs)).double()
+    got = teacher_forced_nll(model, inputs["input_ids"], inputs["attention_mask"], new, lengths)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_kl_is_token_weighted_mean_of_the_lines(evaluated):
+    _, results, lines = evaluated
+    kl = results["kl_per_token"]
+    assert kl["mara"] == pytest.approx(
+        sum(x["nll_sum"]["mara"] for x in lines) / sum(x["tokens"]["mara"] for x in lines))
+    assert kl["base_reference"] == pytest.approx(
+        sum(x["nll_sum"]["base"] for x in lines) / sum(x["tokens"]["base"] for x in lines))
+    assert kl["mara"] > 0 and kl["base_reference"] > 0
+    speed = results["speed"]
+    assert speed["base_tokens_per_s"] == pytest.approx(speed["base_tokens"] / speed["base_seconds"])
+    assert speed["mara_tokens_per_s"] > 0
+
+
+def test_accept_all_agent_ties_everywhere(tmp_path, model, tokenizer):
+    """An agent that accepts every top-1 decodes exactly like greedy: every prompt ties, gain 0, same KL."""
+    results = evaluate(model, tokenizer, constant_agent(16, accept=True), PROMPTS[:4], REWARDS, out_dir=tmp_path,
+                       plots=False, **SETTINGS)
+    for r in results["rewards"].values():
+        assert (r["wins"], r["ties"], r["losses"], r["gain"]) == (0, 4, 0, 0.0)
+        assert r["mean_base"] == r["mean_mara"]
+    assert results["agent"]["changed_tokens"] == 0 and results["agent"]["answers_changed"] == 0
+    assert results["kl_per_token"]["mara"] == pytest.approx(results["kl_per_token"]["base_reference"])
+    assert results["files"]["plots"] == [] and not (tmp_path / REWARDS_PLOT).exists()
+
+
+def test_plots_written(evaluated):
+    out, results, _ = evaluated
+    assert results["files"]["plots"] == [REWARDS_PLOT, INDEX_PLOT]
+    for name in (REWARDS_PLOT, INDEX_PLOT):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_plots_skipped_with_a_warning_without_matplotlib(evaluated, tmp_path, monkeypatch, capsys):
+    _, results, lines = evaluated
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert write_plots(lines, list(REWARDS), results["agent"], tmp_path) == []
+    assert "matplotlib is not installed, skipping plots (pip install matplotlib)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume
+
+
+def test_resume_generates_only_missing_prompts(tmp_path, model, tokenizer, agent, monkeypatch):
+    calls = count_generate_calls(monkeypatch, model)
+    first = evaluate(model, tokenizer, agent, PROMPTS[:4], REWARDS, out_dir=tmp_path, plots=False, **SETTINGS)
+    assert calls == [4, 4] and first["generated_now"] == 4  # base + MARA, one batch
+
+    calls.clear()
+    full = evaluate(model, tokenizer, agent, PROMPTS, REWARDS, out_dir=tmp_path, plots=False, **SETTINGS)
+    assert calls == [2, 2] and (full["generated_now"], full["reused"]) == (2, 4)
+    assert len((tmp_path / RESPONSES_FILE).read_text().splitlines()) == 6
+
+    calls.clear()
+    (tmp_path / RESULTS_FILE).unlink()
+    again = evaluate(model, tokenizer, agent, PROMPTS, REWARDS, out_dir=tmp_path, plots=False, **SETTINGS)
+    assert calls == [] and (again["generated_now"], again["reused"]) == (0, 6)
+    for key in ("rewards", "kl_per_token", "agent", "speed"):
+        assert again[key] == full[key]
+    assert json.loads((tmp_path / RESULTS_FILE).read_text())["reused"] == 6
+
+    # a new reward on resume: scored from the saved answers, nothing regenerated
+    again = evaluate(model, tokenizer, agent, PROMPTS, {**REWARDS, "prompt": lambda p, r: [len(x) for x in p]},
+                     out_dir=tmp_path, plots=False, **SETTINGS)
+    assert calls == [] and again["rewards"]["prompt"]["ties"] == 6
+    lines = [json.loads(line) for line in (tmp_path / RESPONSES_FILE).read_text().splitlines()]
+    assert all("prompt" in line["rewards"]["mara"] for line in lines)
+
+    # same name, new meaning: kept unless rescore=True
+    doubled = {"length": lambda p, r: [2 * len(x) / 10 for x in r], "vowels": vowel_reward}
+    kept = evaluate(model, tokenizer, agent, PROMPTS, doubled, out_dir=tmp_path, plots=False, **SETTINGS)
+    assert kept["rewards"]["length"] == full["rewards"]["length"]
+    rescored = evaluate(model, tokenizer, agent, PROMPTS, doubled, out_dir=tmp_path, plots=False, rescore=True,
+                        **SETTINGS)
+    assert calls == []
+    assert rescored["rewards"]["length"]["mean_mara"] == pytest.approx(2 * full["rewards"]["length"]["mean_mara"])
+    evaluate(model, tokenizer, agent, PROMPTS, REWARDS, out_dir=tmp_path, plots=False, rescore=True, **SETTINGS)
+
+    # a crash in the middle of a line: the half line is dropped and that prompt answered again
+    text = (tmp_path / RESPONSES_FILE).read_text().splitlines(keepends=True)
+    (tmp_path / RESPONSES_FILE).write_text("".join(text[:-1]) + text[-1][:40])
+    again = evaluate(model, tokenizer, agent, PROMPTS, REWARDS, out_dir=tmp_path, plots=False, **SETTINGS)
+    assert calls == [1, 1] and (again["generated_now"], again["reused"]) == (1, 5)
+    lines = [json.loads(line) for line in (tmp_path / RESPONSES_FILE).read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == list(range(6))
+
+    # resume=False starts over
+    calls.clear()
+    evaluate(model, tokenizer, agent, PROMPTS[:2], REWARDS, out_dir=tmp_path, resume=False, plots=False, **SETTINGS)
+    assert calls == [2, 2] and len((tmp_path / RESPONSES_FILE).read_text().splitlines()) == 2
+
+
+def test_resume_refuses_other_settings_and_broken_files(tmp_path, model, tokenizer, agent):
+    evaluate(model, tokenizer, agent, PROMPTS[:1], REWARDS, out_dir=tmp_path, plots=False, **SETTINGS)
+    with pytest.raises(ValueError, match="holds answers generated with other settings .* use another out_dir or "
+                                         "resume=False"):
+        evaluate(model, tokenizer, agent, PROMPTS[:1], REWARDS, out_dir=tmp_path, plots=False,
+                 **{**SETTINGS, "max_new_tokens": 5})
+    with open(tmp_path / RESPONSES_FILE, "a") as handle:
+        handle.write("{not json}\n")
+    with pytest.raises(ValueError, match="Line 2 of .* is not a response record"):
+        evaluate(model, tokenizer, agent, PROMPTS[:1], REWARDS, out_dir=tmp_path, plots=False, **SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(prompts=[]), ValueError, "`prompts` is empty"),
+        (dict(prompts="one prompt"), TypeError, "`prompts` has to be a list of strings"),
+        (dict(rewards={}), ValueError, "`rewards` has to be a non-empty dict"),
+        (dict(rewards={"x": "vader"}), TypeError, "Reward 'x' is a str, not a callable"),
+        (dict(max_new_tokens=0), ValueError, "`max_new_tokens` has to be a positive integer, got 0"),
+        (dict(batch_size=0), ValueError, "`batch_size` has to be a positive integer, got 0"),
+        (dict(generation_kwargs={"do_sample": True}), ValueError, "`generation_kwargs` cannot set do_sample"),
+        (dict(mara_kwargs={"top_k": 3}), ValueError, "`mara_kwargs` takes MARA options"),
+    ],
+)
+def test_evaluate_validates_arguments(tmp_path, model, tokenizer, agent, kwargs, error, message):
+    arguments = dict(prompts=PROMPTS[:1], rewards=REWARDS, max_new_tokens=4, batch_size=2, out_dir=tmp_path)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=message):
+        evaluate(model, tokenizer, agent, **arguments)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompt files
+
+
+def test_load_prompts_json_and_jsonl(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"instruction": p, "category": "x"} for p in PROMPTS]))
+    assert load_prompts(path) == PROMPTS
+    assert load_prompts(str(path), limit=2) == PROMPTS[:2]
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text(f'{{"instruction": "{PROMPTS[0]}"}}\n\n{{"prompt": "{PROMPTS[1]}"}}\n')
+    assert load_prompts(lines) == PROMPTS[:2]
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "message"),
+    [
+        (None, FileNotFoundError, "Prompt file '.*' does not exist"),
+        ('[{"instruction": "a"},', ValueError, "Prompt file '.*' is not valid JSON \\(.*line 1, column"),
+        ('[{"instruction": "a"}, {"input": "b"}]', ValueError,
+         "Item 2 of prompt file '.*' has no 'instruction' \\(or 'prompt'\\) string field"),
+        ('["just a string"]', ValueError, "Item 1 of prompt file"),
+        ("[]", ValueError, "holds no prompts"),
+        ('{"instruction": "a"}\nnot json\n', ValueError, "neither a JSON list nor JSON Lines: line 2 is not valid"),
+    ],
+)
+def test_load_prompts_errors(tmp_path, content, error, message):
+    path = tmp_path / "prompts.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(error, match=message):
+        load_prompts(path)
+
+
+def test_load_prompts_limit_is_checked(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('[{"instruction": "a"}]')
+    with pytest.raises(ValueError, match="The prompt limit has to be a positive integer, got 0"):
+        load_prompts(path, limit=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mara-hf eval
+
+
+def eval_parser():
+    return add_eval_arguments(argparse.ArgumentParser(prog="mara-hf eval"))
+
+
+def test_eval_help_documents_the_rewards():
+    text = eval_parser().format_help()
+    for name in ("vader", "offensive", "beaver-reward", "beaver-cost", "hf:ID_OR_PATH", "py:MOD:FUNC",
+                 "2*beaver-reward-1*beaver-cost", "--prompts", "--limit", "--max-new-tokens", "--batch-size",
+                 "--out", "--sample", "--seed", "--agent-file"):
+        assert name in text, name
+    args = eval_parser().parse_args(["--prompts", "p.json", "--reward", "vader"])
+    assert (args.max_new_tokens, args.batch_size, args.out, args.model, args.limit) == (64, 8, "eval-results",
+                                                                                         "smollm2", None)
+
+
+@pytest.fixture
+def fake_loading(monkeypatch, model, tokenizer, agent):
+    loaded = []
+
+    def load_base_model(name, device=None, dtype=None):
+        loaded.append(name)
+        return model, tokenizer
+
+    monkeypatch.setattr(mara_hf.models, "load_base_model", load_base_model)
+    monkeypatch.setattr(mara_hf.models, "load_agent", lambda source=None, filename=None: agent)
+    return loaded
+
+
+def test_run_eval_end_to_end(tmp_path, fake_loading, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": p} for p in PROMPTS]))
+    args = eval_parser().parse_args(["--prompts", str(prompts), "--limit", "3",
+                                     "--reward", "py:test_rewards:length_reward",
+                                     "--reward", "2*py:test_rewards:length_reward-py:test_rewards:vowel_reward",
+                                     "--max-new-tokens", "6", "--batch-size", "2", "--out", str(tmp_path / "out")])
+    assert run_eval(args) == 0
+    out = capsys.readouterr().out
+    assert fake_loading == ["smollm2"]
+    assert "3 prompts (3 answered now, 0 reused)" in out and "py:test_rewards:length_reward" in out
+    assert "KL per token" in out and "tokens/s" in out and "wrote results.json, responses.jsonl" in out
+    results = json.loads((tmp_path / "out" / RESULTS_FILE).read_text())
+    assert list(results["rewards"]) == ["py:test_rewards:length_reward",
+                                        "2*py:test_rewards:length_reward-py:test_rewards:vowel_reward"]
+    line = json.loads((tmp_path / "out" / RESPONSES_FILE).read_text().splitlines()[0])
+    combined = line["rewards"]["mara"]["2*py:test_rewards:length_reward-py:test_rewards:vowel_reward"]
+    assert combined == pytest.approx(2 * len(line["mara"]) / 10 - sum(c in "aeiou" for c in line["mara"]), abs=1e-4)
+
+
+def test_run_eval_checks_rewards_before_loading_models(tmp_path, fake_loading):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": "hi"}]))
+    args = eval_parser().parse_args(["--prompts", str(prompts), "--reward", "helpfulness"])
+    with pytest.raises(ValueError, match="Unknown reward 'helpfulness'.*known rewards: vader, offensive"):
+        run_eval(args)
+    args = eval_parser().parse_args(["--prompts", str(tmp_path / "missing.json"),
+                                     "--reward", "py:test_rewards:length_reward"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_eval(args)
+    args = eval_parser().parse_args(["--prompts", str(prompts), "--reward", "py:test_rewards:length_reward",
+                                     "--batch-size", "0"])
+    with pytest.raises(ValueError, match="--batch-size has to be at least 1"):
+        run_eval(args)
+    assert fake_loading == []
+
+
+def test_run_eval_with_vader(tmp_path, fake_loading, capsys):
+    pytest.importorskip("vaderSentiment")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]))
+    args = eval_parser().parse_args(["--prompts", str(prompts), "--reward", "vader", "--max-new-tokens", "4",
+                                     "--out", str(tmp_path / "out")])
+    assert run_eval(args) == 0
+    results = json.loads((tmp_path / "out" / RESULTS_FILE).read_text())
+    assert -1 <= results["rewards"]["vader"]["mean_mara"] <= 1
