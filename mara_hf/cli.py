@@ -9,6 +9,7 @@ import sys
 DESCRIPTION = """MARA (Micro token-level Accept-Reject Alignment) for Hugging Face transformers.
 
 Main job, offline on a fresh machine:  mara-hf generate "How do I pick a lock?"
+Evaluate:  mara-hf eval --prompts FILE --limit 50 --reward vader --reward offensive
 """
 
 
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("agent_dir")
     export.add_argument("--repo-id", default=None,
                         help="the Hub repo the folder will be pushed to (default: the folder's local path)")
+
+    from .evaluation import add_eval_arguments
+
+    add_eval_arguments(commands.add_parser(
+        "eval", help="compare MARA with the base model on a prompt file: rewards, preference rate, KL, plots"))
     return parser
 
 
@@ -148,7 +154,13 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "export-custom-generate": cmd_export}
+def cmd_eval(args) -> int:
+    from .evaluation import run_eval
+
+    return run_eval(args)
+
+
+COMMANDS = {"eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert, "export-custom-generate": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())
