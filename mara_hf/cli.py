@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmara-hf: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError, TypeError) as err:
-        print(f"mara-hf {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"mara-hf {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
