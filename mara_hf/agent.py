@@ -115,6 +115,7 @@ class MaraAgent(
     >>> agent = MaraAgent(state_dim=8)
     >>> agent.accept_probability(torch.zeros(3, 8)).shape
     torch.Size([3])
+
     ```
     """
 

@@ -54,6 +54,7 @@ def build_candidates(scores: torch.Tensor, top_k: int, top_p: float) -> Candidat
     >>> cands = build_candidates(torch.tensor([[2.0, 1.0, -5.0, 0.5]]), top_k=3, top_p=0.95)
     >>> cands.tokens.tolist(), cands.counts.tolist()
     ([[0, 1, 3]], [3])
+
     ```
     """
     logprobs = torch.log_softmax(scores.float(), dim=-1)

@@ -88,10 +88,11 @@ def mara_generate(
     >>> from mara_hf import MaraAgent, mara_generate
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
-    >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False, pad_token_id=0,
-    ...     custom_generate=mara_generate, mara_agent=MaraAgent(state_dim=16))
+    >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+    ...     pad_token_id=0, custom_generate=mara_generate, mara_agent=MaraAgent(state_dim=16))
     >>> out.shape
     torch.Size([1, 8])
+
     ```
     """
     if mara_agent is None:
@@ -273,9 +274,10 @@ def add_mara_generation(model):
     >>> from mara_hf import MaraAgent, add_mara_generation
     >>> model = add_mara_generation(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16,
     ...     intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)))
-    >>> model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=0,
+    >>> model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
     ...     mara_agent=MaraAgent(state_dim=16)).shape
     torch.Size([1, 7])
+
     ```
     """
     target = unwrap_model(model)

@@ -86,10 +86,11 @@ class MaraLogitsProcessor(LogitsProcessor):
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
     >>> agent = MaraAgent(state_dim=16)
     >>> mara = MaraLogitsProcessor(agent, model)
-    >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False,
+    >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
     ...     logits_processor=[mara], pad_token_id=0)
     >>> out.shape, mara.stats.tokens
     (torch.Size([1, 8]), 5)
+
     ```
     """
 
