@@ -318,18 +318,10 @@ def validate_candidate_settings(top_k: int, top_p: float, fallback: str) -> None
         raise ValueError(f"`fallback` has to be one of {FALLBACKS}, but is {fallback!r}.")
 
 
-def _resolve_file(
-    source: str,
-    filename: str,
-    *,
-    subfolder: str | None,
-    revision: str | None,
-    cache_dir,
-    force_download: bool,
-    local_files_only: bool,
-    token,
-) -> str:
-    """A local path for `filename` in a local directory or a Hub repo, with errors that say what to do."""
+def _resolve_file(source: str, filename: str, **hub) -> str:
+    """A local path for `filename` in a local directory or a Hub repo (`hub`: `hf_hub_download`'s subfolder,
+    revision, cache and token arguments), with errors that say what to do."""
+    subfolder, revision = hub.get("subfolder"), hub.get("revision")
     if os.path.isdir(source):
         path = os.path.join(source, subfolder or "", filename)
         if not os.path.isfile(path):
@@ -342,16 +334,7 @@ def _resolve_file(
     if os.path.isfile(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise FileNotFoundError(f"'{source}' is neither an existing local path nor a Hub repo id ('org/name').")
     try:
-        return hf_hub_download(
-            repo_id=source,
-            filename=filename,
-            subfolder=subfolder,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-        )
+        return hf_hub_download(repo_id=source, filename=filename, **hub)
     except LocalEntryNotFoundError:
         raise OSError(
             f"Cannot reach the Hugging Face Hub to get '{filename}' from '{source}', and it is not in the local cache. "

@@ -135,15 +135,11 @@ def sibling_attention_mask(model, cache: Cache, tokens: torch.Tensor, context_ma
         return (kv_idx < past) | (kv_idx == q_idx)
 
     masks = {}
+    common = dict(config=model.config, inputs_embeds=embeds, attention_mask=mask_2d, cache=cache,
+                  and_mask_function=sees_context_or_itself)
     sliding = {layer.is_sliding for layer in cache.layers}
     if False in sliding:
-        masks["full_attention"] = create_causal_mask(
-            config=model.config,
-            inputs_embeds=embeds,
-            attention_mask=mask_2d,
-            cache=cache,
-            and_mask_function=sees_context_or_itself,
-        )
+        masks["full_attention"] = create_causal_mask(**common)
     if True in sliding:
         window = next(layer.sliding_window for layer in cache.layers if layer.is_sliding)
 
@@ -152,14 +148,7 @@ def sibling_attention_mask(model, cache: Cache, tokens: torch.Tensor, context_ma
         def context_in_window(batch_idx, head_idx, q_idx, kv_idx):
             return (kv_idx < past) & (kv_idx > past - window)
 
-        masks["sliding_attention"] = create_sliding_window_causal_mask(
-            config=model.config,
-            inputs_embeds=embeds,
-            attention_mask=mask_2d,
-            cache=cache,
-            or_mask_function=context_in_window,
-            and_mask_function=sees_context_or_itself,
-        )
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**common, or_mask_function=context_in_window)
     if len(masks) == 1:
         return next(iter(masks.values()))
     return masks
