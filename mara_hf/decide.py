@@ -54,6 +54,15 @@ class StepEvaluation:
         decided = torch.nn.functional.one_hot(self.decision.index, cands.width).bool()
         return torch.where(only_decided[:, None], decided, keep)
 
+    def restrict(self, scores: torch.Tensor, allowed: torch.BoolTensor) -> torch.Tensor:
+        """`scores` `(B, vocab)` with every token at -inf except the `allowed` `(B, width)` candidates (a new
+        tensor). `amax` keeps a token if any of its slots is allowed (padded slots repeat the top-1 token)."""
+        tokens = self.candidates.tokens.to(scores.device)
+        keep = torch.zeros(scores.shape, dtype=torch.long, device=scores.device).scatter_reduce(
+            1, tokens, allowed.long().to(scores.device), reduce="amax"
+        )
+        return scores.masked_fill(keep == 0, -float("inf"))
+
     def commit(self, index: torch.LongTensor) -> torch.Tensor:
         """Fused loop: keep candidate `index[b]` of each row in the cache and return its logits `(B, vocab)`."""
         if self.committed:

@@ -22,7 +22,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .agent import validate_candidate_settings
 from .decide import DEFAULT_SCHEDULE, evaluate_step, validate_schedule
 from .processor import agent_on_device, check_agent, unwrap_model
-from .states import check_cache, check_model
+from .states import check_cache, check_model, next_position_ids
 from .stats import MaraStats
 
 
@@ -148,14 +148,8 @@ def mara_generate(
     while True:
         scores = processors(input_ids, logits)
         context_mask = model_kwargs.get("attention_mask")
-        position_ids = model_kwargs.get("position_ids")
-        past = cache.get_seq_length()
-        if position_ids is not None and position_ids.ndim == 2:
-            next_positions = position_ids[:, -1:]
-        elif context_mask is not None:
-            next_positions = context_mask[:, :past].long().sum(dim=-1, keepdim=True)
-        else:
-            next_positions = torch.full((batch_size, 1), past, dtype=torch.long, device=input_ids.device)
+        next_positions = next_position_ids(model_kwargs.get("position_ids"), context_mask, cache.get_seq_length(),
+                                           batch_size, input_ids.device)
 
         evaluation = evaluate_step(
             model,
@@ -174,10 +168,7 @@ def mara_generate(
         decision = evaluation.decision
         cands = evaluation.candidates
         if do_sample:
-            keep = torch.zeros(scores.shape, dtype=torch.long, device=scores.device).scatter_reduce(
-                1, cands.tokens, evaluation.allowed().long(), reduce="amax"
-            )
-            final_scores = warpers(input_ids, scores.masked_fill(keep == 0, -float("inf")))
+            final_scores = warpers(input_ids, evaluation.restrict(scores, evaluation.allowed()))
             next_tokens = torch.multinomial(torch.softmax(final_scores, dim=-1), num_samples=1).squeeze(1)
             index = ((cands.tokens == next_tokens[:, None]) & cands.valid).long().argmax(dim=-1)
             decision.index, decision.token = index, next_tokens

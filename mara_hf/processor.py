@@ -11,7 +11,7 @@ from transformers import LogitsProcessor
 
 from .agent import MaraAgent, validate_candidate_settings
 from .decide import DEFAULT_SCHEDULE, evaluate_step, validate_schedule
-from .states import check_cache, check_model
+from .states import check_cache, check_model, next_position_ids
 from .stats import MaraStats
 
 CACHE_KEYS = ("cache", "past_key_values")
@@ -131,7 +131,8 @@ class MaraLogitsProcessor(LogitsProcessor):
                 f"`input_ids`, but it holds {past}."
             )
         context_mask = state["attention_mask"]
-        position_ids = _next_position_ids(state, context_mask, past, input_ids)
+        position_ids = next_position_ids(state["position_ids"], context_mask, past, input_ids.shape[0],
+                                         input_ids.device)
 
         evaluation = evaluate_step(
             self.model,
@@ -155,11 +156,7 @@ class MaraLogitsProcessor(LogitsProcessor):
             allowed = torch.nn.functional.one_hot(decision.index, cands.width).bool()
         else:
             allowed = evaluation.allowed()
-        # amax keeps a token if any of its slots is allowed (padded slots repeat the top-1 token).
-        keep = torch.zeros(scores.shape, dtype=torch.long, device=self.device).scatter_reduce(
-            1, cands.tokens, allowed.long(), reduce="amax"
-        )
-        return scores.masked_fill(keep.to(scores.device) == 0, -float("inf"))
+        return evaluation.restrict(scores, allowed)
 
 
 def _find_generation_state(model) -> dict[str, Any]:
@@ -195,13 +192,3 @@ def _find_generation_state(model) -> dict[str, Any]:
         "MaraLogitsProcessor must be called by `model.generate(...)` of the model it was built with "
         "(pass it as `logits_processor=[MaraLogitsProcessor(agent, model)]`)."
     )
-
-
-def _next_position_ids(state, context_mask, past: int, input_ids) -> torch.LongTensor:
-    """`(B, 1)` position of the token being decided."""
-    position_ids = state["position_ids"]
-    if position_ids is not None and position_ids.ndim == 2 and position_ids.shape[1] == past + 1:
-        return position_ids[:, -1:]  # generate already extended them for the next token
-    if context_mask is not None:
-        return context_mask[:, :past].long().sum(dim=-1, keepdim=True)
-    return torch.full((input_ids.shape[0], 1), past, dtype=torch.long, device=input_ids.device)

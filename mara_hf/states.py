@@ -107,6 +107,18 @@ def select_kv(parts: list[list[tuple[torch.Tensor, torch.Tensor]]], index: torch
     return selected
 
 
+def next_position_ids(
+    position_ids: torch.Tensor | None, context_mask: torch.Tensor | None, past: int, batch: int, device
+) -> torch.LongTensor:
+    """`(B, 1)` position of the token being decided: generate's already-extended position ids when present,
+    else the number of real (unpadded) context tokens, else the cache length."""
+    if position_ids is not None and position_ids.ndim == 2 and position_ids.shape[1] == past + 1:
+        return position_ids[:, -1:]
+    if context_mask is not None:
+        return context_mask[:, :past].long().sum(dim=-1, keepdim=True)
+    return torch.full((batch, 1), past, dtype=torch.long, device=device)
+
+
 @dataclass
 class SiblingOutput:
     """States `(B, k, d)` (lm_head's input) and, when asked for, logits `(B, k, vocab)` of the siblings."""

