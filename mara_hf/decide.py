@@ -44,6 +44,12 @@ class StepEvaluation:
     logits_parts: list = field(default_factory=list)
     bounds: list = field(default_factory=list)
     picked: bool = False
+    states_parts: list = field(default_factory=list)
+
+    @property
+    def states(self) -> torch.Tensor:
+        """`(B, evaluated_width, d)`: the faithful states of the evaluated candidates (`keep_states=True` only)."""
+        return torch.cat(self.states_parts, dim=1) if len(self.states_parts) > 1 else self.states_parts[0]
 
     def allowed(self) -> torch.BoolTensor:
         """`(B, width)`: the candidates a sampler may take: every accepted one, or the decided one alone where the
@@ -92,6 +98,8 @@ def evaluate_step(
     schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
     lazy: bool = True,
     for_commit: bool = False,
+    thresholds: torch.Tensor | None = None,
+    keep_states: bool = False,
 ) -> StepEvaluation:
     """Build the candidates of `scores` `(B, vocab)`, ask the agent, decide.
 
@@ -100,8 +108,14 @@ def evaluate_step(
     flag). With `for_commit=False` the cache is left exactly as it was; with `for_commit=True` the siblings'
     keys/values and logits are kept for `StepEvaluation.commit`, and when every row takes its top-1 after the
     first chunk the cache already holds the committed step (`committed=True`, logits in `logits_parts[0]`).
+
+    A candidate is accepted when its p(accept) exceeds its threshold: 0.5 (the agent's greedy decision) unless
+    `thresholds` `(B, >= width)` are given; uniform random thresholds *sample* the agent's policy (training
+    rollouts). `keep_states=True` keeps the evaluated candidates' states (`StepEvaluation.states`).
     """
     cands = build_candidates(scores, top_k, top_p)
+    if thresholds is None:
+        thresholds = torch.full((1, cands.width), 0.5, device=cands.tokens.device)
     batch = cands.counts.shape[0]
     device = cands.tokens.device
     lone = cands.counts == 1
@@ -124,7 +138,7 @@ def evaluate_step(
         if end - start > 1:
             evaluation.checkpoint.keep_appended()
         p_accept = {}
-        pick = _pick(agent, cands, start, end, fallback, p_accept) if picking else None
+        pick = _pick(agent, cands, start, end, fallback, thresholds, p_accept) if picking else None
         out = sibling_forward(
             model, cache, cands.tokens[:, start:end], position_ids, context_mask, return_logits=for_commit, pick=pick
         )
@@ -133,7 +147,9 @@ def evaluate_step(
         evaluation.bounds.append((start, end))
         if "value" not in p_accept:
             p_accept["value"] = agent.accept_probability(out.states)
-        chunk_accepted = (p_accept["value"] > 0.5).to(device) & cands.valid[:, start:end]
+        if keep_states:
+            evaluation.states_parts.append(out.states)
+        chunk_accepted = (p_accept["value"].to(device) > thresholds[:, start:end]) & cands.valid[:, start:end]
         accepted[:, start:end] = chunk_accepted
         decided |= chunk_accepted.any(dim=-1)
         if lazy:
@@ -160,14 +176,14 @@ def evaluate_step(
     return evaluation
 
 
-def _pick(agent, cands: CandidateSet, start: int, end: int, fallback: str, p_accept: dict):
+def _pick(agent, cands: CandidateSet, start: int, end: int, fallback: str, thresholds: torch.Tensor, p_accept: dict):
     """The sibling of chunk `[start, end)` each row may keep: its first accepted one; with the `"last"` fallback,
     the row's last candidate if it lies in this chunk and none was accepted (the `"first"` fallback and the
     top-1 live in the first chunk, whose only sibling is the top-1). Stores p(accept) for the caller."""
 
     def pick(states):
         p_accept["value"] = p = agent.accept_probability(states)
-        accepted = (p > 0.5).to(cands.counts.device) & cands.valid[:, start:end]
+        accepted = (p.to(cands.counts.device) > thresholds[:, start:end]) & cands.valid[:, start:end]
         any_accepted, first = first_accepted(accepted)
         if fallback == "last":
             last = cands.counts - 1 - start

@@ -226,7 +226,7 @@ def evaluate(
         _rewrite_records(responses_path, list(records.values()))
 
     pending = [i for i, p in enumerate(prompts) if (i, p) not in records]
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     device = model.get_output_embeddings().weight.device
     generate_args = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                          **generation_kwargs)
@@ -321,7 +321,8 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the model's generation config EOS id(s) and the tokenizer's."""
     ids = getattr(model.generation_config, "eos_token_id", None)
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None:
@@ -346,7 +347,9 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="prompt", desc="mara-hf eval", file=sys.stderr)
 
 
-def _encode(tokenizer, prompts: list[str], device) -> dict:
+def encode_chat_prompts(tokenizer, prompts: list[str], device) -> dict:
+    """Left-padded `input_ids` / `attention_mask` of the prompts, each wrapped in the tokenizer's chat template as
+    one user message (the raw prompt if it has none). Evaluation and training encode prompts the same way."""
     if getattr(tokenizer, "chat_template", None):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
@@ -398,7 +401,7 @@ def _sync(device) -> None:
 
 def _run_batch(model, tokenizer, agent, prompts, indices, rewards, eos_ids, device, batch_seed, generate_args,
                mara_kwargs, mara_generate, settings_id) -> list[dict]:
-    inputs = _encode(tokenizer, prompts, device)
+    inputs = encode_chat_prompts(tokenizer, prompts, device)
     prompt_width = inputs["input_ids"].shape[1]
 
     torch.manual_seed(batch_seed)
@@ -726,7 +729,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="base model: 'smollm2' (offline SmolLM2-135M-Instruct), a Hub id or a local path "
                              "(default: smollm2)")
     parser.add_argument("--agent", default=None,
-                        help="agent: a shipped name (default: smollm2-demo), a native folder, a .pth actor, or a "
+                        help="agent: a shipped name (default: smollm2-vader), a native folder, a .pth actor, or a "
                              "Hub id")
     parser.add_argument("--agent-file", default=None,
                         help="file name of an original actor inside a Hub repo, e.g. mistral_v3_2_1_actor.pth")

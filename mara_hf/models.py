@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct-Q4_1-GGUF")
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_AGENTS = Path(__file__).parent / "agents"
-DEFAULT_AGENT = "smollm2-demo"
+DEFAULT_AGENT = "smollm2-vader"
 
 
 def smollm2_directory() -> str:
@@ -52,7 +53,7 @@ def shipped_agents() -> list[str]:
 
 
 def load_agent(source: str | None = None, filename: str | None = None, **kwargs):
-    """A `MaraAgent` from a shipped name (default: the SmolLM2 demo agent), a native folder, a `.pth`, or a Hub id
+    """A `MaraAgent` from a shipped name (default: the trained SmolLM2 agent `smollm2-vader`), a native folder, a `.pth`, or a Hub id
     (with `filename=` for original actors)."""
     from .agent import MaraAgent
 

@@ -28,12 +28,12 @@ def test_generate_default_runs_the_shipped_agent_on_smollm2(real_model, capsys):
     assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "12"]) == 0
     out, err = capsys.readouterr()
     assert real_model == ["smollm2"]
-    assert "agent: smollm2-demo" in err and "untrained demo" in err
+    assert "agent: smollm2-vader" in err and "discrete SAC, reward 10*vader" in err
     assert len(out.strip()) > 0 and "[12 tokens; agent asked on" in err
 
 
 def test_generate_compare_marks_rejected_tokens(real_model, capsys):
-    assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "30", "--compare"]) == 0
+    assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "30", "--compare", "--agent", "smollm2-demo"]) == 0
     out, _ = capsys.readouterr()
     assert "=== base model ===" in out and "=== MARA ===" in out
     assert "⟦" in out and "→" in out  # the demo agent rejects some top-1 tokens on this prompt

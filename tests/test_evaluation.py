@@ -18,7 +18,7 @@ from mara_hf.evaluation import (
     RESPONSES_FILE,
     RESULTS_FILE,
     REWARDS_PLOT,
-    _encode,
+    encode_chat_prompts,
     add_eval_arguments,
     evaluate,
     load_prompts,
@@ -135,7 +135,7 @@ def test_agent_statistics_equal_the_fused_loops_own(evaluated, model, tokenizer,
     _, results, _ = evaluated
     totals = {"tokens": 0, "agent_decided": 0, "fallbacks": 0, "histogram": torch.zeros(agent.top_k, dtype=torch.long)}
     for start in range(0, len(PROMPTS), 4):
-        inputs = _encode(tokenizer, PROMPTS[start:start + 4], "cpu")
+        inputs = encode_chat_prompts(tokenizer, PROMPTS[start:start + 4], "cpu")
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True)
         stats = out.mara_stats
@@ -154,7 +154,7 @@ def test_agent_statistics_equal_the_fused_loops_own(evaluated, model, tokenizer,
 def test_teacher_forced_nll_matches_the_generation_logits(model, tokenizer):
     """-log p_base of generated tokens from one teacher-forced forward (left padding, EOS cut) equals the sum over
     generate's own raw logits, step by step."""
-    inputs = _encode(tokenizer, PROMPTS[:3], "cpu")
+    inputs = encode_chat_prompts(tokenizer, PROMPTS[:3], "cpu")
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                          output_logits=True, return_dict_in_generate=True)
     new = out.sequences[:, inputs["input_ids"].shape[1]:]

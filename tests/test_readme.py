@@ -22,5 +22,6 @@ def test_shipped_agent_is_packaged():
 
     assert DEFAULT_AGENT in shipped_agents()
     agent = MaraAgent.from_pretrained(SHIPPED_AGENTS / DEFAULT_AGENT)
-    assert agent.state_dim == 576 and "demo" in agent.training_info
+    assert agent.state_dim == 576 and "discrete SAC" in agent.training_info and agent.top_k == 10
+    assert {"smollm2-vader", "smollm2-demo"} <= set(shipped_agents())
     assert "agents/*/*" in (ROOT / "setup.cfg").read_text()

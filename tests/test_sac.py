@@ -294,3 +294,18 @@ def test_buffer_validation():
     with pytest.raises(ValueError, match=re.escape("`batch_size` has to be a positive integer, but is 0.")):
         buf.sample(0)
     assert len(buf) == 0
+
+
+def test_fresh_critics_are_indifferent_and_actor_delay_holds_the_policy():
+    sac = make_sac(actor_delay=2, batch_size=32)
+    states = make_batch()[0]
+    assert sac.q1(states).abs().max() == 0 and sac.q2(states).abs().max() == 0  # Q = 0 until data arrives
+    actor = {k: v.clone() for k, v in sac.actor.state_dict().items()}
+    log_alpha = sac.log_alpha.item()
+    for _ in range(2):
+        sac.update(make_batch())
+    assert all(torch.equal(actor[k], v) for k, v in sac.actor.state_dict().items())
+    assert sac.log_alpha.item() == log_alpha and sac.q1(states).abs().max() > 0
+    sac.update(make_batch())
+    assert not torch.equal(actor["output_linear.bias"], sac.actor.output_linear.bias)
+    assert sac.log_alpha.item() != log_alpha

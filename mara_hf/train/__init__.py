@@ -1,6 +1,7 @@
-"""Training MARA agents: the discrete soft actor-critic core and its replay buffer."""
+"""Training MARA agents: rollouts of the accept/reject MDP, discrete soft actor-critic, replay buffer, trainer."""
 
 from .buffer import Batch, ReplayBuffer
+from .rollout import Rollout, build_transitions, rollout
 from .sac import (
     Critic,
     DiscreteSAC,
@@ -11,16 +12,22 @@ from .sac import (
     critic_target,
     soft_update,
 )
+from .trainer import Trainer, TrainConfig
 
 __all__ = [
     "Batch",
     "Critic",
     "DiscreteSAC",
     "ReplayBuffer",
+    "Rollout",
     "SACConfig",
+    "TrainConfig",
+    "Trainer",
     "actor_loss",
     "alpha_loss",
+    "build_transitions",
     "critic_loss",
     "critic_target",
+    "rollout",
     "soft_update",
 ]

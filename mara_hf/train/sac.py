@@ -34,11 +34,14 @@ from ..agent import MaraAgent
 # ---------------------------------------------------------------------------------------------- critic network
 class Critic(nn.Module):
     """Q-values `[..., 2]` for (reject, accept): the agent's own trunk (LayerNorm -> Linear -> ReLU -> Linear ->
-    ReLU -> Linear(., 2)) with unnormalised outputs."""
+    ReLU -> Linear(., 2)) with unnormalised outputs. The output layer starts at zero: Q = 0 for both actions
+    until the critic has seen data, so a fresh critic does not push the actor towards arbitrary actions."""
 
     def __init__(self, state_dim: int, hidden_sizes: Sequence[int] = (1024, 256)):
         super().__init__()
         self.net = MaraAgent(state_dim=state_dim, hidden_sizes=hidden_sizes)
+        nn.init.zeros_(self.net.output_linear.weight)
+        nn.init.zeros_(self.net.output_linear.bias)
         self.state_dim = state_dim
         self.hidden_sizes = list(hidden_sizes)
 
@@ -62,12 +65,15 @@ class SACConfig:
     target_entropy: float = 0.6 * math.log(2)
     max_grad_norm: float | None = 1.0  # None: no gradient clipping
     autotune: bool = True  # False: alpha stays at `initial_alpha`
+    actor_delay: int = 0  # the first `actor_delay` updates train the critics only (the actor and alpha wait)
 
     def __post_init__(self):
         for name in ("actor_lr", "critic_lr", "alpha_lr", "initial_alpha"):
             value = getattr(self, name)
             if not _is_real(value) or not value > 0 or not math.isfinite(value):
                 raise ValueError(f"`{name}` has to be a positive float, but is {value!r}.")
+        if not isinstance(self.actor_delay, int) or isinstance(self.actor_delay, bool) or self.actor_delay < 0:
+            raise ValueError(f"`actor_delay` has to be a non-negative integer, but is {self.actor_delay!r}.")
         for name in ("batch_size", "buffer_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -220,15 +226,18 @@ class DiscreteSAC:
         with torch.no_grad():
             q1_pi, q2_pi = self.q1(states), self.q2(states)
         pi_loss = actor_loss(logits, q1_pi, q2_pi, alpha)
+        learn_policy = self.num_updates >= self.config.actor_delay
         self.actor_optimizer.zero_grad(set_to_none=True)
-        pi_loss.backward()
-        actor_grad_norm = self._clip(self.actor.parameters())
-        self.actor_optimizer.step()
+        actor_grad_norm = 0.0
+        if learn_policy:
+            pi_loss.backward()
+            actor_grad_norm = self._clip(self.actor.parameters())
+            self.actor_optimizer.step()
 
         # 3. temperature: steer the policy entropy towards target_entropy
         logits = logits.detach()
         a_loss = alpha_loss(logits, self.log_alpha, self.config.target_entropy)
-        if self.config.autotune:
+        if self.config.autotune and learn_policy:
             self.alpha_optimizer.zero_grad(set_to_none=True)
             a_loss.backward()
             self.alpha_optimizer.step()

@@ -1,0 +1,225 @@
+"""Training rollouts: the paper's accept/reject MDP, played by the actor over a batch of prompts.
+
+At position i the candidates t_1..t_n are the inference candidate set (top-k, then top-p, most probable first).
+The state of t_k is its faithful state (the final hidden state at t_k's own position). The actor samples
+accept/reject for t_1, t_2, ... in order: **reject** moves to t_{k+1} (same position); **accept** appends t_k and
+moves to the first candidate of position i+1. When every candidate the agent may refuse is rejected, the fallback
+token is taken without a decision (`"last"`: t_n is *forced*, the paper's MDP; `"first"`: the top-1, the released
+evaluation rule, after t_1..t_n were all rejected). A lone candidate is taken without a decision, as at inference.
+An episode ends at EOS or after `max_new_tokens` tokens.
+
+Rollouts run through the same step as inference (`decide.evaluate_step`, lazy chunks, fused commit): sampling the
+actor is "accept when p(accept) > u" with one uniform `u` per candidate, so a step whose top-1 is accepted by
+every row costs one one-token forward, exactly like greedy MARA decoding.
+
+Every decision is an *event* with its state and action. `build_transitions` turns the events of a rollout into
+replay transitions `(s, a, r, s', done)`:
+
+- `s'` is the state of the row's next event; the row's last event has `done = True` (and `s' = 0`);
+- the terminal (sentence-level) reward is added once, to the row's last event, and is never bootstrapped past it;
+- the token-level KL penalty of a position, `kl_coef * (log p_base(t_1) - log p_base(taken))`, is added to the
+  event that chose the token (the accept, or the last reject before a forced / fallback token);
+- a row whose states hold a NaN or inf is dropped whole, so transitions and rewards cannot shift.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..decide import DEFAULT_SCHEDULE, evaluate_step
+from ..states import check_cache, check_model, next_position_ids
+from .buffer import Batch
+
+
+@dataclass
+class Rollout:
+    """The decisions of one batched rollout; events are ordered by (row, position, candidate).
+
+    Attributes:
+        states (`(E, d)`): faithful state of each event's candidate.
+        rows, positions, candidates, actions (`(E,)` long): the event's prompt row, generated position, candidate
+            index (0 = top-1) and action (1 = accept, 0 = reject).
+        penalties (`(E,)` float): the per-token KL `log p_base(t_1) - log p_base(taken)` of the event's position
+            on the event that chose the token, 0 on the other events.
+        tokens (`(B, T)` long): the generated tokens (padding after EOS).
+        lengths (`(B,)` long): generated tokens per row, EOS included.
+        kl (`(B, T)` float): per-token KL penalty (0 after the end).
+        taken_index (`(B, T)` long): index of the taken candidate (0 = top-1).
+        asked (`(B, T)` bool): the agent decided the token (more than one candidate).
+        forced (`(B, T)` bool): every candidate the agent could refuse was rejected; the fallback token was taken.
+        finite (`(B,)` bool): every state of the row was finite (rows with a NaN/inf state give no transitions).
+    """
+
+    states: torch.Tensor
+    rows: torch.LongTensor
+    positions: torch.LongTensor
+    candidates: torch.LongTensor
+    actions: torch.LongTensor
+    penalties: torch.Tensor
+    tokens: torch.LongTensor
+    lengths: torch.LongTensor
+    kl: torch.Tensor
+    taken_index: torch.LongTensor
+    asked: torch.BoolTensor
+    forced: torch.BoolTensor
+    finite: torch.BoolTensor
+
+    @property
+    def active(self) -> torch.BoolTensor:
+        """`(B, T)`: positions before each row's end."""
+        return torch.arange(self.tokens.shape[1], device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    def metrics(self) -> dict[str, float]:
+        """Acceptance rate over events, forced rate over decided tokens, changed rate and KL per token."""
+        active = self.active
+        tokens = max(int(active.sum()), 1)
+        asked = self.asked & active
+        return {
+            "response_tokens": float(self.lengths.float().mean()),
+            "decisions": float(len(self.actions)),
+            "accept_rate": float(self.actions.float().mean()) if len(self.actions) else 0.0,
+            "forced_rate": float((self.forced & active).sum() / max(int(asked.sum()), 1)),
+            "changed_rate": float(((self.taken_index > 0) & active).sum() / tokens),
+            "kl_per_token": float((self.kl * active).sum() / tokens),
+            "dropped_rows": float((~self.finite).sum()),
+        }
+
+
+def step_events(candidate_logprobs, accepted, counts, index, asked, fallback: str):
+    """The decision events of one step (vectorised over rows and candidates).
+
+    Args:
+        candidate_logprobs: `(B, W)` base log-probabilities of the candidates (W >= evaluated width).
+        accepted: `(B, w)` the actor's sampled accept flags of the evaluated candidates.
+        counts: `(B,)` candidate set sizes; `index`: `(B,)` the taken candidate; `asked`: `(B,)` more than one
+            candidate.
+        fallback: `"last"` (t_n is forced, never decided) or `"first"`.
+
+    Returns `(events, actions, chooser, forced, penalty)`: `events` `(B, w)` the candidates the actor decided,
+    `actions` `(B, w)` 1 where it accepted, `chooser` `(B, w)` the event that chose the token, `forced` `(B,)`,
+    `penalty` `(B,)` = `log p(t_1) - log p(taken)`.
+    """
+    width = accepted.shape[1]
+    slots = torch.arange(width, device=accepted.device)[None, :]
+    refusable = counts - 1 if fallback == "last" else counts  # the candidates the actor may decide
+    accepted = accepted & (slots < refusable[:, None])
+    by_agent = accepted.any(dim=-1)
+    first = torch.where(by_agent, accepted.to(torch.int8).argmax(dim=-1), 0)
+    end = torch.where(by_agent, first + 1, refusable)  # events are candidates 0 .. end-1
+    events = (slots < end[:, None]) & asked[:, None]
+    actions = (slots == first[:, None]) & by_agent[:, None] & events
+    chooser = (slots == (end - 1)[:, None]) & events
+    penalty = candidate_logprobs[:, 0] - candidate_logprobs.gather(1, index[:, None]).squeeze(1)
+    return events, actions.long(), chooser, asked & ~by_agent, penalty
+
+
+@torch.no_grad()
+def rollout(
+    model,
+    actor,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    generator: torch.Generator,
+    top_k: int = 40,
+    top_p: float = 0.95,
+    fallback: str = "last",
+    schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+) -> Rollout:
+    """Play the MDP on a left-padded batch of prompts; the actor's decisions are sampled with `generator` (CPU).
+
+    The model is only read (its cache is a fresh `DynamicCache`); the actor is only evaluated.
+    """
+    check_model(model)
+    batch, device = input_ids.shape[0], input_ids.device
+    cache = DynamicCache(config=model.config)
+    check_cache(cache)
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                use_cache=True, **kwargs)
+    logits = out.logits[:, -1].float()
+    del out
+    mask = attention_mask
+    eos = torch.tensor(eos_token_ids, device=device, dtype=torch.long)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    per_step = {key: [] for key in ("tokens", "active", "kl", "taken_index", "asked", "forced")}
+    events = {key: [] for key in ("states", "rows", "positions", "candidates", "actions", "penalties")}
+    finite = torch.ones(batch, dtype=torch.bool, device=device)
+
+    for position in range(max_new_tokens):
+        thresholds = torch.rand((batch, top_k), generator=generator).to(device, non_blocking=True)
+        step = evaluate_step(
+            model, actor, cache, logits, next_position_ids(None, mask, cache.get_seq_length(), batch, device), mask,
+            top_k=top_k, top_p=top_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
+            thresholds=thresholds, keep_states=True,
+        )
+        decision = step.decision
+        next_logits = step.logits_parts[0][:, 0] if step.committed else step.commit(decision.index)
+        width = step.evaluated_width
+        is_event, actions, chooser, forced, penalty = step_events(
+            step.candidates.logprobs, step.accepted[:, :width], step.candidates.counts, decision.index,
+            decision.asked, fallback,
+        )
+        is_event &= unfinished[:, None]
+        states = step.states
+        finite &= ~(is_event & ~torch.isfinite(states).all(dim=-1)).any(dim=-1)
+        rows, candidates = is_event.nonzero(as_tuple=True)
+        events["states"].append(states[rows, candidates])
+        events["rows"].append(rows)
+        events["positions"].append(torch.full_like(rows, position))
+        events["candidates"].append(candidates)
+        events["actions"].append(actions[rows, candidates])
+        events["penalties"].append(torch.where(chooser[rows, candidates], penalty[rows], 0.0))
+
+        tokens = torch.where(unfinished, decision.token, pad_token_id)
+        per_step["tokens"].append(tokens)
+        per_step["active"].append(unfinished)
+        per_step["kl"].append(torch.where(unfinished, penalty, 0.0))
+        per_step["taken_index"].append(decision.index)
+        per_step["asked"].append(decision.asked & unfinished)
+        per_step["forced"].append(forced & unfinished)
+        unfinished = unfinished & ~torch.isin(tokens, eos)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+        if not unfinished.any():
+            break
+        logits = next_logits.float()
+
+    order = torch.sort(torch.cat(events["rows"]), stable=True).indices  # (row, position, candidate) order
+    flat = {key: torch.cat(values)[order] for key, values in events.items()}
+    stacked = {key: torch.stack(values, dim=1) for key, values in per_step.items()}
+    return Rollout(
+        **flat,
+        tokens=stacked["tokens"],
+        lengths=stacked["active"].long().sum(dim=1),
+        kl=stacked["kl"],
+        taken_index=stacked["taken_index"],
+        asked=stacked["asked"],
+        forced=stacked["forced"],
+        finite=finite,
+    )
+
+
+def build_transitions(rollout: Rollout, terminal_rewards: torch.Tensor, kl_coef: float) -> Batch:
+    """Replay transitions from a rollout's events (see the module docstring for the reward placement).
+
+    `terminal_rewards` `(B,)`: the sentence-level reward of each row's response.
+    """
+    keep = rollout.finite.to(rollout.rows.device)[rollout.rows]
+    rows = rollout.rows[keep]
+    states = rollout.states[keep]
+    count = rows.shape[0]
+    last = torch.ones(count, dtype=torch.bool, device=rows.device)
+    last[:-1] = rows[1:] != rows[:-1]
+    terminal = terminal_rewards.to(device=rows.device, dtype=torch.float32)[rows]
+    rewards = -kl_coef * rollout.penalties[keep].float() + torch.where(last, terminal, 0.0)
+    next_states = torch.roll(states, shifts=-1, dims=0)
+    next_states[last] = 0
+    return Batch(states=states, actions=rollout.actions[keep], rewards=rewards, next_states=next_states, dones=last)

@@ -1,0 +1,315 @@
+"""Training a MARA agent with discrete SAC, top to bottom (in the spirit of CleanRL's single-file SAC).
+
+One iteration:
+
+1. take the next `rollout_batch_size` prompts (a seeded shuffle, epoch after epoch);
+2. play the accept/reject MDP on them with the actor, batched, through the fused MARA step (`rollout`);
+3. score the responses with the sentence-level reward and build transitions (terminal reward once on each
+   episode's last decision, token-level KL penalty on the decision that chose each token);
+4. add them to the fp16 replay buffer and, once it holds `learning_starts` transitions, run
+   `updates_per_rollout` SAC updates on batches sampled from it;
+5. log one JSON line of metrics (and TensorBoard scalars if asked); every `checkpoint_every` iterations write
+   an atomic checkpoint.
+
+Resuming from the latest checkpoint restores the actor, critics, targets, alpha, optimizers, replay buffer and
+both random generators (rollout decisions, buffer sampling), so for a fixed seed a killed and resumed run ends
+with the same agent as an uninterrupted one (on the same machine, torch version and thread count: floating point
+reductions may differ across those).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..agent import MaraAgent, validate_candidate_settings
+from ..decide import DEFAULT_SCHEDULE, validate_schedule
+from ..evaluation import encode_chat_prompts, eos_token_ids
+from .buffer import ReplayBuffer
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .rollout import build_transitions, rollout
+from .sac import DiscreteSAC, SACConfig
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+FINAL_AGENT = "agent"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (SAC hyperparameters in `sac`; defaults as the paper's code)."""
+
+    iterations: int = 100
+    rollout_batch_size: int = 16
+    max_new_tokens: int = 64
+    kl_coef: float = 0.1
+    top_k: int = 40
+    top_p: float = 0.95
+    fallback: str = "last"
+    schedule: tuple = DEFAULT_SCHEDULE
+    updates_per_rollout: int = 8
+    learning_starts: int = 2048
+    checkpoint_every: int = 10
+    seed: int = 0
+    hidden_sizes: tuple = (1024, 256)
+    initial_accept: float | None = 0.9
+    sac: SACConfig = field(default_factory=SACConfig)
+
+    def __post_init__(self):
+        for name in ("iterations", "rollout_batch_size", "max_new_tokens", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` has to be a positive integer, but is {value!r}.")
+        for name in ("updates_per_rollout", "learning_starts", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"`{name}` has to be a non-negative integer, but is {value!r}.")
+        if not isinstance(self.kl_coef, (int, float)) or not self.kl_coef >= 0 or not math.isfinite(self.kl_coef):
+            raise ValueError(f"`kl_coef` has to be a non-negative number, but is {self.kl_coef!r}.")
+        if self.initial_accept is not None and not (
+            isinstance(self.initial_accept, float) and 0.0 < self.initial_accept < 1.0
+        ):
+            raise ValueError(f"`initial_accept` has to be a float in (0, 1) or None, but is {self.initial_accept!r}.")
+        validate_candidate_settings(self.top_k, self.top_p, self.fallback)
+        self.schedule = validate_schedule(self.schedule)
+        self.hidden_sizes = tuple(self.hidden_sizes)
+        if isinstance(self.sac, dict):
+            self.sac = SACConfig(**self.sac)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["schedule"], values["hidden_sizes"] = list(self.schedule), list(self.hidden_sizes)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def prompt_indices(count: int, iteration: int, batch_size: int, seed: int) -> list[int]:
+    """The prompts of an iteration: positions `iteration * batch_size ...` of a sequence of seeded shuffles of
+    `range(count)` (one shuffle per epoch), so any iteration's prompts are known without replaying the run."""
+    indices = []
+    for position in range(iteration * batch_size, (iteration + 1) * batch_size):
+        epoch, offset = divmod(position, count)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        indices.append(int(order[offset]))
+    return indices
+
+
+class Trainer:
+    """Trains a MARA actor for `model` on `prompts` with `reward`, writing to `out_dir`.
+
+    Args:
+        model, tokenizer: the base causal LM (only read) and its tokenizer (prompts are wrapped in its chat
+            template, as `mara-hf eval` does).
+        prompts (`list[str]`): training prompts.
+        reward: sentence-level reward, `(prompts, responses) -> (N,)` scores (a `mara_hf.rewards.Reward`, a
+            weighted sum, or any callable).
+        out_dir: run folder: `metrics.jsonl`, `checkpoints/`, and the final agent in `agent/`.
+        config ([`TrainConfig`]).
+        agent ([`MaraAgent`], *optional*): start from this actor instead of a fresh one (seeded by `config.seed`).
+        base_model_name (`str`, *optional*): recorded in the agent's config.
+        description (`str`, *optional*): recorded as the agent's `training` note (e.g. the command line).
+        tensorboard (`bool`): also write TensorBoard scalars to `out_dir/tensorboard` (needs `tensorboard`).
+        progress (`bool`): show a progress bar.
+
+    Example: `mara-hf train` (see `mara_hf/cli.py`) builds a Trainer from the command line; in Python,
+    `Trainer(model, tokenizer, prompts, VaderReward(), "runs/vader", TrainConfig(iterations=200)).train()`.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompts: Sequence,
+        reward: Callable,
+        out_dir: str | os.PathLike,
+        config: TrainConfig | None = None,
+        *,
+        agent: MaraAgent | None = None,
+        base_model_name: str | None = None,
+        description: str | None = None,
+        tensorboard: bool = False,
+        progress: bool = True,
+    ):
+        self.config = config = config if config is not None else TrainConfig()
+        if not prompts:
+            raise ValueError("`prompts` is empty: give at least one training prompt.")
+        self.model, self.tokenizer, self.prompts, self.reward = model, tokenizer, list(prompts), reward
+        self.out_dir = Path(out_dir)
+        self.device = model.get_output_embeddings().weight.device
+        state_dim = model.get_output_embeddings().weight.shape[1]
+        torch.manual_seed(config.seed)
+        if agent is None:
+            agent = MaraAgent(state_dim, hidden_sizes=config.hidden_sizes, base_model=base_model_name,
+                              top_k=config.top_k, top_p=config.top_p, fallback=config.fallback)
+            if config.initial_accept is not None:
+                # Start near the base model: every candidate accepted with about this probability (cheap rollouts
+                # that explore around the base model's own answers).
+                with torch.no_grad():
+                    agent.output_linear.weight.mul_(0.1)
+                    agent.output_linear.bias.copy_(torch.tensor([0.0, math.log(config.initial_accept /
+                                                                                (1 - config.initial_accept))]))
+        elif agent.state_dim != state_dim:
+            raise ValueError(f"The agent reads states of size {agent.state_dim}, but the model's hidden size is "
+                             f"{state_dim}: start from a fresh agent or one trained for this model.")
+        # Inference must use the candidate set and fallback the agent was trained with.
+        agent.top_k, agent.top_p, agent.fallback = config.top_k, config.top_p, config.fallback
+        agent.training_info = description or agent.training_info
+        self.agent = agent.to(self.device)
+        self.sac = DiscreteSAC(self.agent, config.sac)
+        self.buffer = ReplayBuffer(config.sac.buffer_size, state_dim, device=self.device)
+        self.rollout_generator = torch.Generator().manual_seed(config.seed)
+        self.sample_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.iteration = 0
+        self.eos_ids = eos_token_ids(model, tokenizer) if hasattr(model, "generation_config") else []
+        if tokenizer.pad_token_id is None and getattr(tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tensorboard = tensorboard
+        self.progress = progress
+
+    # ------------------------------------------------------------------ one iteration
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded input ids and attention mask, chat-formatted like `mara-hf eval`."""
+        encoded = encode_chat_prompts(self.tokenizer, prompts, self.device)
+        return encoded["input_ids"], encoded["attention_mask"]
+
+    def step(self) -> dict:
+        """Run one iteration (rollout, transitions, updates) and return its metrics."""
+        config, started = self.config, time.perf_counter()
+        indices = prompt_indices(len(self.prompts), self.iteration, config.rollout_batch_size, config.seed)
+        prompts = [self.prompts[i] for i in indices]
+        input_ids, attention_mask = self.encode(prompts)
+        self.agent.eval()
+        episodes = rollout(
+            self.model, self.agent, input_ids, attention_mask, max_new_tokens=config.max_new_tokens,
+            eos_token_ids=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, generator=self.rollout_generator,
+            top_k=config.top_k, top_p=config.top_p, fallback=config.fallback, schedule=config.schedule,
+        )
+        lengths = episodes.lengths.tolist()
+        responses = [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+                     for row, n in zip(episodes.tokens, lengths)]
+        scores = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float32).reshape(-1)
+        if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
+            raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
+        transitions = build_transitions(episodes, scores, config.kl_coef)
+        self.buffer.add(*transitions)
+        rollout_seconds = time.perf_counter() - started
+
+        losses: dict[str, float] = {}
+        updates = config.updates_per_rollout if len(self.buffer) >= max(config.learning_starts, 1) else 0
+        self.agent.train()
+        for _ in range(updates):
+            for key, value in self.sac.update(self.buffer.sample(config.sac.batch_size, self.sample_generator)).items():
+                losses[key] = losses.get(key, 0.0) + value / updates
+        self.agent.eval()
+        self.iteration += 1
+        return {
+            "iteration": self.iteration,
+            "episodes": self.iteration * config.rollout_batch_size,
+            "reward": float(scores.mean()),
+            **episodes.metrics(),
+            "transitions": int(transitions.actions.shape[0]),
+            "buffer_size": len(self.buffer),
+            "updates": self.sac.num_updates,
+            "alpha": self.sac.alpha,
+            **losses,
+            "rollout_seconds": rollout_seconds,
+            "seconds": time.perf_counter() - started,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "config": self.config.to_dict(),
+            "sac": self.sac.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "rollout_generator": self.rollout_generator.get_state(),
+            "sample_generator": self.sample_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+        differs = sorted(k for k in saved if k != "iterations" and saved[k] != self.config.to_dict()[k])
+        if differs:
+            raise ValueError(f"The checkpoint was written with other settings ({', '.join(differs)}); resume with "
+                             "the same settings or use another output folder.")
+        self.sac.load_state_dict(state["sac"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.rollout_generator.set_state(state["rollout_generator"])
+        self.sample_generator.set_state(state["sample_generator"])
+        self.iteration = state["iteration"]
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out_dir / CHECKPOINTS, f"step-{self.iteration:07d}", self.agent, self.state_dict())
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of `out_dir` if there is one; drop metric lines written after it."""
+        path = latest_checkpoint(self.out_dir / CHECKPOINTS)
+        if path is None:
+            return False
+        _, state = load_checkpoint(path)
+        self.load_state_dict(state)
+        metrics = self.out_dir / METRICS_FILE
+        if metrics.exists():
+            lines = [line for line in metrics.read_text().splitlines()
+                     if line.strip() and json.loads(line)["iteration"] <= self.iteration]
+            metrics.write_text("".join(line + "\n" for line in lines))
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume: bool = True) -> MaraAgent:
+        """Run (or, with `resume`, continue) until `config.iterations`; save and return the final agent."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        elif (self.out_dir / CHECKPOINTS).exists():
+            raise ValueError(f"'{self.out_dir}' already holds checkpoints: resume, or use another output folder.")
+        writer = _tensorboard_writer(self.out_dir) if self.tensorboard else None
+        bar = _progress_bar(self.config.iterations, self.iteration, self.progress)
+        try:
+            with open(self.out_dir / METRICS_FILE, "a") as metrics_file:
+                while self.iteration < self.config.iterations:
+                    metrics = self.step()
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+                    if writer is not None:
+                        for key, value in metrics.items():
+                            writer.add_scalar(f"train/{key}", value, self.iteration)
+                    if self.iteration % self.config.checkpoint_every == 0 or self.iteration == self.config.iterations:
+                        self.save()
+                    bar.set_postfix(reward=f"{metrics['reward']:.3f}", accept=f"{metrics['accept_rate']:.2f}",
+                                    kl=f"{metrics['kl_per_token']:.3f}", refresh=False)
+                    bar.update(1)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        self.agent.save_pretrained(self.out_dir / FINAL_AGENT)
+        return self.agent
+
+
+def _progress_bar(total: int, done: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, unit="rollout", desc="mara-hf train", disable=not enabled,
+                file=sys.stderr)
+
+
+def _tensorboard_writer(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError("TensorBoard logging needs the `tensorboard` package: `pip install tensorboard`.") from err
+    return SummaryWriter(str(out_dir / "tensorboard"))

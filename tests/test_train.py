@@ -1,0 +1,335 @@
+"""Training: the MDP's events and transitions, reward placement, rollouts against a naive serial reference,
+checkpoints and exact resume, an end-to-end run that raises a scripted reward, and `mara-hf train`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from conftest import constant_agent, decisive_agent, left_padded, random_prompts, tiny_model, assert_model_untouched
+from mara_hf import MaraAgent, mara_generate
+from mara_hf.candidates import build_candidates
+from mara_hf.train import Rollout, SACConfig, Trainer, TrainConfig, build_transitions, rollout
+from mara_hf.train.checkpoint import flatten, latest_checkpoint, load_checkpoint, save_checkpoint, unflatten
+from mara_hf.train.rollout import step_events
+from mara_hf.train.trainer import prompt_indices
+from reference import naive_candidates, naive_next_logits, naive_states
+
+VOCAB = 96
+
+
+# ---------------------------------------------------------------------------------------------- step events
+def test_step_events_scripted_rows():
+    # rows: 0 rejects t1 and accepts t2; 1 accepts t1; 2 rejects all with "last" (t3 forced); 3 lone candidate
+    logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0], [0.5, 0.3, 0.2], [1.0, 0.0, 0.0]]))
+    counts = torch.tensor([3, 2, 3, 1])
+    accepted = torch.tensor([[False, True, True], [True, False, False], [False, False, True], [True, False, False]])
+    index = torch.tensor([1, 0, 2, 0])
+    asked = counts > 1
+    events, actions, chooser, forced, penalty = step_events(logprobs, accepted, counts, index, asked, "last")
+    assert events.tolist() == [[True, True, False], [True, False, False], [True, True, False], [False] * 3]
+    assert actions.tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert chooser.tolist() == [[False, True, False], [True, False, False], [False, True, False], [False] * 3]
+    assert forced.tolist() == [False, False, True, False]
+    torch.testing.assert_close(penalty, torch.tensor([math.log(0.5 / 0.3), 0.0, math.log(0.5 / 0.2), 0.0]))
+
+
+def test_step_events_first_fallback_asks_every_candidate():
+    logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    accepted = torch.zeros(1, 3, dtype=torch.bool)  # all three rejected: the top-1 is taken
+    events, actions, chooser, forced, penalty = step_events(
+        logprobs, accepted, torch.tensor([3]), torch.tensor([0]), torch.tensor([True]), "first")
+    assert events.tolist() == [[True, True, True]] and actions.sum() == 0
+    assert chooser.tolist() == [[False, False, True]] and forced.tolist() == [True]
+    assert penalty.tolist() == [0.0]
+    # With "last", accepting only t_n is no decision: t_n is forced after t_1..t_{n-1} were rejected.
+    events, actions, _, forced, _ = step_events(
+        logprobs, torch.tensor([[False, False, True]]), torch.tensor([3]), torch.tensor([2]), torch.tensor([True]),
+        "last")
+    assert events.tolist() == [[True, True, False]] and actions.sum() == 0 and forced.tolist() == [True]
+
+
+# ---------------------------------------------------------------------------------------------- transitions
+def scripted_rollout(finite=(True, True)) -> Rollout:
+    """Row 0: position 0 reject+accept (penalty 0.7), position 1 lone (no event), position 2 accept top-1.
+    Row 1: position 0 reject, reject -> forced (penalty 1.5)."""
+    states = torch.arange(5, dtype=torch.float32)[:, None].repeat(1, 4)
+    return Rollout(
+        states=states,
+        rows=torch.tensor([0, 0, 0, 1, 1]),
+        positions=torch.tensor([0, 0, 2, 0, 0]),
+        candidates=torch.tensor([0, 1, 0, 0, 1]),
+        actions=torch.tensor([0, 1, 1, 0, 0]),
+        penalties=torch.tensor([0.0, 0.7, 0.0, 0.0, 1.5]),
+        tokens=torch.zeros(2, 3, dtype=torch.long),
+        lengths=torch.tensor([3, 1]),
+        kl=torch.tensor([[0.7, 0.0, 0.0], [1.5, 0.0, 0.0]]),
+        taken_index=torch.tensor([[1, 0, 0], [2, 0, 0]]),
+        asked=torch.tensor([[True, False, True], [True, False, False]]),
+        forced=torch.tensor([[False, False, False], [True, False, False]]),
+        finite=torch.tensor(finite),
+    )
+
+
+def test_transitions_terminal_reward_once_and_kl_on_the_choosing_event():
+    batch = build_transitions(scripted_rollout(), torch.tensor([2.0, -1.0]), kl_coef=0.1)
+    assert batch.actions.tolist() == [0, 1, 1, 0, 0]
+    torch.testing.assert_close(batch.rewards, torch.tensor([0.0, -0.07, 2.0, 0.0, -1.0 - 0.15]))
+    assert batch.dones.tolist() == [False, False, True, False, True]
+    # s' is the row's next decision (across the lone position); the last decision has no successor
+    assert batch.next_states[:, 0].tolist() == [1.0, 2.0, 0.0, 4.0, 0.0]
+    # the sum of rewards of an episode is the terminal reward minus the KL penalties: nothing counted twice
+    assert batch.rewards[:3].sum().item() == pytest.approx(2.0 - 0.07)
+
+
+def test_transitions_drop_a_row_with_nan_states_whole():
+    episodes = scripted_rollout(finite=(False, True))
+    batch = build_transitions(episodes, torch.tensor([2.0, -1.0]), kl_coef=0.1)
+    assert batch.states[:, 0].tolist() == [3.0, 4.0]
+    torch.testing.assert_close(batch.rewards, torch.tensor([0.0, -1.15]))
+    assert batch.dones.tolist() == [False, True]
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+def naive_rollout(model, agent, prompts, max_new_tokens, generator, eos, fallback, top_k=40, top_p=0.95):
+    """The MDP walked serially: one full forward per candidate, thresholds drawn as the batched rollout draws."""
+    tokens = [[] for _ in prompts]
+    events = []  # (row, position, candidate, action, state)
+    done = [False] * len(prompts)
+    for position in range(max_new_tokens):
+        thresholds = torch.rand((len(prompts), top_k), generator=generator)
+        for row, prompt in enumerate(prompts):
+            if done[row]:
+                continue
+            context = prompt + tokens[row]
+            candidates = naive_candidates(naive_next_logits(model, context), top_k, top_p)
+            taken = 0
+            if len(candidates) > 1:
+                refusable = len(candidates) - 1 if fallback == "last" else len(candidates)
+                states = naive_states(model, context, candidates)
+                p = agent.accept_probability(states)
+                taken = len(candidates) - 1 if fallback == "last" else 0
+                for j in range(refusable):
+                    accept = bool(p[j] > thresholds[row, j])
+                    events.append((row, position, j, int(accept), states[j]))
+                    if accept:
+                        taken = j
+                        break
+            tokens[row].append(candidates[taken])
+            done[row] = candidates[taken] == eos
+        if all(done):
+            break
+    return tokens, events
+
+
+@pytest.mark.parametrize("arch,fallback", [("llama", "last"), ("mistral", "first"), ("qwen2", "last")])
+def test_rollout_matches_naive_serial_mdp(arch, fallback):
+    model = tiny_model(arch)
+    agent = decisive_agent(32, seed=3, sharpness=3.0)  # p(accept) spread over (0, 1): real sampling
+    prompts = random_prompts(3)
+    ids, mask = left_padded(prompts)
+    out = rollout(model, agent, ids, mask, max_new_tokens=6, eos_token_ids=[2], pad_token_id=0,
+                  generator=torch.Generator().manual_seed(5), fallback=fallback)
+    tokens, events = naive_rollout(model, agent, prompts, 6, torch.Generator().manual_seed(5), 2, fallback)
+    for row in range(3):
+        assert out.tokens[row, : out.lengths[row]].tolist() == tokens[row]
+    events = sorted(events, key=lambda e: e[:3])  # the rollout orders events by (row, position, candidate)
+    assert [(r, p, c, a) for r, p, c, a, _ in events] == list(zip(
+        out.rows.tolist(), out.positions.tolist(), out.candidates.tolist(), out.actions.tolist()))
+    torch.testing.assert_close(out.states, torch.stack([s for *_, s in events]), atol=1e-4, rtol=1e-4)
+    assert out.actions.sum() > 0 and (out.actions == 0).sum() > 0  # both actions occur
+    assert_model_untouched(model)
+
+
+def test_rollout_accept_all_is_greedy_and_reject_all_forces_the_last_candidate():
+    model = tiny_model()
+    ids, mask = left_padded(random_prompts(2))
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                           pad_token_id=0)[:, ids.shape[1]:]
+    gen = torch.Generator().manual_seed(0)
+    accept = rollout(model, constant_agent(accept=True), ids, mask, max_new_tokens=5, eos_token_ids=[],
+                     pad_token_id=0, generator=gen)
+    assert torch.equal(accept.tokens, plain)
+    assert accept.actions.tolist() == [1] * len(accept.actions) and accept.kl.abs().max() == 0
+    assert (accept.candidates == 0).all() and not accept.forced.any()
+
+    reject = rollout(model, constant_agent(accept=False), ids, mask, max_new_tokens=1, eos_token_ids=[],
+                     pad_token_id=0, generator=gen)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    cands = build_candidates(logits, 40, 0.95)
+    last = cands.tokens.gather(1, (cands.counts - 1)[:, None]).squeeze(1)
+    assert torch.equal(reject.tokens[:, 0], last) and reject.forced[:, 0].all()
+    assert (reject.actions == 0).all()
+    assert reject.rows.bincount().tolist() == (cands.counts - 1).tolist()  # t_1 .. t_{n-1} rejected, t_n forced
+
+
+def test_rollout_episode_ends_at_eos():
+    model = tiny_model()
+    ids, mask = left_padded(random_prompts(2))
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                           pad_token_id=0)[:, ids.shape[1]:]
+    eos = int(plain[0, 2])  # row 0's third greedy token plays EOS
+    out = rollout(model, constant_agent(accept=True), ids, mask, max_new_tokens=6, eos_token_ids=[eos],
+                  pad_token_id=0, generator=torch.Generator())
+    assert out.lengths[0] == 3 and out.tokens[0, :3].tolist() == plain[0, :3].tolist()
+    assert (out.positions[out.rows == 0] < 3).all()  # no decision after the end
+    assert (out.tokens[0, 3:] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def word_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
+    """An offline word-level tokenizer: token i is the word `t{i}`; t0 pads, t2 ends."""
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t2")
+
+
+def word_prompts(count: int, seed: int = 1):
+    return [" ".join(f"t{i}" for i in p) for p in random_prompts(count, seed=seed)]
+
+
+def even_token_rate(prompts, responses):
+    """Scripted reward: the fraction of response tokens with an even id."""
+    return [sum(int(w[1:]) % 2 == 0 for w in r.split()) / max(len(r.split()), 1) for r in responses]
+
+
+def small_config(**overrides) -> TrainConfig:
+    values = dict(iterations=4, rollout_batch_size=4, max_new_tokens=6, kl_coef=0.1, learning_starts=16,
+                  updates_per_rollout=2, checkpoint_every=2, hidden_sizes=(32, 16), sac=SACConfig(batch_size=32))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_checkpoint_tree_round_trip(tmp_path):
+    tree = {"a": torch.arange(3), "b": [1, 2.5, None, "x", {"c": torch.ones(2, 2)}], 0: {"d": True}}
+    skeleton, tensors = flatten(tree)
+    json.dumps(skeleton)
+    back = unflatten(json.loads(json.dumps(skeleton)), tensors)
+    assert back[0] == {"d": True} and back["b"][:4] == [1, 2.5, None, "x"]
+    assert torch.equal(back["a"], tree["a"]) and torch.equal(back["b"][4]["c"], tree["b"][4]["c"])
+    with pytest.raises(TypeError, match="Cannot checkpoint a object"):
+        flatten({"x": object()})
+
+
+def test_checkpoint_is_atomic_and_keeps_the_newest(tmp_path):
+    agent = MaraAgent(state_dim=4, hidden_sizes=(8, 8))
+    for step in range(3):
+        save_checkpoint(tmp_path, f"step-{step:07d}", agent, {"step": step, "t": torch.full((2,), step)})
+    assert latest_checkpoint(tmp_path).name == "step-0000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000001", "step-0000002"]
+    loaded, state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] == 2 and state["t"].tolist() == [2, 2]
+    assert torch.equal(loaded.linear1.weight, agent.linear1.weight)
+    # a half-written checkpoint (killed before the rename) is invisible: `latest` still names the complete one
+    (tmp_path / ".step-0000003.tmp").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step-0000002"
+
+
+def make_trainer(out_dir, config, reward=even_token_rate, prompts=12):
+    return Trainer(tiny_model(), word_tokenizer(), word_prompts(prompts), reward, out_dir, config, progress=False)
+
+
+def test_killed_run_resumes_to_the_same_agent(tmp_path):
+    config = small_config(iterations=6)
+    whole = make_trainer(tmp_path / "whole", config).train()
+
+    calls = {"n": 0}
+
+    def dies_in_iteration_5(prompts, responses):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # killed after the checkpoint of iteration 4
+        return even_token_rate(prompts, responses)
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path / "killed", config, dies_in_iteration_5).train()
+    assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step-0000004"
+    resumed = make_trainer(tmp_path / "killed", config).train()
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    lines = lambda run: [{k: v for k, v in json.loads(l).items() if "seconds" not in k}  # noqa: E731
+                         for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert lines("whole") == lines("killed")
+    assert MaraAgent.from_pretrained(tmp_path / "killed" / "agent").fallback == "last"
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    make_trainer(tmp_path, small_config(iterations=2)).train()
+    with pytest.raises(ValueError, match=r"other settings \(kl_coef\)"):
+        make_trainer(tmp_path, small_config(iterations=4, kl_coef=0.5)).train()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        make_trainer(tmp_path, small_config(iterations=4)).train(resume=False)
+
+
+def test_prompt_order_is_a_seeded_shuffle_per_epoch():
+    seen = [i for it in range(3) for i in prompt_indices(12, it, 4, seed=0)]
+    assert sorted(seen) == list(range(12))
+    assert prompt_indices(12, 1, 4, seed=0) == prompt_indices(12, 1, 4, seed=0) != prompt_indices(12, 1, 4, seed=1)
+
+
+def greedy_even_rate(model, tokenizer, agent, prompts):
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(**encoded, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                         custom_generate=mara_generate, mara_agent=agent)
+    responses = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:])
+    return sum(even_token_rate(prompts, responses)) / len(prompts)
+
+
+def test_training_raises_a_scripted_reward(tmp_path):
+    """End to end on a tiny random model: reward = share of even token ids; greedy MARA with the trained agent
+    produces clearly more of them than with the initial agent."""
+    config = small_config(iterations=50, rollout_batch_size=16, max_new_tokens=4, kl_coef=0.0, learning_starts=256,
+                          updates_per_rollout=16, checkpoint_every=50, hidden_sizes=(64, 64), initial_accept=None,
+                          sac=SACConfig(batch_size=256, actor_lr=1e-3, critic_lr=1e-3, tau=0.05))
+    trainer = make_trainer(tmp_path, config, prompts=64)
+    prompts = word_prompts(32, seed=7)  # held out
+    before = greedy_even_rate(trainer.model, trainer.tokenizer, trainer.agent, prompts)
+    agent = trainer.train()
+    after = greedy_even_rate(trainer.model, trainer.tokenizer, agent, prompts)
+    assert after > before + 0.15, (before, after)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = metrics[:5], metrics[-5:]
+    assert sum(m["reward"] for m in last) > sum(m["reward"] for m in first)
+    assert {"reward", "kl_per_token", "alpha", "critic_loss", "actor_loss", "accept_rate"} <= set(metrics[-1])
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_cli_train_runs_resumes_and_records_the_command(tmp_path, capsys):
+    from mara_hf.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": p} for p in word_prompts(6)]))
+    out = tmp_path / "run"
+    args = ["train", "--prompts", str(prompts), "--reward", "py:test_train:even_token_rate", "--model", str(model_dir),
+            "--out", str(out), "--batch-size", "2", "--max-new-tokens", "3", "--learning-starts", "1",
+            "--updates-per-rollout", "1", "--sac-batch-size", "4", "--hidden-sizes", "8", "8",
+            "--checkpoint-every", "1", "--no-progress", "--device", "cpu"]
+    assert main(args + ["--iterations", "2"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    agent = MaraAgent.from_pretrained(out / "agent")
+    assert agent.fallback == "last" and agent.base_model == str(model_dir)
+    assert "mara-hf train --prompts" in agent.training_info and "even_token_rate" in agent.training_info
+    assert main(args + ["--iterations", "3"]) == 0  # resumes from step 2
+    assert [json.loads(l)["iteration"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert main(args + ["--iterations", "3", "--kl-coef", "0.5"]) == 2
+    assert "other settings (kl_coef)" in capsys.readouterr().err
+
+
+def test_cli_train_bad_input_is_one_line(tmp_path, capsys):
+    from mara_hf.cli import main
+
+    assert main(["train", "--prompts", str(tmp_path / "missing.json"), "--reward", "vader", "--out",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mara-hf train: error:") and "missing.json" in err and "\n" not in err
+    assert main(["train", "--prompts", "x.json", "--reward", "nonsense", "--out", str(tmp_path / "run")]) == 2
+    assert "nonsense" in capsys.readouterr().err
