@@ -55,8 +55,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     run.add_argument("--initial-accept", type=float, default=defaults.initial_accept,
                      help="a fresh actor starts accepting every candidate with about this probability "
                           "(default: %(default)s; 0 for the plain random initialisation)")
-    run.add_argument("--schedule", type=int, nargs="+", default=[1, 2, 4, 8, 16],
-                     help="lazy chunk boundaries of the rollouts (default: 1 2 4 8 16: a sampled actor rarely "
+    run.add_argument("--schedule", type=int, nargs="+", default=list(defaults.schedule),
+                     help="lazy chunk boundaries of the rollouts (default: %(default)s: a sampled actor rarely "
                           "walks far)")
     learner = parser.add_argument_group("soft actor-critic")
     learner.add_argument("--lr", type=float, default=sac.actor_lr, help="actor, critic and alpha learning rate")

@@ -31,13 +31,16 @@ from typing import Callable, Sequence
 import torch
 
 from ..agent import MaraAgent, validate_candidate_settings
-from ..decide import DEFAULT_SCHEDULE, validate_schedule
+from ..decide import validate_schedule
 from ..evaluation import encode_chat_prompts, eos_token_ids
 from .buffer import ReplayBuffer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .rollout import build_transitions, rollout
 from .sac import DiscreteSAC, SACConfig
 
+ROLLOUT_SCHEDULE = (1, 2, 4, 8, 16)
+"""Lazy chunk boundaries of rollouts: a sampled actor mostly accepts within the first few candidates, so small
+chunks waste fewer sibling forwards than inference's (1, 8)."""
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL_AGENT = "agent"
@@ -54,7 +57,7 @@ class TrainConfig:
     top_k: int = 40
     top_p: float = 0.95
     fallback: str = "last"
-    schedule: tuple = DEFAULT_SCHEDULE
+    schedule: tuple = ROLLOUT_SCHEDULE
     updates_per_rollout: int = 8
     learning_starts: int = 2048
     checkpoint_every: int = 10
