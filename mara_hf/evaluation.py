@@ -713,6 +713,8 @@ def format_summary(results: dict) -> str:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `mara-hf eval` (see [`run_eval`])."""
+    from . import models
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = ("Answer a prompt file with the base model and with MARA (same decoding settings), score\n"
                           "both with rewards, report preference rate, gain, per-token KL, agent statistics and speed.\n"
@@ -725,14 +727,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--reward", action="append", required=True, metavar="SPEC",
                         help="a reward (repeatable): vader, offensive, beaver-reward, beaver-cost, hf:ID_OR_PATH, "
                              "py:MODULE:FUNCTION or a weighted sum like 2*beaver-reward-1*beaver-cost (see below)")
-    parser.add_argument("--model", default="smollm2",
-                        help="base model: 'smollm2' (offline SmolLM2-135M-Instruct), a Hub id or a local path "
-                             "(default: smollm2)")
-    parser.add_argument("--agent", default=None,
-                        help="agent: a shipped name (default: smollm2-vader), a native folder, a .pth actor, or a "
-                             "Hub id")
-    parser.add_argument("--agent-file", default=None,
-                        help="file name of an original actor inside a Hub repo, e.g. mistral_v3_2_1_actor.pth")
+    models.add_model_argument(parser)
+    models.add_agent_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     parser.add_argument("--out", default="eval-results",

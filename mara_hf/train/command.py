@@ -17,6 +17,7 @@ EXAMPLE = """example (the shipped SmolLM2 agent; see its model card for the exac
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .. import models
     from ..rewards import REWARD_HELP
 
     defaults, sac = TrainConfig(), SACConfig()
@@ -31,7 +32,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--reward", required=True, metavar="SPEC",
                         help="the sentence-level reward: vader, offensive, beaver-reward, hf:ID_OR_PATH, "
                              "py:MODULE:FUNCTION or a weighted sum like vader+0.5*offensive (see below)")
-    parser.add_argument("--model", default="smollm2", help="base model: 'smollm2', a Hub id or a local path")
+    models.add_model_argument(parser)
     parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, agent/")
     parser.add_argument("--init-agent", default=None, help="start from this agent instead of a fresh one")
     run = parser.add_argument_group("run")

@@ -95,8 +95,8 @@ def step_events(candidate_logprobs, accepted, counts, index, asked, fallback: st
     Args:
         candidate_logprobs: `(B, W)` base log-probabilities of the candidates (W >= evaluated width).
         accepted: `(B, w)` the actor's sampled accept flags of the evaluated candidates.
-        counts: `(B,)` candidate set sizes; `index`: `(B,)` the taken candidate; `asked`: `(B,)` more than one
-            candidate.
+        counts: `(B,)` candidate set sizes; `index`: `(B,)` the taken candidate (the first accepted one, as
+            `evaluate_step` decides); `asked`: `(B,)` more than one candidate.
         fallback: `"last"` (t_n is forced, never decided) or `"first"`.
 
     Returns `(events, actions, chooser, forced, penalty)`: `events` `(B, w)` the candidates the actor decided,
@@ -106,12 +106,10 @@ def step_events(candidate_logprobs, accepted, counts, index, asked, fallback: st
     width = accepted.shape[1]
     slots = torch.arange(width, device=accepted.device)[None, :]
     refusable = counts - 1 if fallback == "last" else counts  # the candidates the actor may decide
-    accepted = accepted & (slots < refusable[:, None])
-    by_agent = accepted.any(dim=-1)
-    first = torch.where(by_agent, accepted.to(torch.int8).argmax(dim=-1), 0)
-    end = torch.where(by_agent, first + 1, refusable)  # events are candidates 0 .. end-1
+    by_agent = (accepted & (slots < refusable[:, None])).any(dim=-1)  # then `index` is the first accepted one
+    end = torch.where(by_agent, index + 1, refusable)  # events are candidates 0 .. end-1
     events = (slots < end[:, None]) & asked[:, None]
-    actions = (slots == first[:, None]) & by_agent[:, None] & events
+    actions = (slots == index[:, None]) & by_agent[:, None] & events
     chooser = (slots == (end - 1)[:, None]) & events
     penalty = candidate_logprobs[:, 0] - candidate_logprobs.gather(1, index[:, None]).squeeze(1)
     return events, actions.long(), chooser, asked & ~by_agent, penalty

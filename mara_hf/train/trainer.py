@@ -175,7 +175,7 @@ class Trainer:
         self.rollout_generator = torch.Generator().manual_seed(config.seed)
         self.sample_generator = torch.Generator().manual_seed(config.seed + 1)
         self.iteration = 0
-        self.eos_ids = eos_token_ids(model, tokenizer) if hasattr(model, "generation_config") else []
+        self.eos_ids = eos_token_ids(model, tokenizer)
         if tokenizer.pad_token_id is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tensorboard = tensorboard
@@ -243,8 +243,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = TrainConfig.from_dict(state["config"]).to_dict()
-        differs = sorted(k for k in saved if k != "iterations" and saved[k] != self.config.to_dict()[k])
+        saved, current = TrainConfig.from_dict(state["config"]).to_dict(), self.config.to_dict()
+        differs = sorted(k for k in saved if k != "iterations" and saved[k] != current[k])
         if differs:
             raise ValueError(f"The checkpoint was written with other settings ({', '.join(differs)}); resume with "
                              "the same settings or use another output folder.")
