@@ -41,6 +41,10 @@ class MaraGenerateOutput(GenerateDecoderOnlyOutput):
     mara_steps: dict | None = None
 
 
+# The output's cache field: `cache` in recent transformers, `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
+
 def split_warpers(logits_processor: LogitsProcessorList | None) -> tuple[LogitsProcessorList, LogitsProcessorList]:
     """Split generate's processor list into processors and the trailing sampling warpers (temperature, top-k,
     top-p, ...), which `generate` always appends last. MARA builds candidates after the processors and before the
@@ -218,7 +222,7 @@ def mara_generate(
         sequences=input_ids,
         scores=scores_out,
         logits=logits_out,
-        cache=cache,
+        **{CACHE_FIELD: cache},
         mara_stats=stats,
         mara_steps=mara_steps,
     )

@@ -14,7 +14,9 @@ commits one chosen sibling per row.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -22,6 +24,17 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 RESTORABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which `model`'s forward takes the KV cache: `cache` in recent transformers, whose models
+    still swallow the older `past_key_values` (and vice versa) without using it."""
+    return _cache_keyword(type(model))
 
 
 def check_model(model) -> None:
@@ -147,11 +160,12 @@ def sibling_attention_mask(model, cache: Cache, tokens: torch.Tensor, context_ma
         return (kv_idx < past) | (kv_idx == q_idx)
 
     masks = {}
-    common = dict(config=model.config, inputs_embeds=embeds, attention_mask=mask_2d, cache=cache,
-                  and_mask_function=sees_context_or_itself)
+    # The cache goes by position: transformers renamed that argument (`past_key_values` -> `cache`) in 5.2x.
+    args = (model.config, embeds, mask_2d, cache)
+    common = dict(and_mask_function=sees_context_or_itself)
     sliding = {layer.is_sliding for layer in cache.layers}
     if False in sliding:
-        masks["full_attention"] = create_causal_mask(**common)
+        masks["full_attention"] = create_causal_mask(*args, **common)
     if True in sliding:
         window = next(layer.sliding_window for layer in cache.layers if layer.is_sliding)
 
@@ -160,7 +174,7 @@ def sibling_attention_mask(model, cache: Cache, tokens: torch.Tensor, context_ma
         def context_in_window(batch_idx, head_idx, q_idx, kv_idx):
             return (kv_idx < past) & (kv_idx > past - window)
 
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**common, or_mask_function=context_in_window)
+        masks["sliding_attention"] = create_sliding_window_causal_mask(*args, **common, or_mask_function=context_in_window)
     if len(masks) == 1:
         return next(iter(masks.values()))
     return masks
@@ -217,7 +231,7 @@ def sibling_forward(
             input_ids=tokens,
             attention_mask=attention_mask,
             position_ids=position_ids.expand(batch, k),
-            cache=cache,
+            **{cache_keyword(model): cache},
             use_cache=True,
             return_dict=True,
         )

@@ -322,7 +322,7 @@ def test_beaver_loads_as_sequence_classifier_with_end_score(tmp_path, tokenizer)
     assert isinstance(reward, ScoreModelReward) and reward.name == "beaver-cost"
     assert type(reward.model) is LlamaForSequenceClassification
     torch.testing.assert_close(reward.model.score.weight, weights["score_head.weight"])
-    assert reward.format("Hi?", "Hello.") == "BEGINNING OF CONVERSATION: USER: Hi? ASSISTANT:Hello.<|im_end|>"
+    assert reward.format("Hi?", "Hello.") == "BEGINNING OF CONVERSATION: USER: Hi? ASSISTANT:Hello." + tokenizer.eos_token
 
     scores = reward(PROMPTS, RESPONSES)  # different lengths: right padding in one batch
     with torch.no_grad():

@@ -4,14 +4,15 @@ import pytest
 import torch
 
 from conftest import ARCHS, left_padded, random_prompts, tiny_model
-from mara_hf.states import CacheCheckpoint, select_kv, sibling_forward
+from mara_hf.states import CacheCheckpoint, cache_keyword, select_kv, sibling_forward
 from reference import naive_states
 
 
 def prefill(model, ids, mask):
     position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True).cache
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    return out[cache_keyword(model)]
 
 
 def snapshot(cache):
@@ -67,7 +68,8 @@ def test_committed_sibling_continues_like_plain_decoding(arch):
     follow = torch.tensor([[30], [31]])
     mask2 = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=-1)
     with torch.no_grad():
-        logits = model(input_ids=follow, attention_mask=mask2, position_ids=positions + 1, cache=cache).logits[:, -1]
+        logits = model(input_ids=follow, attention_mask=mask2, position_ids=positions + 1,
+                       **{cache_keyword(model): cache}).logits[:, -1]
     for row, prompt in enumerate(prompts):
         full = prompt + [candidates[row, chosen[row]].item(), follow[row].item()]
         with torch.no_grad():

@@ -259,6 +259,21 @@ def test_killed_run_resumes_to_the_same_agent(tmp_path):
     assert MaraAgent.from_pretrained(tmp_path / "killed" / "agent").fallback == "last"
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resume_goes_on(tmp_path):
+    config = small_config(iterations=6, checkpoint_every=5)
+    trainer = make_trainer(tmp_path, config)
+    trainer.train(time_limit=1e-9)  # past the limit after the first iteration
+    assert trainer.iteration == 1
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000001"
+    assert MaraAgent.from_pretrained(tmp_path / "agent").fallback == "last"
+    resumed = make_trainer(tmp_path, config)
+    resumed.train()
+    assert resumed.iteration == 6
+    assert [json.loads(l)["iteration"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="`time_limit` has to be positive"):
+        make_trainer(tmp_path / "other", config).train(time_limit=0)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     make_trainer(tmp_path, small_config(iterations=2)).train()
     with pytest.raises(ValueError, match=r"other settings \(kl_coef\)"):

@@ -81,6 +81,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     system.add_argument("--no-resume", action="store_true",
                         help="refuse to continue a run already in --out (default: resume it)")
     system.add_argument("--no-progress", action="store_true")
+    system.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                        help="stop after the iteration that ends past this many minutes (checkpoint and agent "
+                             "written; run again to continue)")
     return parser
 
 
@@ -91,6 +94,8 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit has to be at least 1.")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise ValueError("--time-limit has to be positive (minutes).")
     if args.threads:
         torch.set_num_threads(args.threads)
     sac = SACConfig(actor_lr=args.actor_lr or args.lr, critic_lr=args.lr, alpha_lr=args.alpha_lr or args.lr, batch_size=args.sac_batch_size,
@@ -117,7 +122,7 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     print(f"replay buffer: {config.sac.buffer_size} transitions, {trainer.buffer.nbytes / 2**20:.0f} MiB "
           f"(fp16 states of size {trainer.buffer.state_dim}), allocated once", file=sys.stderr)
     started = time.perf_counter()
-    trainer.train(resume=not args.no_resume)
+    trainer.train(resume=not args.no_resume, time_limit=None if args.time_limit is None else 60 * args.time_limit)
     print(f"wrote {args.out}/{FINAL_AGENT} (agent), {args.out}/{METRICS_FILE} "
           f"[{time.perf_counter() - started:.0f} s this session]")
     return 0

@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from ..decide import DEFAULT_SCHEDULE, evaluate_step
-from ..states import check_cache, check_model, next_position_ids
+from ..states import cache_keyword, check_cache, check_model, next_position_ids
 from .buffer import Batch
 
 
@@ -141,8 +141,8 @@ def rollout(
     check_cache(cache)
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
-                use_cache=True, **kwargs)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                **{cache_keyword(model): cache}, use_cache=True, **kwargs)
     logits = out.logits[:, -1].float()
     del out
     mask = attention_mask

@@ -272,8 +272,14 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: bool = True) -> MaraAgent:
-        """Run (or, with `resume`, continue) until `config.iterations`; save and return the final agent."""
+    def train(self, resume: bool = True, time_limit: float | None = None) -> MaraAgent:
+        """Run (or, with `resume`, continue) until `config.iterations`; save and return the agent.
+
+        With `time_limit` (seconds), stop after the first iteration that ends past it: a checkpoint and the agent
+        are written then too, and a later call with `resume` goes on from there."""
+        if time_limit is not None and time_limit <= 0:
+            raise ValueError(f"`time_limit` has to be positive (seconds), but is {time_limit}.")
+        deadline = None if time_limit is None else time.perf_counter() + time_limit
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
@@ -290,11 +296,15 @@ class Trainer:
                     if writer is not None:
                         for key, value in metrics.items():
                             writer.add_scalar(f"train/{key}", value, self.iteration)
-                    if self.iteration % self.config.checkpoint_every == 0 or self.iteration == self.config.iterations:
+                    out_of_time = deadline is not None and time.perf_counter() >= deadline
+                    if (self.iteration % self.config.checkpoint_every == 0 or out_of_time
+                            or self.iteration == self.config.iterations):
                         self.save()
                     bar.set_postfix(reward=f"{metrics['reward']:.3f}", accept=f"{metrics['accept_rate']:.2f}",
                                     kl=f"{metrics['kl_per_token']:.3f}", refresh=False)
                     bar.update(1)
+                    if out_of_time:
+                        break
         finally:
             bar.close()
             if writer is not None:
