@@ -3,6 +3,7 @@
 Candidates are evaluated in chunks along the probability order (``schedule``): the top-1 of every row first,
 then the next candidates only while some row has rejected everything so far. A step whose top-1 is accepted by
 every row therefore costs a single one-token forward; in the fused loop that forward *is* the decode step.
+A later chunk runs only for the rows still looking, on a narrowed copy of their cache rows.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .candidates import CandidateSet, build_candidates, fallback_index, first_accepted
-from .states import CacheCheckpoint, select_kv, sibling_forward
+from .states import CacheCheckpoint, appended_kv, narrow_cache, select_kv, sibling_forward, widen
 from .stats import StepDecision
 
 DEFAULT_SCHEDULE = (1, 8)
@@ -114,9 +115,10 @@ def evaluate_step(
     rollouts). `keep_states=True` keeps the evaluated candidates' states (`StepEvaluation.states`).
     """
     cands = build_candidates(scores, top_k, top_p)
+    batch = cands.counts.shape[0]
     if thresholds is None:
         thresholds = torch.full((1, cands.width), 0.5, device=cands.tokens.device)
-    batch = cands.counts.shape[0]
+    thresholds = thresholds.expand(batch, -1)
     device = cands.tokens.device
     lone = cands.counts == 1
     decided = lone.clone()
@@ -134,41 +136,47 @@ def evaluate_step(
     # Greedy fused steps let lm_head project only the sibling each row may keep (see `_pick`).
     picking = for_commit and lazy
     evaluation.picked = picking
+    rows = None  # the rows a later chunk runs for (None: all)
     while True:
         if end - start > 1:
             evaluation.checkpoint.keep_appended()
+        # A later chunk runs only for the rows still looking for a candidate, on a narrowed copy of their cache.
+        chunk_cache = cache if rows is None else narrow_cache(cache, rows)
+        at = slice(None) if rows is None else rows
         p_accept = {}
-        pick = _pick(agent, cands, start, end, fallback, thresholds, p_accept) if picking else None
+        pick = _pick(agent, cands, start, end, fallback, thresholds, p_accept, at) if picking else None
         out = sibling_forward(
-            model, cache, cands.tokens[:, start:end], position_ids, context_mask, return_logits=for_commit, pick=pick
+            model, chunk_cache, cands.tokens[at, start:end], position_ids[at],
+            None if context_mask is None else context_mask[at], return_logits=for_commit, pick=pick,
         )
         evaluation.forwards += 1
         evaluation.evaluated_width = end
         evaluation.bounds.append((start, end))
         if "value" not in p_accept:
             p_accept["value"] = agent.accept_probability(out.states)
+        full = (lambda t: t) if rows is None else (lambda t: widen(t, rows, batch))  # noqa: E731
         if keep_states:
-            evaluation.states_parts.append(out.states)
-        chunk_accepted = (p_accept["value"].to(device) > thresholds[:, start:end]) & cands.valid[:, start:end]
-        accepted[:, start:end] = chunk_accepted
-        decided |= chunk_accepted.any(dim=-1)
+            evaluation.states_parts.append(full(out.states))
+        chunk_accepted = (p_accept["value"].to(device) > thresholds[at, start:end]) & cands.valid[at, start:end]
+        accepted[at, start:end] = chunk_accepted
+        decided[at] |= chunk_accepted.any(dim=-1)
         if lazy:
-            # The one host read of a chunk: does any row still need candidates, and how many can there be?
-            need_more, max_count = torch.stack(
-                [(~decided & (cands.counts > end)).any().long(), cands.counts.max()]
-            ).tolist()
+            # The one host read of a chunk: how many rows still need candidates, and how many can there be?
+            need = ~decided & (cands.counts > end)
+            needed, max_count = torch.stack([need.sum(), cands.counts.max()]).tolist()
         else:
-            need_more = False
+            needed = 0
         if for_commit:
-            evaluation.logits_parts.append(out.logits)
-            if end == 1 and not need_more:
+            evaluation.logits_parts.append(full(out.logits))
+            if end == 1 and not needed:
                 # Every row takes its top-1 (accepted, or a lone candidate): the cache already holds the step.
                 evaluation.committed = True
                 break
-            evaluation.kv_parts.append(evaluation.checkpoint.appended(end - start))
+            evaluation.kv_parts.append([(full(k), full(v)) for k, v in appended_kv(chunk_cache, end - start)])
         evaluation.checkpoint.restore()
-        if not need_more:
+        if not needed:
             break
+        rows = need.nonzero().squeeze(1) if needed < batch else None
         start = end
         end = min(next((b for b in schedule if b > start), max_count), max_count)
 
@@ -176,17 +184,18 @@ def evaluate_step(
     return evaluation
 
 
-def _pick(agent, cands: CandidateSet, start: int, end: int, fallback: str, thresholds: torch.Tensor, p_accept: dict):
-    """The sibling of chunk `[start, end)` each row may keep: its first accepted one; with the `"last"` fallback,
-    the row's last candidate if it lies in this chunk and none was accepted (the `"first"` fallback and the
-    top-1 live in the first chunk, whose only sibling is the top-1). Stores p(accept) for the caller."""
+def _pick(agent, cands: CandidateSet, start: int, end: int, fallback: str, thresholds: torch.Tensor, p_accept: dict,
+          rows=slice(None)):
+    """The sibling of chunk `[start, end)` each of `rows` may keep: its first accepted one; with the `"last"`
+    fallback, the row's last candidate if it lies in this chunk and none was accepted (the `"first"` fallback and
+    the top-1 live in the first chunk, whose only sibling is the top-1). Stores p(accept) for the caller."""
 
     def pick(states):
         p_accept["value"] = p = agent.accept_probability(states)
-        accepted = (p.to(cands.counts.device) > thresholds[:, start:end]) & cands.valid[:, start:end]
+        accepted = (p.to(cands.counts.device) > thresholds[rows, start:end]) & cands.valid[rows, start:end]
         any_accepted, first = first_accepted(accepted)
         if fallback == "last":
-            last = cands.counts - 1 - start
+            last = cands.counts[rows] - 1 - start
             in_chunk = (last >= 0) & (last < end - start)
             first = torch.where(any_accepted | ~in_chunk, first, last.clamp(0, end - start - 1))
         return first.to(states.device)

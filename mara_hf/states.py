@@ -14,6 +14,7 @@ commits one chosen sibling per row.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
@@ -98,7 +99,7 @@ class CacheCheckpoint:
 
     def appended(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the keys/values `(B, heads, count, head_dim)` of the last `count` appended entries."""
-        return [(layer.keys[..., -count:, :], layer.values[..., -count:, :]) for layer in self.cache.layers]
+        return appended_kv(self.cache, count)
 
     def commit(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Restore, then append one entry per row and layer (`(B, heads, 1, head_dim)` each) through the layers'
@@ -106,6 +107,28 @@ class CacheCheckpoint:
         self.restore()
         for layer, (keys, values) in zip(self.layers, kv):
             layer.update(keys, values)
+
+
+def appended_kv(cache: Cache, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys/values `(B, heads, count, head_dim)` of the last `count` entries of `cache`."""
+    return [(layer.keys[..., -count:, :], layer.values[..., -count:, :]) for layer in cache.layers]
+
+
+def narrow_cache(cache: Cache, rows: torch.LongTensor) -> Cache:
+    """A throwaway cache holding only `rows` of `cache` (copies of their keys/values; `cache` is not touched), for
+    a sibling forward that only some rows need. Layer settings (sliding window, `record_past`) are kept."""
+    narrow = copy.copy(cache)
+    narrow.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in narrow.layers:
+        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+    return narrow
+
+
+def widen(part: torch.Tensor, rows: torch.LongTensor, batch: int) -> torch.Tensor:
+    """`part` `(len(rows), ...)` placed at `rows` of a zero tensor `(batch, ...)`."""
+    full = part.new_zeros((batch,) + tuple(part.shape[1:]))
+    return full.index_copy_(0, rows.to(part.device), part)
 
 
 def select_kv(parts: list[list[tuple[torch.Tensor, torch.Tensor]]], index: torch.LongTensor):

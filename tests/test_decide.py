@@ -1,0 +1,62 @@
+"""One MARA step (`decide.evaluate_step`): later chunks run only for the rows still looking for a candidate."""
+
+import pytest
+import torch
+
+from conftest import constant_agent, left_padded, random_prompts, tiny_model
+from mara_hf.decide import evaluate_step
+from mara_hf.states import cache_keyword, next_position_ids
+
+WIDTH = 8
+# p(accept) > threshold: -1 always accepts, 2 never does. Row 0 takes its top-1, row 1 candidate 2, row 3
+# candidate 5, row 2 rejects everything (the "last" fallback forces candidate 7).
+THRESHOLDS = torch.full((4, WIDTH), 2.0)
+THRESHOLDS[0, 0] = THRESHOLDS[1, 2] = THRESHOLDS[3, 5] = -1.0
+
+
+def prefill(model, prompts):
+    ids, mask = left_padded(prompts)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = out[cache_keyword(model)]
+    return cache, out.logits[:, -1].float(), mask
+
+
+def step(model, lazy, for_commit):
+    cache, scores, mask = prefill(model, random_prompts(4, lengths=(12, 5, 14, 9), seed=1))
+    batches = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        with torch.no_grad():
+            evaluation = evaluate_step(
+                model, constant_agent(), cache, scores, next_position_ids(None, mask, cache.get_seq_length(), 4, "cpu"),
+                mask, top_k=WIDTH, top_p=1.0, fallback="last", schedule=(1, 2, 4), lazy=lazy, for_commit=for_commit,
+                thresholds=THRESHOLDS, keep_states=True,
+            )
+            logits = evaluation.commit(evaluation.decision.index) if for_commit else None
+    finally:
+        handle.remove()
+    return evaluation, batches, logits, cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: sliding-window layers
+@pytest.mark.parametrize("for_commit", [False, True])
+def test_later_chunks_run_for_undecided_rows_only(arch, for_commit):
+    model = tiny_model(arch)
+    lazy, batches, lazy_logits, lazy_cache = step(model, True, for_commit)
+    assert batches == [4, 3, 3, 2]  # chunks [0,1) all rows, [1,2) and [2,4) rows 1-3, [4,8) rows 2-3
+    assert lazy.decision.index.tolist() == [0, 2, 7, 5]
+    assert lazy.decision.fallback.tolist() == [False, False, True, False]
+
+    whole, batches, whole_logits, whole_cache = step(model, False, for_commit)
+    assert batches == [4] and torch.equal(whole.decision.index, lazy.decision.index)
+    # Every candidate a row had to look at has the state a full evaluation gives it.
+    looked = torch.arange(WIDTH)[None, :] <= lazy.decision.index[:, None]
+    torch.testing.assert_close(lazy.states[looked], whole.states[looked], atol=1e-5, rtol=1e-5)
+    if for_commit:
+        torch.testing.assert_close(lazy_logits, whole_logits, atol=1e-4, rtol=1e-4)
+        for a, b in zip(lazy_cache.layers, whole_cache.layers):
+            torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
