@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the last N prompts are held out for validation (default: %(default)s)")
     parser.add_argument("--minutes", type=float, default=6.0, help="training time per configuration")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--model", default="smollm2", help="base model (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: mara-hf's default)")
     parser.add_argument("--threads", type=int, default=3, help="torch CPU threads per run")
     parser.add_argument("--out", required=True)
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
     validation = out / "validation.json"
     validation.write_text(json.dumps(prompts[train_count:]))
     cli = [sys.executable, "-m", "mara_hf.cli"]
-    device = ["--device", args.device] if args.device else []
+    device = ["--model", args.model] + (["--device", args.device] if args.device else [])
 
     def start(command: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT)

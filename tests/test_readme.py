@@ -22,6 +22,7 @@ def test_shipped_agent_is_packaged():
 
     assert DEFAULT_AGENT in shipped_agents()
     agent = MaraAgent.from_pretrained(SHIPPED_AGENTS / DEFAULT_AGENT)
-    assert agent.state_dim == 576 and "discrete SAC" in agent.training_info and agent.top_k == 10
+    assert agent.state_dim == 576 and "discrete SAC" in agent.training_info
+    assert (agent.top_k, agent.fallback) == (40, "first")
     assert {"smollm2-vader", "smollm2-demo"} <= set(shipped_agents())
     assert "agents/*/*" in (ROOT / "setup.cfg").read_text()
