@@ -2,7 +2,7 @@
 agent on held-out prompts with `mara-hf eval` (greedy, against the base model).
 
 This is how the shipped `smollm2-vader` agent was chosen: four configurations, 6 minutes each, all four sharing
-one H100, validated on the last 200 SafeRLHF *training* instructions (excluded from training by `--limit`).
+one H100, validated on the last 200 SafeRLHF *training* instructions (training reads the first 25,000).
 
     python benchmarks/train_sweep.py --minutes 6 --out runs/sweep               # GPU: all configurations at once
     python benchmarks/train_sweep.py --minutes 30 --configs k40-first --device cpu --threads 2
@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompts", default=str(PROMPTS), help="training prompts (default: SafeRLHF train)")
     parser.add_argument("--validation", type=int, default=200,
                         help="the last N prompts are held out for validation (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=25000,
+                        help="train on the first N prompts (default: %(default)s, as the shipped agent)")
     parser.add_argument("--minutes", type=float, default=6.0, help="training time per configuration")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--model", default="smollm2", help="base model (default: %(default)s)")
@@ -56,9 +58,9 @@ def main(argv=None) -> None:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "evals").mkdir(parents=True, exist_ok=True)
     prompts = json.loads(Path(args.prompts).read_text())
-    train_count = len(prompts) - args.validation
+    train_count = min(args.limit, len(prompts) - args.validation)
     validation = out / "validation.json"
-    validation.write_text(json.dumps(prompts[train_count:]))
+    validation.write_text(json.dumps(prompts[len(prompts) - args.validation:]))
     cli = [sys.executable, "-m", "mara_hf.cli"]
     device = ["--model", args.model] + (["--device", args.device] if args.device else [])
 
