@@ -154,25 +154,27 @@ def evaluate_step(
         evaluation.bounds.append((start, end))
         if "value" not in p_accept:
             p_accept["value"] = agent.accept_probability(out.states)
-        full = (lambda t: t) if rows is None else (lambda t: widen(t, rows, batch))  # noqa: E731
         if keep_states:
-            evaluation.states_parts.append(full(out.states))
+            evaluation.states_parts.append(widen(out.states, rows, batch))
         chunk_accepted = (p_accept["value"].to(device) > thresholds[at, start:end]) & cands.valid[at, start:end]
         accepted[at, start:end] = chunk_accepted
         decided[at] |= chunk_accepted.any(dim=-1)
         if lazy:
-            # The one host read of a chunk: how many rows still need candidates, and how many can there be?
+            # The host read of a chunk: how many rows still need candidates, and how many can there be? (When
+            # only some do, `nonzero` below reads which.)
             need = ~decided & (cands.counts > end)
             needed, max_count = torch.stack([need.sum(), cands.counts.max()]).tolist()
         else:
             needed = 0
         if for_commit:
-            evaluation.logits_parts.append(full(out.logits))
+            evaluation.logits_parts.append(widen(out.logits, rows, batch))
             if end == 1 and not needed:
                 # Every row takes its top-1 (accepted, or a lone candidate): the cache already holds the step.
                 evaluation.committed = True
                 break
-            evaluation.kv_parts.append([(full(k), full(v)) for k, v in appended_kv(chunk_cache, end - start)])
+            evaluation.kv_parts.append(
+                [(widen(k, rows, batch), widen(v, rows, batch)) for k, v in appended_kv(chunk_cache, end - start)]
+            )
         evaluation.checkpoint.restore()
         if not needed:
             break

@@ -125,8 +125,11 @@ def narrow_cache(cache: Cache, rows: torch.LongTensor) -> Cache:
     return narrow
 
 
-def widen(part: torch.Tensor, rows: torch.LongTensor, batch: int) -> torch.Tensor:
-    """`part` `(len(rows), ...)` placed at `rows` of a zero tensor `(batch, ...)`."""
+def widen(part: torch.Tensor, rows: torch.LongTensor | None, batch: int) -> torch.Tensor:
+    """`part` `(len(rows), ...)` placed at `rows` of a zero tensor `(batch, ...)`; `part` itself when `rows` is
+    None (all rows)."""
+    if rows is None:
+        return part
     full = part.new_zeros((batch,) + tuple(part.shape[1:]))
     return full.index_copy_(0, rows.to(part.device), part)
 
