@@ -22,7 +22,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .agent import validate_candidate_settings
 from .decide import DEFAULT_SCHEDULE, evaluate_step, validate_schedule
 from .processor import agent_on_device, check_agent, unwrap_model
-from .states import check_cache, check_model, next_position_ids
+from .states import cache_of, check_cache, check_model, next_position_ids
 from .stats import MaraStats
 
 
@@ -118,9 +118,9 @@ def mara_generate(
     schedule = validate_schedule(mara_schedule)
     if not model_kwargs.get("use_cache", True):
         check_cache(None)
-    cache_key = next((k for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None), None)
-    if cache_key is not None:
-        check_cache(model_kwargs[cache_key])
+    given_cache = cache_of(model_kwargs)
+    if given_cache is not None:
+        check_cache(given_cache)
     device = model.get_output_embeddings().weight.device
     agent = agent_on_device(mara_agent, device)
     if streamer is None:
@@ -143,8 +143,7 @@ def mara_generate(
 
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
-    cache_key = next(k for k in ("cache", "past_key_values") if model_kwargs.get(k) is not None)
-    cache = model_kwargs[cache_key]
+    cache = cache_of(model_kwargs)
     check_cache(cache)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     del outputs

@@ -11,10 +11,9 @@ from transformers import LogitsProcessor
 
 from .agent import MaraAgent, validate_candidate_settings
 from .decide import DEFAULT_SCHEDULE, evaluate_step, validate_schedule
-from .states import check_cache, check_model, next_position_ids
+from .states import cache_of, check_cache, check_model, next_position_ids
 from .stats import MaraStats
 
-CACHE_KEYS = ("cache", "past_key_values")
 SUPPORTED_DECODING = {"_sample": "greedy search or sampling", "_beam_search": "beam search"}
 
 
@@ -176,7 +175,7 @@ def _find_generation_state(model) -> dict[str, Any]:
                     f"MaraLogitsProcessor supports greedy search, sampling and beam search, not `{name}` "
                     "(assisted or speculative decoding: drop `assistant_model` / `prompt_lookup_num_tokens`)."
                 )
-            cache = next((model_kwargs[k] for k in CACHE_KEYS if model_kwargs.get(k) is not None), None)
+            cache = cache_of(model_kwargs)
             check_cache(cache)
             config = frame.f_locals.get("generation_config")
             sampling = bool(getattr(config, "do_sample", False))

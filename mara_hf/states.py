@@ -38,6 +38,14 @@ def cache_keyword(model) -> str:
     return _cache_keyword(type(model))
 
 
+CACHE_KEYS = ("cache", "past_key_values")
+
+
+def cache_of(model_kwargs: dict):
+    """The KV cache among `generate`'s model kwargs (under either name, see `cache_keyword`), or None."""
+    return next((model_kwargs[k] for k in CACHE_KEYS if model_kwargs.get(k) is not None), None)
+
+
 def check_model(model) -> None:
     """Refuse models whose attention cannot take a sibling mask, with the fix in the message."""
     attn = getattr(model.config, "_attn_implementation", None)

@@ -7,8 +7,8 @@ incoherent text and flags legitimate lists.
 
     python benchmarks/eval/fluency.py benchmarks/eval/smollm2-vader/saferlhf/responses.jsonl [--reward vader]
 
-Prints, per file: N, wins / ties / losses and gain under the reward (from the file's own scores), per-token
-KL (-log p_base) of both sides, and the degenerate answers of both sides.
+Prints, per file: N, wins / ties / losses and gain under the reward and per-token KL (`mara-hf eval`'s own
+summary of the file's records), and the degenerate answers of both sides.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+
+from mara_hf.evaluation import summarize
 
 
 def degenerate(text: str) -> bool:
@@ -26,34 +28,19 @@ def degenerate(text: str) -> bool:
     return loops or foreign
 
 
-def summarize(path: str, reward: str = "vader") -> dict:
-    records = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-    wins = sum(r["rewards"]["mara"][reward] > r["rewards"]["base"][reward] for r in records)
-    losses = sum(r["rewards"]["mara"][reward] < r["rewards"]["base"][reward] for r in records)
-    kl = {side: sum(r["nll_sum"][side] for r in records) / sum(r["tokens"][side] for r in records)
-          for side in ("base", "mara")}
-    return {
-        "file": path,
-        "n": len(records),
-        "wins": wins,
-        "ties": len(records) - wins - losses,
-        "losses": losses,
-        "gain": 100 * (wins - losses) / len(records),
-        "kl_per_token": kl,
-        "degenerate": {side: sum(degenerate(r[side]) for r in records) for side in ("base", "mara")},
-    }
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("responses", nargs="+", help="responses.jsonl files written by mara-hf eval")
     parser.add_argument("--reward", default="vader", help="reward name inside the files (default: vader)")
     args = parser.parse_args(argv)
     for path in args.responses:
-        s = summarize(path, args.reward)
-        print(f"{path}: N={s['n']} {s['wins']}/{s['ties']}/{s['losses']} gain {s['gain']:+.1f}; KL/token MARA "
-              f"{s['kl_per_token']['mara']:.2f} (base {s['kl_per_token']['base']:.2f}); degenerate answers MARA "
-              f"{s['degenerate']['mara']} / base {s['degenerate']['base']}")
+        records = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        summary = summarize(records, [args.reward])
+        r, kl = summary["rewards"][args.reward], summary["kl_per_token"]
+        flagged = {side: sum(degenerate(record[side]) for record in records) for side in ("base", "mara")}
+        print(f"{path}: N={len(records)} {r['wins']}/{r['ties']}/{r['losses']} gain {r['gain']:+.1f}; KL/token MARA "
+              f"{kl['mara']:.2f} (base {kl['base_reference']:.2f}); degenerate answers MARA {flagged['mara']} / "
+              f"base {flagged['base']}")
 
 
 if __name__ == "__main__":

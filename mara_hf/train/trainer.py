@@ -101,11 +101,13 @@ class TrainConfig:
 def prompt_indices(count: int, iteration: int, batch_size: int, seed: int) -> list[int]:
     """The prompts of an iteration: positions `iteration * batch_size ...` of a sequence of seeded shuffles of
     `range(count)` (one shuffle per epoch), so any iteration's prompts are known without replaying the run."""
+    orders = {}
     indices = []
     for position in range(iteration * batch_size, (iteration + 1) * batch_size):
         epoch, offset = divmod(position, count)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        indices.append(int(order[offset]))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        indices.append(int(orders[epoch][offset]))
     return indices
 
 
