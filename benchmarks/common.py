@@ -32,7 +32,7 @@ import transformers
 import mara_hf
 from mara_hf import MaraAgent, MaraLogitsProcessor, MaraStats, mara_generate
 from mara_hf.decide import DEFAULT_SCHEDULE, validate_schedule
-from mara_hf.models import load_base_model
+from mara_hf.models import load_agent, load_base_model
 
 PROMPTS_PATH = Path("/work/shared/data/prompts/saferlhf_test.json")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -78,7 +78,7 @@ RANDOM_MODEL_SHAPES = {
     ),
 }
 MODELS = ("smollm2", *RANDOM_MODEL_SHAPES)
-AGENTS = ("accept-all", "decisive")
+AGENTS = ("accept-all", "decisive", "shipped")
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -175,7 +175,14 @@ def decisive_agent(state_dim: int, seed: int = 0, scale: float = 50.0) -> MaraAg
 
 
 def make_agent(name: str, state_dim: int, device: str, seed: int = 0) -> MaraAgent:
-    agent = accept_all_agent(state_dim) if name == "accept-all" else decisive_agent(state_dim, seed=seed)
+    """`accept-all`, `decisive` (seeded) or `shipped` (mara-hf's default trained agent, for SmolLM2 only)."""
+    if name == "shipped":
+        agent = load_agent()
+        if agent.state_dim != state_dim:
+            raise SystemExit(f"The shipped agent reads states of size {agent.state_dim}, this model's are {state_dim}: "
+                             "use --model smollm2 with --agents shipped.")
+    else:
+        agent = accept_all_agent(state_dim) if name == "accept-all" else decisive_agent(state_dim, seed=seed)
     return agent.to(device)
 
 
