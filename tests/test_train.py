@@ -348,3 +348,6 @@ def test_cli_train_bad_input_is_one_line(tmp_path, capsys):
     assert err.startswith("mara-hf train: error:") and "missing.json" in err and "\n" not in err
     assert main(["train", "--prompts", "x.json", "--reward", "nonsense", "--out", str(tmp_path / "run")]) == 2
     assert "nonsense" in capsys.readouterr().err
+    assert main(["train", "--prompts", "x.json", "--reward", "vader", "--out", str(tmp_path / "run"),
+                 "--time-limit", "0"]) == 2
+    assert "--time-limit has to be positive (minutes)." in capsys.readouterr().err
