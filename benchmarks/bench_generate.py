@@ -20,7 +20,7 @@ import argparse
 import time
 
 import common
-from mara_hf.decide import DEFAULT_SCHEDULE
+from mara_hf.schedule import DEFAULT_SCHEDULE
 
 
 def parse_args(argv=None) -> argparse.Namespace:

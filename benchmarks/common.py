@@ -31,7 +31,7 @@ import transformers
 
 import mara_hf
 from mara_hf import MaraAgent, MaraLogitsProcessor, MaraStats, mara_generate
-from mara_hf.decide import DEFAULT_SCHEDULE, validate_schedule
+from mara_hf.schedule import DEFAULT_SCHEDULE, validate_schedule
 from mara_hf.models import load_agent, load_base_model
 
 PROMPTS_PATH = Path("/work/shared/data/prompts/saferlhf_test.json")

@@ -1,39 +1,66 @@
 """Train several `mara-hf train` configurations side by side for a fixed wall-clock budget, then evaluate each
 agent on held-out prompts with `mara-hf eval` (greedy, against the base model).
 
-This is how the shipped `smollm2-vader` agent was chosen: four configurations, 6 minutes each, all four sharing
-one H100, validated on the last 200 SafeRLHF *training* instructions (training reads the first 25,000).
+This is how the shipped `smollm2-vader` agent was chosen: four configurations (the default `--configs`), 6 minutes
+each, all four sharing one H100, validated on the last 200 SafeRLHF *training* instructions (training reads the
+first 25,000). More configurations aim at fluent, compute-aware agents (issue 11): a fluency term in the reward
+(`10*vader+5*fluency`) and a cost per reject decision (`--reject-cost`).
 
-    python benchmarks/train_sweep.py --minutes 6 --out runs/sweep               # GPU: all configurations at once
+    python benchmarks/train_sweep.py --minutes 6 --out runs/sweep               # GPU: the four at once
+    python benchmarks/train_sweep.py --minutes 6 --configs k40-first k40-first-fluency k40-first-rc01 \
+        k40-first-fluency-rc01 --out runs/sweep-fluent
     python benchmarks/train_sweep.py --minutes 30 --configs k40-first --device cpu --threads 2
+    python benchmarks/train_sweep.py --list                                      # the configurations as options
 
-Writes OUT/runs/NAME/ (metrics.jsonl, agent/, checkpoints/), OUT/evals/NAME/ (results.json, responses.jsonl)
-and prints one summary line per configuration.
+Every configuration is a `TrainConfig` (hyperparameters declared once, in `mara_hf/train/trainer.py` and
+`mara_hf/train/sac.py`) plus a reward spec; its `mara-hf train` options are generated from it. Writes
+OUT/runs/NAME/ (metrics.jsonl, agent/, checkpoints/), OUT/evals/NAME/ (results.json, responses.jsonl) and prints
+one summary line per configuration: validation gain, KL, degenerate answers (the `fluency` screen), fallback rate
+and forwards per decode step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mara_hf.train import SACConfig, TrainConfig
+from mara_hf.train.command import config_to_argv
+
 PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "saferlhf_train.json"
 
-COMMON = [
-    "--reward", "10*vader", "--batch-size", "64", "--max-new-tokens", "64", "--learning-starts", "8000",
-    "--updates-per-rollout", "48", "--sac-batch-size", "512", "--tau", "0.05", "--actor-delay", "200",
-    "--alpha-lr", "3e-3", "--buffer-size", "300000", "--checkpoint-every", "100000", "--iterations", "100000",
-    "--no-progress", "--seed", "0",
-]
-CONFIGS = {
-    "k10-last": ["--top-k", "10", "--fallback", "last", "--kl-coef", "0.1"],
-    "k40-last": ["--top-k", "40", "--fallback", "last", "--kl-coef", "0.1"],
-    "k40-last-kl05": ["--top-k", "40", "--fallback", "last", "--kl-coef", "0.5"],
-    "k40-first": ["--top-k", "40", "--fallback", "first", "--kl-coef", "0.1"],
+# The shipped agent's run (`k40-first`): runs are stopped by --minutes, not by iterations or checkpoints.
+SHIPPED = TrainConfig(
+    rollout_batch_size=64, max_new_tokens=64, learning_starts=8000, updates_per_rollout=48, top_k=40, top_p=0.95,
+    fallback="first", kl_coef=0.1, checkpoint_every=100000, iterations=100000, seed=0,
+    sac=SACConfig(batch_size=512, tau=0.05, actor_delay=200, alpha_lr=3e-3, buffer_size=300000),
+)
+TONE = "10*vader"
+FLUENT_TONE = "10*vader+5*fluency"
+CONFIGS: dict[str, tuple[str, TrainConfig]] = {
+    "k10-last": (TONE, dataclasses.replace(SHIPPED, top_k=10, fallback="last")),
+    "k40-last": (TONE, dataclasses.replace(SHIPPED, fallback="last")),
+    "k40-last-kl05": (TONE, dataclasses.replace(SHIPPED, fallback="last", kl_coef=0.5)),
+    "k40-first": (TONE, SHIPPED),
+    # issue 11: fluency in the reward, a cost per reject decision, both
+    "k40-first-fluency": (FLUENT_TONE, SHIPPED),
+    "k40-first-rc01": (TONE, dataclasses.replace(SHIPPED, reject_cost=0.01)),
+    "k40-first-fluency-rc01": (FLUENT_TONE, dataclasses.replace(SHIPPED, reject_cost=0.01)),
 }
+DEFAULT_CONFIGS = ["k10-last", "k40-last", "k40-last-kl05", "k40-first"]
+"""The sweep the shipped agent was chosen from."""
+
+
+def train_options(name: str) -> list[str]:
+    """The `mara-hf train` options of a configuration (reward and hyperparameters; not prompts, output or device)."""
+    reward, config = CONFIGS[name]
+    return ["--reward", reward, *config_to_argv(config), "--no-progress"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,16 +71,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=25000,
                         help="train on the first N prompts (default: %(default)s, as the shipped agent)")
     parser.add_argument("--minutes", type=float, default=6.0, help="training time per configuration")
-    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=DEFAULT_CONFIGS,
+                        help="configurations to train (default: %(default)s)")
+    parser.add_argument("--list", action="store_true", help="print each configuration's options and exit")
     parser.add_argument("--model", default="smollm2", help="base model (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: mara-hf's default)")
     parser.add_argument("--threads", type=int, default=3, help="torch CPU threads per run")
-    parser.add_argument("--out", required=True)
-    return parser.parse_args(argv)
+    parser.add_argument("--out", help="sweep folder (required unless --list)")
+    args = parser.parse_args(argv)
+    if not args.list and not args.out:
+        parser.error("--out is required")
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.list:
+        for name in CONFIGS:
+            print(f"{name}: mara-hf train {shlex.join(train_options(name))}")
+        return
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "evals").mkdir(parents=True, exist_ok=True)
@@ -69,7 +105,7 @@ def main(argv=None) -> None:
 
     started = time.time()
     runs = {
-        name: start(cli + ["train", "--prompts", args.prompts, "--limit", str(train_count), *COMMON, *CONFIGS[name],
+        name: start(cli + ["train", "--prompts", args.prompts, "--limit", str(train_count), *train_options(name),
                            "--out", str(out / "runs" / name), "--threads", str(args.threads),
                            "--time-limit", str(args.minutes), *device], out / "runs" / f"{name}.log")
         for name in args.configs
@@ -93,10 +129,13 @@ def main(argv=None) -> None:
             continue
         results = json.loads(results_path.read_text())
         vader, kl = results["rewards"]["vader"], results["kl_per_token"]
+        degenerate, agent = results["fluency"]["degenerate"], results["agent"]
         print(f"{name}: {len(metrics)} rollouts, {metrics[-1]['updates']} updates; validation gain "
               f"{vader['gain']:+.1f} ({vader['wins']}/{vader['ties']}/{vader['losses']}), VADER "
               f"{vader['mean_base']:.3f} -> {vader['mean_mara']:.3f}, KL/token {kl['mara']:.2f} "
-              f"(base {kl['base_reference']:.2f})")
+              f"(base {kl['base_reference']:.2f}), degenerate answers {degenerate['mara']} (base "
+              f"{degenerate['base']}), fallback rate {agent['fallback_rate']:.1%}, "
+              f"{agent['forwards_per_step']:.2f} forwards per step")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from .candidates import CandidateSet, build_candidates
 from .generation import MaraGenerateOutput, MaraGenerationMixin, add_mara_generation, mara_generate
 from .hub import export_custom_generate
 from .processor import MaraLogitsProcessor
+from .schedule import AutoSchedule
 from .stats import MaraStats
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "MaraGenerationMixin",
     "MaraGenerateOutput",
     "MaraStats",
+    "AutoSchedule",
     "CandidateSet",
     "add_mara_generation",
     "build_candidates",

@@ -8,6 +8,7 @@ index 1 meaning "accept". Layer names match the original state dicts (``ln``, ``
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from safetensors.torch import load_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 FALLBACKS = ("first", "last")
@@ -41,6 +43,10 @@ ORIGINAL_KEYS = (
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+SHIPPED_AGENTS = Path(__file__).parent / "agents"
+"""The agents shipped inside the package (`MaraAgent.from_pretrained("smollm2-vader")`)."""
+CONFIG_ALIASES = {"training": "training_info"}
+"""config.json keys whose `__init__` argument is named differently (`training` would shadow `nn.Module.training`)."""
 
 MODEL_CARD_TEMPLATE = """---
 {{ card_data }}
@@ -105,7 +111,8 @@ class MaraAgent(
         fallback (`str`, *optional*, defaults to `"first"`): token taken when every candidate is rejected,
             `"first"` (the top-1, as in the released evaluation) or `"last"` (the paper's training MDP).
         source (`str`, *optional*): where the weights came from (e.g. the original `.pth` file name).
-        training (`str`, *optional*): free-text description of how the agent was trained.
+        training_info (`str`, *optional*): free-text description of how the agent was trained (the key
+            `training` in config.json; the attribute cannot be `training`, which is `nn.Module`'s train/eval flag).
 
     Example:
 
@@ -128,7 +135,7 @@ class MaraAgent(
         top_p: float = 0.95,
         fallback: str = "first",
         source: str | None = None,
-        training: str | None = None,
+        training_info: str | None = None,
     ):
         super().__init__()
         if not isinstance(state_dim, int) or state_dim <= 0:
@@ -144,7 +151,7 @@ class MaraAgent(
         self.top_p = top_p
         self.fallback = fallback
         self.source = source
-        self.training_info = training
+        self.training_info = training_info
 
         self.ln = nn.LayerNorm(state_dim)
         self.linear1 = nn.Linear(state_dim, hidden_sizes[0])
@@ -153,7 +160,7 @@ class MaraAgent(
 
     @property
     def config(self) -> dict[str, Any]:
-        """The JSON-serialisable configuration written to `config.json`."""
+        """The JSON-serialisable configuration written to `config.json` (`training_info` under its key `training`)."""
         return {
             "state_dim": self.state_dim,
             "hidden_sizes": list(self.hidden_sizes),
@@ -202,59 +209,87 @@ class MaraAgent(
         map_location: str | torch.device = "cpu",
         **config_overrides: Any,
     ) -> "MaraAgent":
-        """Load an agent from a native directory or Hub repo, or from an original MARA `.pth` actor.
+        """Load an agent by shipped name, from a native directory or Hub repo, or from an original MARA `.pth` actor.
 
         `pretrained_model_name_or_path` is one of:
         - a local directory with `config.json` + `model.safetensors` (what `save_pretrained` writes);
+        - the name of an agent shipped inside mara-hf, e.g. `"smollm2-vader"` (a local folder of that name wins);
         - a local original actor file (`*.pth`, a plain state dict), its state size read from `ln.weight`;
-        - a Hub repo id in native format, e.g. `"org/mara-agent"`;
+        - a Hub repo id in native format, e.g. `"org/mara-agent"` (`subfolder=` for one inside the repo);
         - a Hub repo id plus `filename=` of an original actor, e.g.
           `MaraAgent.from_pretrained("IAAR-Shanghai/MARA_AGENTS", filename="mistral_v3_2_1_actor.pth")`.
 
         `.pth` files are read with `torch.load(weights_only=True, map_location="cpu")` and a strict key check: a
-        file that pickles code is refused. Extra keyword arguments override config values (e.g. `base_model=`).
+        file that pickles code is refused. Weights that are damaged, do not match the config, or hold NaN/inf are
+        refused with a `ValueError` that names the file. Extra keyword arguments override config values (e.g.
+        `base_model=`).
         """
+        # Overridden although the mixin's hooks do the loading: the mixin's own `from_pretrained` downloads and
+        # parses `config.json` before it calls `_from_pretrained` -- from the repo root (no `subfolder`), with
+        # errors that name no file (a `config.json` holding `[1, 2]` raises AttributeError), and also for a local
+        # `.pth` path or a Hub repo of original actors, which have no config.json. So this method only dispatches:
+        # original actors to `from_original_pth`, everything else to the hook `_from_pretrained`, called with the
+        # arguments the mixin passes it (huggingface_hub 0.34 to 2.x).
         source = os.fspath(pretrained_model_name_or_path)
-        hub = dict(
-            subfolder=subfolder,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-        )
+        hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                   local_files_only=local_files_only, token=token)
         if filename is not None:
             if not filename.endswith(".pth"):
                 raise ValueError(
                     f"`filename` names an original MARA actor (a `.pth` file), but got {filename!r}; a native agent "
                     "is loaded from its directory or repo id alone."
                 )
-            path = _resolve_file(source, filename, **hub)
-            return cls.from_original(path, **config_overrides).to(map_location)
+            path = _resolve_file(source, filename, subfolder=subfolder, **hub)
+            return cls.from_original_pth(path, **config_overrides).to(map_location)
         if source.endswith(".pth"):
             if not os.path.isfile(source):
                 raise FileNotFoundError(f"No MARA actor file at '{source}'.")
-            return cls.from_original(source, **config_overrides).to(map_location)
-
-        config_path = _resolve_file(source, CONFIG_NAME, **hub)
-        weights_path = _resolve_file(source, WEIGHTS_NAME, **hub)
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-        config.update(config_overrides)
-        known = {"state_dim", "hidden_sizes", "base_model", "top_k", "top_p", "fallback", "source", "training"}
-        agent = cls(**{k: v for k, v in config.items() if k in known})
-        missing, unexpected = load_model(agent, weights_path, strict=False, device=str(map_location))
-        if missing or unexpected:
-            raise ValueError(
-                f"'{weights_path}' does not hold MARA agent weights: missing {sorted(missing)}, "
-                f"unexpected {sorted(unexpected)}."
-            )
-        agent._hub_mixin_config = agent.config
-        return agent.eval()
+            return cls.from_original_pth(source, **config_overrides).to(map_location)
+        return cls._from_pretrained(model_id=source, **hub, map_location=map_location, subfolder=subfolder,
+                                    **config_overrides)
 
     @classmethod
-    def from_original(cls, path: str | os.PathLike, **config: Any) -> "MaraAgent":
-        """Load an original MARA actor state dict (`*_actor.pth`), safely (`weights_only=True`)."""
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | os.PathLike | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str | torch.device = "cpu",
+        subfolder: str | None = None,
+        **model_kwargs: Any,
+    ) -> "MaraAgent":
+        """The mixin's loading hook: a native agent (`config.json` + `model.safetensors`) from a local folder, a
+        shipped name or a Hub repo. `model_kwargs` override the config's values."""
+        if not os.path.exists(model_id) and model_id in shipped_agent_names():
+            model_id = str(SHIPPED_AGENTS / model_id)
+        hub = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                   local_files_only=local_files_only, token=token)
+        config_path = _resolve_file(model_id, CONFIG_NAME, **hub)
+        weights_path = _resolve_file(model_id, WEIGHTS_NAME, **hub)
+        overrides = _init_arguments(model_kwargs)
+        unknown = set(overrides) - _init_names()
+        if unknown:
+            raise TypeError(f"Unknown agent setting(s) {sorted(unknown)}: the keyword arguments of from_pretrained "
+                            f"override config values, which are {sorted(_init_names())}.")
+        config = {**_read_config(config_path), **overrides}
+        try:
+            agent = cls(**config)
+        except (ValueError, TypeError) as err:
+            where = f"'{config_path}'" + (f" with the overrides {sorted(overrides)}" if overrides else "")
+            raise ValueError(f"{where} is not a valid MARA agent config: {err}") from None
+        state_dict = _read_safetensors(weights_path)
+        agent.load_state_dict(_checked_weights(state_dict, agent, weights_path, "its config.json"))
+        return agent.to(map_location).eval()
+
+    @classmethod
+    def from_original_pth(cls, path: str | os.PathLike, **config: Any) -> "MaraAgent":
+        """Import an original MARA actor file (`*_actor.pth` of IAAR-Shanghai/MARA_AGENTS: a plain state dict),
+        safely (`torch.load(weights_only=True)`); the sizes are read from the tensors, `config` sets the rest
+        (e.g. `base_model=`). `save_pretrained` then writes the native format (what `mara-hf convert` does)."""
         path = os.fspath(path)
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -270,29 +305,38 @@ class MaraAgent(
             raise ValueError(
                 f"'{path}' is not an original MARA actor: expected exactly the keys {list(ORIGINAL_KEYS)}, got {keys}."
             )
-        state_dim = state_dict["ln.weight"].shape[0]
-        hidden_sizes = [state_dict["linear1.weight"].shape[0], state_dict["linear2.weight"].shape[0]]
+        shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state_dict.items()}
+        if None in shapes.values() or len(shapes["ln.weight"]) != 1 or any(
+            len(shapes[k]) != 2 for k in ("linear1.weight", "linear2.weight")
+        ):
+            raise ValueError(f"'{path}' is not an original MARA actor: unexpected tensor shapes {shapes}.")
+        state_dim = shapes["ln.weight"][0]
+        hidden_sizes = [shapes["linear1.weight"][0], shapes["linear2.weight"][0]]
         config.setdefault("source", os.path.basename(path))
-        agent = cls(state_dim=state_dim, hidden_sizes=hidden_sizes, **config)
-        agent.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
-        agent._hub_mixin_config = agent.config
+        agent = cls(state_dim=state_dim, hidden_sizes=hidden_sizes, **_init_arguments(config))
+        agent.load_state_dict(_checked_weights(state_dict, agent, path, "the sizes read from its tensors"))
         return agent.eval()
 
     # ------------------------------------------------------------------ saving
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's saving hook: `model.safetensors` and `config.json`, the latter from the agent's current
+        settings (the mixin's own copy is taken at construction, before e.g. training changes `fallback`)."""
+        super()._save_pretrained(save_directory)
+        (Path(save_directory) / CONFIG_NAME).write_text(json.dumps(self.config, sort_keys=True, indent=2))
+
+    # The two public savers are overridden only to tell the model card where the agent lives, so that its example
+    # `MaraAgent.from_pretrained(...)` runs as written: the mixin passes `generate_model_card` neither the folder
+    # nor the Hub repo id. Everything else is the mixin's.
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any):  # noqa: D401
         """Save `model.safetensors`, `config.json` and a model card (README.md) with a working usage example."""
-        kwargs["config"] = self.config
         card_kwargs = dict(kwargs.pop("model_card_kwargs", None) or {})
         card_kwargs.setdefault("repo_id", kwargs.get("repo_id") or Path(save_directory).name)
-        kwargs["model_card_kwargs"] = card_kwargs
-        return super().save_pretrained(save_directory, **kwargs)
+        return super().save_pretrained(save_directory, model_card_kwargs=card_kwargs, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
-        kwargs["config"] = self.config
         card_kwargs = dict(kwargs.pop("model_card_kwargs", None) or {})
         card_kwargs.setdefault("repo_id", repo_id)
-        kwargs["model_card_kwargs"] = card_kwargs
-        return super().push_to_hub(repo_id, **kwargs)
+        return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
 
     def generate_model_card(self, *args, **kwargs):
         values = dict(self.config)
@@ -318,6 +362,82 @@ def validate_candidate_settings(top_k: int, top_p: float, fallback: str) -> None
         raise ValueError(f"`fallback` has to be one of {FALLBACKS}, but is {fallback!r}.")
 
 
+def shipped_agent_names() -> list[str]:
+    """Names of the agents shipped inside mara-hf (folders of `mara_hf/agents/`)."""
+    if not SHIPPED_AGENTS.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_AGENTS.iterdir() if (p / CONFIG_NAME).is_file())
+
+
+def _init_arguments(values: dict[str, Any]) -> dict[str, Any]:
+    """Config keys (or overrides) as `MaraAgent.__init__` arguments: `training` -> `training_info`."""
+    arguments = {}
+    for key, value in values.items():
+        name = CONFIG_ALIASES.get(key, key)
+        if name in arguments and key != name:
+            continue  # both spellings given: the argument's own name wins
+        arguments[name] = value
+    return arguments
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """A native agent's config.json as `__init__` arguments (unknown keys, e.g. from newer versions, ignored)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"'{path}' is not valid JSON ({err}): restore it, or save the agent again with `save_pretrained`."
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"'{path}' has to hold a JSON object of agent settings (state_dim, hidden_sizes, ...), but holds a "
+            f"JSON {type(config).__name__}: restore it, or save the agent again with `save_pretrained`."
+        )
+    if "state_dim" not in config:
+        raise ValueError(f"'{path}' is not a MARA agent config: it has no 'state_dim'.")
+    return {k: v for k, v in _init_arguments(config).items() if k in _init_names()}
+
+
+def _init_names() -> set[str]:
+    return set(inspect.signature(MaraAgent.__init__).parameters) - {"self"}
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:  # SafetensorError is neither an OSError nor a ValueError
+        raise ValueError(
+            f"'{path}' is not a readable safetensors file ({err}): it is damaged or incomplete; save or download "
+            "the agent again."
+        ) from None
+
+
+def _checked_weights(state_dict: dict, agent: MaraAgent, path: str, expected: str) -> dict[str, torch.Tensor]:
+    """`state_dict` after checking it against `agent`: exactly its keys and shapes, and only finite values (an agent
+    with NaN/inf weights would silently fall back on every decision)."""
+    missing, unexpected = set(ORIGINAL_KEYS) - set(state_dict), set(state_dict) - set(ORIGINAL_KEYS)
+    if missing or unexpected:
+        raise ValueError(
+            f"'{path}' does not hold MARA agent weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}."
+        )
+    own = agent.state_dict()
+    for key in ORIGINAL_KEYS:
+        if tuple(state_dict[key].shape) != tuple(own[key].shape):
+            raise ValueError(
+                f"'{path}' does not fit {expected} (state size {agent.state_dim}, hidden sizes "
+                f"{agent.hidden_sizes}): '{key}' has shape {list(state_dict[key].shape)}, "
+                f"expected {list(own[key].shape)}."
+            )
+    broken = [key for key in ORIGINAL_KEYS if not torch.isfinite(state_dict[key]).all()]
+    if broken:
+        raise ValueError(
+            f"'{path}' holds NaN or infinite weights (in {', '.join(broken)}): such an agent cannot decide "
+            "(every step would fall back); use another checkpoint of it or train it again."
+        )
+    return {key: value.float() for key, value in state_dict.items()}
+
+
 def _resolve_file(source: str, filename: str, **hub) -> str:
     """A local path for `filename` in a local directory or a Hub repo (`hub`: `hf_hub_download`'s subfolder,
     revision, cache and token arguments), with errors that say what to do."""
@@ -332,14 +452,24 @@ def _resolve_file(source: str, filename: str, **hub) -> str:
             )
         return path
     if os.path.isfile(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(f"'{source}' is neither an existing local path nor a Hub repo id ('org/name').")
+        shipped = ", ".join(shipped_agent_names()) or "none"
+        raise FileNotFoundError(
+            f"'{source}' is neither an existing local path nor a Hub repo id ('org/name') nor a shipped agent "
+            f"({shipped})."
+        )
+    parent = source.split("/")[0]
+    if os.path.isdir(parent):
+        raise FileNotFoundError(
+            f"No agent folder '{source}': the folder '{parent}' exists here but has no '{source.split('/')[1]}' "
+            "(read as a local path, not as a Hub repo id); check the path."
+        )
     try:
         return hf_hub_download(repo_id=source, filename=filename, **hub)
     except LocalEntryNotFoundError:
         raise OSError(
-            f"Cannot reach the Hugging Face Hub to get '{filename}' from '{source}', and it is not in the local cache. "
-            "Connect to the internet, or download it once and retry (HF_HUB_OFFLINE=1 uses the cache only), "
-            "or pass a local directory or .pth file."
+            f"Cannot reach the Hugging Face Hub to get '{filename}' from '{source}', and it is not in the local cache "
+            f"('{source}' is not a local folder either). Connect to the internet, or download it once and retry "
+            "(HF_HUB_OFFLINE=1 uses the cache only), or pass a local directory or .pth file."
         ) from None
     except RepositoryNotFoundError:
         raise OSError(

@@ -145,7 +145,7 @@ def cmd_convert(args) -> int:
 
     if not args.src.endswith(".pth") or not os.path.isfile(args.src):
         raise FileNotFoundError(f"'{args.src}' is not an existing original MARA actor (.pth) file.")
-    agent = MaraAgent.from_original(args.src, base_model=args.base_model, fallback=args.fallback)
+    agent = MaraAgent.from_original_pth(args.src, base_model=args.base_model, fallback=args.fallback)
     agent.save_pretrained(args.out_dir)
     print(f"wrote {args.out_dir} (state size {agent.state_dim}, base model {args.base_model})")
     return 0

@@ -1,9 +1,12 @@
-"""One MARA step: candidates -> sibling states -> agent -> decision. Shared by the processor and the fused loop.
+"""One MARA step: candidates -> sibling states -> agent -> decision. Shared by the processor, the fused loop and
+training rollouts.
 
-Candidates are evaluated in chunks along the probability order (``schedule``): the top-1 of every row first,
-then the next candidates only while some row has rejected everything so far. A step whose top-1 is accepted by
-every row therefore costs a single one-token forward; in the fused loop that forward *is* the decode step.
-A later chunk runs only for the rows still looking, on a narrowed copy of their cache rows.
+Candidates are evaluated in chunks along the probability order (a schedule of boundaries, see
+`mara_hf.schedule`): with `(1, 8)` the top-1 of every row first, then the next candidates only while some row has
+rejected everything so far; with `(40,)` all of them in one forward. A step whose first chunk is the top-1 alone
+and whose rows all take it costs a single one-token forward; in the fused loop that forward *is* the decode step.
+On a dynamic cache a later chunk runs only for the rows still looking, on a narrowed copy of their cache rows; on
+a static cache every chunk runs for all rows (fixed shapes).
 """
 
 from __future__ import annotations
@@ -13,39 +16,27 @@ from dataclasses import dataclass, field
 import torch
 
 from .candidates import CandidateSet, build_candidates, fallback_index, first_accepted
-from .states import CacheCheckpoint, appended_kv, narrow_cache, select_kv, sibling_forward, widen
+from .schedule import LAZY_SCHEDULE
+from .states import DynamicSiblings, StaticSiblings, select_kv, widen
 from .stats import StepDecision
-
-DEFAULT_SCHEDULE = (1, 8)
-"""Chunk boundaries: candidates [0, 1) first, then [1, 8), then the rest. See README ("chunk schedule")."""
-
-
-def validate_schedule(schedule) -> tuple[int, ...]:
-    schedule = tuple(schedule)
-    if not schedule or schedule[0] != 1 or any(b <= a for a, b in zip(schedule, schedule[1:])):
-        raise ValueError(
-            f"`schedule` lists increasing chunk boundaries starting with 1 (the top-1 alone), e.g. (1, 8), "
-            f"but is {schedule!r}."
-        )
-    return schedule
 
 
 @dataclass
 class StepEvaluation:
-    """Everything one step learned. `accepted` is meaningful where `evaluated` is True."""
+    """Everything one step learned. `accepted` is meaningful where a candidate was evaluated."""
 
     candidates: CandidateSet
     accepted: torch.BoolTensor
     evaluated_width: int
-    decision: StepDecision
+    decision: StepDecision | None
     forwards: int
-    checkpoint: CacheCheckpoint
+    siblings: DynamicSiblings | StaticSiblings
     committed: bool = False
-    kv_parts: list = field(default_factory=list)
     logits_parts: list = field(default_factory=list)
     bounds: list = field(default_factory=list)
     picked: bool = False
     states_parts: list = field(default_factory=list)
+    nonfinite: torch.Tensor | None = None
 
     @property
     def states(self) -> torch.Tensor:
@@ -74,7 +65,10 @@ class StepEvaluation:
         """Fused loop: keep candidate `index[b]` of each row in the cache and return its logits `(B, vocab)`."""
         if self.committed:
             raise RuntimeError("This step was already committed to the cache.")
-        self.checkpoint.commit(select_kv(self.kv_parts, index))
+        if isinstance(self.siblings, StaticSiblings):
+            self.siblings.commit_index(index)
+        else:
+            self.siblings.commit(select_kv(self.siblings.kv_parts, index))
         self.committed = True
         if self.picked:
             # One projected sibling per chunk and row: the one in the chunk that holds the row's choice.
@@ -83,6 +77,10 @@ class StepEvaluation:
             return picked[chunk, torch.arange(index.shape[0], device=index.device)]
         logits = torch.cat(self.logits_parts, dim=1) if len(self.logits_parts) > 1 else self.logits_parts[0]
         return logits.gather(1, index.view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1)
+
+    def next_logits(self) -> torch.Tensor:
+        """Fused loop, after `commit` or when the first chunk already committed the step: the taken token's logits."""
+        return self.logits_parts[0][:, 0]
 
 
 def evaluate_step(
@@ -96,70 +94,78 @@ def evaluate_step(
     top_k: int,
     top_p: float,
     fallback: str,
-    schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+    schedule: tuple[int, ...] = LAZY_SCHEDULE,
     lazy: bool = True,
     for_commit: bool = False,
     thresholds: torch.Tensor | None = None,
     keep_states: bool = False,
+    static_length: int | None = None,
+    compiled=None,
 ) -> StepEvaluation:
     """Build the candidates of `scores` `(B, vocab)`, ask the agent, decide.
 
-    With `lazy=True` candidates are evaluated chunk by chunk until every row has accepted one (or has no
-    candidates left); with `lazy=False` all of them are evaluated in one forward (a sampler needs every accept
-    flag). With `for_commit=False` the cache is left exactly as it was; with `for_commit=True` the siblings'
-    keys/values and logits are kept for `StepEvaluation.commit`, and when every row takes its top-1 after the
-    first chunk the cache already holds the committed step (`committed=True`, logits in `logits_parts[0]`).
+    With `lazy=True` candidates are evaluated chunk by chunk along `schedule` until every row has accepted one (or
+    has no candidates left); with `lazy=False` all of them are evaluated in one forward (a sampler needs every
+    accept flag). With `for_commit=False` the cache is left exactly as it was; with `for_commit=True` the taken
+    candidate can be kept with `StepEvaluation.commit`, and when every row takes its top-1 after a first chunk of
+    one candidate, the cache already holds the committed step (`committed=True`, logits in `next_logits()`).
+    `static_length`: the cache is a static cache filled up to this length (siblings go to scratch slots);
+    `compiled` (a `compiled.CompiledStep`) then runs its picking chunks and commit compiled.
 
     A candidate is accepted when its p(accept) exceeds its threshold: 0.5 (the agent's greedy decision) unless
     `thresholds` `(B, >= width)` are given; uniform random thresholds *sample* the agent's policy (training
     rollouts). `keep_states=True` keeps the evaluated candidates' states (`StepEvaluation.states`).
     """
     cands = build_candidates(scores, top_k, top_p)
-    batch = cands.counts.shape[0]
-    if thresholds is None:
-        thresholds = torch.full((1, cands.width), 0.5, device=cands.tokens.device)
-    thresholds = thresholds.expand(batch, -1)
+    batch, width = cands.counts.shape[0], cands.width
     device = cands.tokens.device
+    if thresholds is None:
+        thresholds = torch.full((1, width), 0.5, device=device)
+    thresholds = thresholds.expand(batch, -1)
+    static = static_length is not None
     lone = cands.counts == 1
     decided = lone.clone()
-    accepted = torch.zeros(batch, cands.width, dtype=torch.bool, device=device)
-    evaluation = StepEvaluation(cands, accepted, 0, None, 0, CacheCheckpoint(cache))
-
-    if lazy and for_commit:
-        start, end = 0, 1  # the fused loop's decode step: no host read before it
+    accepted = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    if static:
+        siblings = StaticSiblings(model, cache, context_mask, static_length, compiled=compiled)
     else:
+        siblings = DynamicSiblings(model, cache, context_mask)
+    evaluation = StepEvaluation(cands, accepted, 0, None, 0, siblings, nonfinite=torch.zeros((), dtype=torch.long,
+                                                                                             device=device))
+    bounds = tuple(schedule) if lazy else (width,)
+    first = min(bounds[0], width)
+
+    if static or (for_commit and first == 1):
+        max_count = width  # no host read before the first chunk: fixed shapes, or the fused loop's decode step
+    else:
+        # Host read: is any row asked at all, and how many candidates can a row have (the chunk is cut to that).
         any_asked, max_count = torch.stack([(~lone).any().long(), cands.counts.max()]).tolist()
         if not any_asked and not for_commit:
             evaluation.decision = _decide(cands, accepted, lone, fallback)
             return evaluation  # every row has a lone candidate: nothing to ask, no forward
-        start, end = 0, 1 if lazy else max_count
-    # Greedy fused steps let lm_head project only the sibling each row may keep (see `_pick`).
-    picking = for_commit and lazy
-    evaluation.picked = picking
-    rows = None  # the rows a later chunk runs for (None: all)
+    # Fused steps let lm_head project only the sibling each row may keep (see `_pick`).
+    evaluation.picked = picking = for_commit and lazy
+    logits_mode = "pick" if picking else ("all" if for_commit else "none")
+    start, end = 0, min(first, max_count)
+    rows = None  # the rows a chunk runs for (None: all)
     while True:
-        if end - start > 1:
-            evaluation.checkpoint.keep_appended()
-        # A later chunk runs only for the rows still looking for a candidate, on a narrowed copy of their cache.
-        chunk_cache = cache if rows is None else narrow_cache(cache, rows)
         at = slice(None) if rows is None else rows
-        p_accept = {}
-        pick = _pick(agent, cands, start, end, fallback, thresholds, p_accept, at) if picking else None
-        out = sibling_forward(
-            model, chunk_cache, cands.tokens[at, start:end], position_ids[at],
-            None if context_mask is None else context_mask[at], return_logits=for_commit, pick=pick,
-        )
+        pick = Picker(agent, cands, start, end, fallback, thresholds, at) if picking else None
+        out = siblings.forward(cands.tokens[at, start:end], position_ids[at], start, rows, logits=logits_mode,
+                               pick=pick, keep_kv=for_commit and not static)
         evaluation.forwards += 1
         evaluation.evaluated_width = end
         evaluation.bounds.append((start, end))
-        if "value" not in p_accept:
-            p_accept["value"] = agent.accept_probability(out.states)
+        p = pick.p_accept if picking else agent.accept_probability(out.states)
+        p = p.to(device)
+        valid = cands.valid[at, start:end]
+        evaluation.nonfinite = evaluation.nonfinite + (~torch.isfinite(p) & valid).sum()
         if keep_states:
             evaluation.states_parts.append(widen(out.states, rows, batch))
-        chunk_accepted = (p_accept["value"].to(device) > thresholds[at, start:end]) & cands.valid[at, start:end]
+        chunk_accepted = (p > thresholds[at, start:end]) & valid
         accepted[at, start:end] = chunk_accepted
         decided[at] |= chunk_accepted.any(dim=-1)
-        if lazy:
+        if lazy and end < max_count:
             # The host read of a chunk: how many rows still need candidates, and how many can there be? (When
             # only some do, `nonzero` below reads which.)
             need = ~decided & (cands.counts > end)
@@ -172,37 +178,42 @@ def evaluate_step(
                 # Every row takes its top-1 (accepted, or a lone candidate): the cache already holds the step.
                 evaluation.committed = True
                 break
-            evaluation.kv_parts.append(
-                [(widen(k, rows, batch), widen(v, rows, batch)) for k, v in appended_kv(chunk_cache, end - start)]
-            )
-        evaluation.checkpoint.restore()
+        if not static:
+            siblings.restore()
         if not needed:
             break
-        rows = need.nonzero().squeeze(1) if needed < batch else None
+        if not static:
+            rows = need.nonzero().squeeze(1) if needed < batch else None
         start = end
-        end = min(next((b for b in schedule if b > start), max_count), max_count)
+        end = min(next((b for b in bounds if b > start), max_count), max_count)
 
+    if static and not for_commit:
+        siblings.restore()
     evaluation.decision = _decide(cands, accepted, lone, fallback)
     return evaluation
 
 
-def _pick(agent, cands: CandidateSet, start: int, end: int, fallback: str, thresholds: torch.Tensor, p_accept: dict,
-          rows=slice(None)):
-    """The sibling of chunk `[start, end)` each of `rows` may keep: its first accepted one; with the `"last"`
-    fallback, the row's last candidate if it lies in this chunk and none was accepted (the `"first"` fallback and
-    the top-1 live in the first chunk, whose only sibling is the top-1). Stores p(accept) for the caller."""
+class Picker:
+    """The sibling of chunk `[start, end)` each of `rows` may keep, chosen from the chunk's states before lm_head
+    projects: its first accepted one; the fallback candidate (`target`: the top-1, or the row's last with
+    `"last"`) if it lies in this chunk and none was accepted. Keeps p(accept) for the caller (`p_accept`)."""
 
-    def pick(states):
-        p_accept["value"] = p = agent.accept_probability(states)
-        accepted = (p.to(cands.counts.device) > thresholds[rows, start:end]) & cands.valid[rows, start:end]
+    def __init__(self, agent, cands: CandidateSet, start: int, end: int, fallback: str, thresholds: torch.Tensor,
+                 rows=slice(None)):
+        self.agent, self.start, self.end = agent, start, end
+        self.thresholds = thresholds[rows, start:end]
+        self.valid = cands.valid[rows, start:end]
+        counts = cands.counts[rows]
+        self.target = counts - 1 if fallback == "last" else torch.zeros_like(counts)
+        self.p_accept = None
+
+    def __call__(self, states: torch.Tensor) -> torch.LongTensor:
+        self.p_accept = p = self.agent.accept_probability(states)
+        accepted = (p.to(self.valid.device) > self.thresholds) & self.valid
         any_accepted, first = first_accepted(accepted)
-        if fallback == "last":
-            last = cands.counts[rows] - 1 - start
-            in_chunk = (last >= 0) & (last < end - start)
-            first = torch.where(any_accepted | ~in_chunk, first, last.clamp(0, end - start - 1))
-        return first.to(states.device)
-
-    return pick
+        in_chunk = (self.target >= self.start) & (self.target < self.end)
+        target = (self.target - self.start).clamp(0, self.end - self.start - 1)
+        return torch.where(any_accepted | ~in_chunk, first, target).to(states.device)
 
 
 def _decide(cands: CandidateSet, accepted: torch.BoolTensor, lone: torch.BoolTensor, fallback: str) -> StepDecision:

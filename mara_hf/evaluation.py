@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .fluency import DEGENERATE_THRESHOLD, FLUENCY_DEFINITION, fluency
 from .rewards import REWARD_HELP, as_scores
 
 RESULTS_FILE = "results.json"
@@ -47,6 +48,15 @@ KL_DEFINITION = (
     "For MARA's greedy tokens this is the per-token KL(delta_y || p_base) of its deterministic output; "
     "'base_reference' is the same quantity for the base model's own output. With sampling it is the cross-"
     "entropy of the samples under the base model, not a KL."
+)
+COST_DEFINITION = (
+    "MARA's decoding cost, from the fused loop's own counts (MaraStats). forwards: model forwards of the decode "
+    "steps (each evaluates one chunk of candidates; the first chunk of a step is also its greedy forward, so plain "
+    "greedy decoding runs 1 per step). forwards_per_step = forwards / decode steps (1.0 = no step needed a second "
+    "chunk); forwards_per_token = forwards / MARA's generated tokens (MaraStats.forwards / MaraStats.tokens; at batch "
+    "size B plain greedy runs about 1 / B). A batch's forwards and steps are shared equally by its prompts. "
+    "fallback_rate = agent decisions where every candidate was rejected and the fallback token was taken / agent "
+    "decisions (tokens with more than one candidate)."
 )
 
 
@@ -150,13 +160,18 @@ def evaluate(
       tokens), as a point of comparison. With `do_sample=True` both are cross-entropies of the samples under the
       base model, not KLs. EOS counts as a generated token; padding does not.
     - `agent`: MARA's decisions summed over all answers (as [`MaraStats`]): `tokens`, `agent_decided` (tokens
-      with more than one candidate), `fallbacks`, `accepted_index_histogram`, their rates, and `changed_tokens`
-      (tokens where MARA did not take the base model's top-1).
+      with more than one candidate), `fallbacks`, `accepted_index_histogram`, their rates (`fallback_rate`: every
+      candidate rejected, over agent decisions), `changed_tokens` (tokens where MARA did not take the base model's
+      top-1), and the decoding cost: `forwards`, `decode_steps`, `forwards_per_step` and `forwards_per_token`
+      (see `cost_definition`).
+    - `fluency`: per side, `degenerate` answers (fluency <= -0.5 by [`mara_hf.fluency`], the screen the `fluency`
+      reward uses), their `degenerate_rate` and the `mean_fluency`, with the `definition`.
     - `speed`: generated tokens, seconds and tokens/s of each side (MARA's time includes its agent).
 
     Files: `responses.jsonl` gets one JSON line per prompt (`index`, `prompt`, `base`, `mara`, `rewards` per side,
     `changed` = each token where MARA did not take the base model's top-1, with both; `mara_marked` = MARA's
-    answer with each changed token shown as ⟦top1→taken⟧; token counts, NLL sums, agent counts, seconds),
+    answer with each changed token shown as ⟦top1→taken⟧; token counts, NLL sums, agent counts, the batch's
+    forwards and decode steps, seconds),
     appended and flushed per finished batch. With `resume=True`, prompts already in that file (same index and
     text, same settings) are not generated again, rewards missing from their lines are computed, and the summary
     is rebuilt from all lines; `resume=False` starts the file over. Saved scores are keyed by reward name: after
@@ -425,6 +440,8 @@ def _run_batch(model, tokenizer, agent, prompts, indices, rewards, eos_ids, devi
     mara_nll = teacher_forced_nll(model, inputs["input_ids"], inputs["attention_mask"], mara_new, mara_len)
 
     steps = {k: v.cpu() for k, v in out.mara_steps.items() if k != "forwards"}
+    # The batch's cost: forwards of the fused loop and its decode steps (one entry of `forwards` per step).
+    batch = {"rows": len(prompts), "forwards": out.mara_stats.forwards, "steps": len(out.mara_steps["forwards"])}
     records = []
     for row, (index, prompt) in enumerate(zip(indices, prompts)):
         n_base, n_mara = int(base_len[row]), int(mara_len[row])
@@ -456,6 +473,7 @@ def _run_batch(model, tokenizer, agent, prompts, indices, rewards, eos_ids, devi
             "nll_sum": {"base": float(base_nll[row]), "mara": float(mara_nll[row])},
             "agent": {"tokens": n_mara, "agent_decided": int(asked.sum()), "fallbacks": int(fallback.sum()),
                       "accepted_index": {str(i): c for i, c in enumerate(histogram) if c}},
+            "batch": batch,
             "seconds": {"base": base_seconds / len(prompts), "mara": mara_seconds / len(prompts)},
         })
     _fill_missing_rewards(records, rewards, len(records))
@@ -597,6 +615,12 @@ def summarize(records: list[dict], reward_names: list[str], *, top_k: int = 40, 
     fallbacks = sum(r["agent"]["fallbacks"] for r in records)
     agent_tokens = sum(r["agent"]["tokens"] for r in records)
     changed = sum(len(r["changed"]) for r in records)
+    costed = [r for r in records if "batch" in r]  # files written before the cost was recorded lack it
+    forwards = sum(r["batch"]["forwards"] / r["batch"]["rows"] for r in costed) if costed else None
+    steps = sum(r["batch"]["steps"] / r["batch"]["rows"] for r in costed) if costed else None
+    costed_tokens = sum(r["agent"]["tokens"] for r in costed)
+    scores = {side: [fluency(r["prompt"], r[side]) for r in records] for side in ("base", "mara")}
+    degenerate = {side: sum(score <= DEGENERATE_THRESHOLD for score in values) for side, values in scores.items()}
     return {
         "n_prompts": n,
         "rewards": rewards,
@@ -616,6 +640,18 @@ def summarize(records: list[dict], reward_names: list[str], *, top_k: int = 40, 
             "changed_tokens": changed,
             "changed_rate": _ratio(changed, agent_tokens),
             "answers_changed": sum(1 for r in records if r["mara"] != r["base"]),
+            "forwards": forwards,
+            "decode_steps": steps,
+            "forwards_per_step": _ratio(forwards, steps) if costed else None,
+            "forwards_per_token": _ratio(forwards, costed_tokens) if costed else None,
+            "cost_prompts": len(costed),
+            "cost_definition": COST_DEFINITION,
+        },
+        "fluency": {
+            "degenerate": degenerate,
+            "degenerate_rate": {side: _ratio(count, n) for side, count in degenerate.items()},
+            "mean_fluency": {side: _mean(values) for side, values in scores.items()},
+            "definition": FLUENCY_DEFINITION,
         },
         "speed": {
             "base_tokens": tokens_base,
@@ -698,7 +734,15 @@ def format_summary(results: dict) -> str:
     lines.append(f"agent: asked on {a['agent_decided']} of {a['tokens']} tokens "
                  f"({num(a['agent_decided_rate'], '.1%')}), "
                  f"changed {a['changed_tokens']} tokens in {a['answers_changed']} answers, fell back on "
-                 f"{a['fallbacks']}; accepted index histogram {shown}")
+                 f"{a['fallbacks']} ({num(a['fallback_rate'], '.1%')} of its decisions); accepted index histogram "
+                 f"{shown}")
+    lines.append(f"cost: {num(a.get('forwards_per_step'), '.2f')} forwards per decode step (plain greedy: 1), "
+                 f"{num(a.get('forwards_per_token'), '.3f')} per generated token")
+    f = results["fluency"]
+    lines.append(f"degenerate answers (fluency <= {DEGENERATE_THRESHOLD}): base {f['degenerate']['base']} "
+                 f"({num(f['degenerate_rate']['base'], '.1%')}), MARA {f['degenerate']['mara']} "
+                 f"({num(f['degenerate_rate']['mara'], '.1%')}); mean fluency base {num(f['mean_fluency']['base'])}, "
+                 f"MARA {num(f['mean_fluency']['mara'])}")
     s = results["speed"]
     lines.append(f"speed: base {num(s['base_tokens_per_s'], '.1f')} tokens/s, "
                  f"MARA {num(s['mara_tokens_per_s'], '.1f')} tokens/s")
@@ -725,8 +769,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="JSON list of objects with 'instruction', or JSON Lines with 'instruction' or 'prompt'")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
     parser.add_argument("--reward", action="append", required=True, metavar="SPEC",
-                        help="a reward (repeatable): vader, offensive, beaver-reward, beaver-cost, hf:ID_OR_PATH, "
-                             "py:MODULE:FUNCTION or a weighted sum like 2*beaver-reward-1*beaver-cost (see below)")
+                        help="a reward (repeatable): vader, offensive, fluency, beaver-reward, beaver-cost, "
+                             "hf:ID_OR_PATH, py:MODULE:FUNCTION or a weighted sum like 2*beaver-reward-1*beaver-cost "
+                             "(see below)")
     models.add_model_argument(parser)
     models.add_agent_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -11,7 +11,6 @@ Use it as `model.generate(**inputs, custom_generate=mara_generate, mara_agent=ag
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,10 +18,13 @@ import torch
 from transformers import LogitsProcessorList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from . import hf_internals as hf
 from .agent import validate_candidate_settings
-from .decide import DEFAULT_SCHEDULE, evaluate_step, validate_schedule
-from .processor import agent_on_device, check_agent, unwrap_model
-from .states import cache_of, check_cache, check_model, next_position_ids
+from .compiled import CompiledStep, check_head
+from .decide import evaluate_step
+from .processor import agent_on_device, check_agent, unwrap_model, warn_nonfinite
+from .schedule import DEFAULT_SCHEDULE, make_schedule
+from .states import check_cache, check_left_padding, check_model, next_position_ids
 from .stats import MaraStats
 
 
@@ -33,16 +35,13 @@ class MaraGenerateOutput(GenerateDecoderOnlyOutput):
     Attributes:
         mara_stats ([`MaraStats`]): totals over the call.
         mara_steps (`dict[str, torch.Tensor]`): per step and row, `index` (taken candidate's position, 0 = top-1),
-            `top1` (the model's most probable token), `num_candidates`, `asked` (the agent was asked), `fallback` (every candidate rejected), each of shape
-            `(batch, steps)`, and `forwards` `(steps,)`: forwards run per step.
+            `top1` (the model's most probable token), `num_candidates`, `asked` (the agent was asked), `fallback`
+            (every candidate rejected), each of shape `(batch, steps)`, and `forwards` `(steps,)`: forwards run per
+            step.
     """
 
     mara_stats: MaraStats | None = None
     mara_steps: dict | None = None
-
-
-# The output's cache field: `cache` in recent transformers, `past_key_values` before.
-CACHE_FIELD = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
 def split_warpers(logits_processor: LogitsProcessorList | None) -> tuple[LogitsProcessorList, LogitsProcessorList]:
@@ -68,7 +67,7 @@ def mara_generate(
     mara_top_k: int | None = None,
     mara_top_p: float | None = None,
     mara_fallback: str | None = None,
-    mara_schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+    mara_schedule=DEFAULT_SCHEDULE,
     mara_stats: MaraStats | None = None,
     **model_kwargs,
 ):
@@ -78,11 +77,13 @@ def mara_generate(
     Greedy (`do_sample=False`) takes the first accepted candidate in probability order, exactly like
     `MaraLogitsProcessor`; sampling samples among accepted candidates (temperature / top-k / top-p of `generate`
     apply to them). Supports batches with left padding, EOS and stopping criteria, `max_new_tokens`, a streamer,
-    `num_return_sequences` and `return_dict_in_generate` (a [`MaraGenerateOutput`] with per-step statistics).
+    `num_return_sequences`, `return_dict_in_generate` (a [`MaraGenerateOutput`] with per-step statistics) and
+    `cache_implementation="static"` (siblings in scratch slots of the static cache; compiled where `generate`
+    compiles, see the README).
 
     MARA arguments (all optional but `mara_agent`): `mara_top_k`, `mara_top_p`, `mara_fallback` (default: the
-    agent's config), `mara_schedule` (lazy chunk boundaries, default `(1, 8)`), `mara_stats` (a [`MaraStats`] to
-    accumulate into).
+    agent's config), `mara_schedule` (`"auto"`, the default: chunks chosen by cost; or boundaries such as `(1, 8)`
+    or `(40,)`, see `mara_hf.schedule`), `mara_stats` (a [`MaraStats`] to accumulate into).
 
     Example:
 
@@ -108,6 +109,12 @@ def mara_generate(
         )
     if synced_gpus:
         raise ValueError("The fused MARA loop does not support `synced_gpus`.")
+    calling = hf.calling_generate_locals(model, ("streamer", "assistant_model"))
+    if calling.get("assistant_model") is not None or generation_config.prompt_lookup_num_tokens is not None:
+        raise ValueError(
+            "The fused MARA loop does not do assisted or speculative decoding: drop `assistant_model` / "
+            "`prompt_lookup_num_tokens` (MARA decides every token itself)."
+        )
     model = unwrap_model(model)
     check_model(model)
     check_agent(mara_agent, model)
@@ -115,18 +122,24 @@ def mara_generate(
     top_p = mara_agent.top_p if mara_top_p is None else mara_top_p
     fallback = mara_agent.fallback if mara_fallback is None else mara_fallback
     validate_candidate_settings(top_k, top_p, fallback)
-    schedule = validate_schedule(mara_schedule)
     if not model_kwargs.get("use_cache", True):
         check_cache(None)
-    given_cache = cache_of(model_kwargs)
-    if given_cache is not None:
-        check_cache(given_cache)
+    check_left_padding(model_kwargs.get("attention_mask"))
+    cache = hf.cache_of(model_kwargs)
+    static = cache is not None and check_cache(cache, static=True) == "static"
+    width = min(top_k, model.get_output_embeddings().weight.shape[0])
+    if static:
+        cache = _static_cache_with_scratch(model, cache, generation_config, model_kwargs, width)
     device = model.get_output_embeddings().weight.device
+    batch_size = input_ids.shape[0]
+    compiling = static and hf.generate_would_compile(model, model_kwargs, generation_config)
+    schedule = make_schedule(mara_schedule, device=device, batch_size=batch_size, width=width, static=static,
+                             compiled=compiling)
     agent = agent_on_device(mara_agent, device)
     if streamer is None:
-        streamer = _streamer_of_calling_generate()
+        streamer = calling.get("streamer")
 
-    pad_token_id = generation_config._pad_token_tensor
+    pad_token_id = hf.pad_token(generation_config)
     return_dict = generation_config.return_dict_in_generate
     output_scores = return_dict and generation_config.output_scores
     output_logits = return_dict and generation_config.output_logits
@@ -134,25 +147,29 @@ def mara_generate(
     do_sample = generation_config.do_sample
     processors, warpers = split_warpers(logits_processor)
     stats = mara_stats if mara_stats is not None else MaraStats(top_k, device=device)
+    own_stats = MaraStats(top_k, device=device)  # this call's decisions, for the schedule and the NaN warning
 
-    batch_size = input_ids.shape[0]
     unfinished = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
     scores_out = () if output_scores else None
     logits_out = () if output_logits else None
     steps = {"index": [], "top1": [], "num_candidates": [], "asked": [], "fallback": [], "forwards": []}
 
-    outputs = model._prefill(input_ids, generation_config, model_kwargs)
-    model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
-    cache = cache_of(model_kwargs)
-    check_cache(cache)
+    outputs, last_states = _prefill(model, input_ids, generation_config, model_kwargs, capture=compiling)
+    model_kwargs = hf.advance_model_kwargs(model, outputs, model_kwargs)
+    cache = hf.cache_of(model_kwargs)
+    check_cache(cache, static=True)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
     del outputs
+    compiled = None
+    if compiling and check_head(model, last_states, logits):
+        compiled = CompiledStep.for_model(model, agent, hf.compile_options(generation_config))
+    length = input_ids.shape[1]  # cache length (a static cache's scratch slots start here)
 
     while True:
         scores = processors(input_ids, logits)
         context_mask = model_kwargs.get("attention_mask")
-        next_positions = next_position_ids(model_kwargs.get("position_ids"), context_mask, cache.get_seq_length(),
-                                           batch_size, input_ids.device)
+        next_positions = next_position_ids(model_kwargs.get("position_ids"), context_mask, length, batch_size,
+                                           input_ids.device)
 
         evaluation = evaluate_step(
             model,
@@ -164,9 +181,11 @@ def mara_generate(
             top_k=top_k,
             top_p=top_p,
             fallback=fallback,
-            schedule=schedule,
+            schedule=schedule.current(),
             lazy=not do_sample,
             for_commit=True,
+            static_length=length if static else None,
+            compiled=compiled,
         )
         decision = evaluation.decision
         cands = evaluation.candidates
@@ -183,13 +202,14 @@ def mara_generate(
                     1, next_tokens[:, None], scores.gather(1, next_tokens[:, None])
                 )
 
-        if evaluation.committed:
-            next_logits = evaluation.logits_parts[0][:, 0]
-        else:
-            next_logits = evaluation.commit(index)
+        next_logits = evaluation.next_logits() if evaluation.committed else evaluation.commit(index)
+        length += 1
 
-        stats.record(decision, unfinished)
-        stats.add_forwards(evaluation.forwards)
+        for counter in (stats, own_stats):
+            counter.record(decision, unfinished)
+            counter.add_forwards(evaluation.forwards)
+            counter.add_nonfinite(evaluation.nonfinite)
+        schedule.observe(own_stats)
         if return_dict:
             for key in ("index", "num_candidates", "asked", "fallback"):
                 steps[key].append(getattr(decision, key))
@@ -203,7 +223,7 @@ def mara_generate(
         if has_eos_stopping_criteria:
             next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-        model_kwargs = model._update_model_kwargs_for_generation({}, model_kwargs)
+        model_kwargs = hf.advance_model_kwargs(model, {}, model_kwargs)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         unfinished = unfinished & ~stopping_criteria(input_ids, scores_out)
@@ -213,6 +233,7 @@ def mara_generate(
 
     if streamer is not None:
         streamer.end()
+    warn_nonfinite(agent, own_stats)
     if not return_dict:
         return input_ids
     mara_steps = {k: torch.stack(v, dim=1) for k, v in steps.items() if k != "forwards"}
@@ -221,19 +242,45 @@ def mara_generate(
         sequences=input_ids,
         scores=scores_out,
         logits=logits_out,
-        **{CACHE_FIELD: cache},
+        **{hf.OUTPUT_CACHE_FIELD: cache},
         mara_stats=stats,
         mara_steps=mara_steps,
     )
 
 
-def _streamer_of_calling_generate():
-    """`generate` hands a callable `custom_generate` only the callable's own extra arguments and drops `streamer`
-    (transformers 5.x), although it already streamed the prompt to it; take it from the calling `generate`."""
-    caller = sys._getframe(2)
-    if caller.f_code.co_name == "generate":
-        return caller.f_locals.get("streamer")
-    return None
+def _prefill(model, input_ids, generation_config, model_kwargs: dict, *, capture: bool):
+    """generate's prompt forward; with `capture`, also lm_head's input at the last position `(B, d)` (to check once
+    that the compiled step may project states with lm_head itself)."""
+    if not capture:
+        return hf.prefill(model, input_ids, generation_config, model_kwargs), None
+    captured = {}
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: captured.__setitem__("states", args[0][:, -1]))
+    try:
+        outputs = hf.prefill(model, input_ids, generation_config, model_kwargs)
+    finally:
+        handle.remove()
+    return outputs, captured["states"]
+
+
+def _static_cache_with_scratch(model, cache, generation_config, model_kwargs: dict, width: int):
+    """The static cache with room for `width` scratch slots after the longest context of this call: generate's
+    own one when it is large enough, else (when `generate` made it for `cache_implementation="static"`) a larger
+    one put in its place; a cache the caller passed that is too small is refused."""
+    needed = generation_config.max_length - 1 + width
+    if hf.static_capacity(cache) >= needed:
+        return cache
+    if generation_config.cache_implementation is None:
+        raise ValueError(
+            f"The static cache passed to generate has {hf.static_capacity(cache)} slots, but MARA needs "
+            f"{needed}: the longest context ({generation_config.max_length - 1} tokens) plus one scratch slot per "
+            f"candidate ({width}). Create it with `max_cache_len={needed}` or more."
+        )
+    bigger = hf.new_static_cache(model, needed)
+    for key in hf.CACHE_KEYS:
+        if model_kwargs.get(key) is cache:
+            model_kwargs[key] = bigger
+    return bigger
 
 
 class MaraGenerationMixin:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 
 import torch
+
+from .agent import SHIPPED_AGENTS, shipped_agent_names
 
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct-Q4_1-GGUF")
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHIPPED_AGENTS = Path(__file__).parent / "agents"
 DEFAULT_AGENT = "smollm2-vader"
 
 
@@ -66,15 +66,16 @@ def add_agent_arguments(parser) -> None:
 
 
 def shipped_agents() -> list[str]:
-    return sorted(p.name for p in SHIPPED_AGENTS.iterdir() if (p / "config.json").is_file()) if SHIPPED_AGENTS.is_dir() else []
+    """Names of the agents shipped inside mara-hf (`MaraAgent.from_pretrained(name)` loads them)."""
+    return shipped_agent_names()
 
 
 def load_agent(source: str | None = None, filename: str | None = None, **kwargs):
-    """A `MaraAgent` from a shipped name (default: the trained SmolLM2 agent `smollm2-vader`), a native folder, a `.pth`, or a Hub id
-    (with `filename=` for original actors)."""
+    """A `MaraAgent` from a shipped name, a native folder, a `.pth`, or a Hub id (with `filename=` for original
+    actors); by default the trained SmolLM2 agent `smollm2-vader` shipped with mara-hf (even when the current folder
+    holds a folder of that name)."""
     from .agent import MaraAgent
 
-    source = source or DEFAULT_AGENT
-    if filename is None and (SHIPPED_AGENTS / source / "config.json").is_file():
-        return MaraAgent.from_pretrained(SHIPPED_AGENTS / source, **kwargs)
+    if source is None:
+        source = SHIPPED_AGENTS / DEFAULT_AGENT
     return MaraAgent.from_pretrained(source, filename=filename, **kwargs)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
-import sys
-from typing import Any
+import logging
+import weakref
 
 import torch
 from transformers import LogitsProcessor
 
+from . import hf_internals as hf
 from .agent import MaraAgent, validate_candidate_settings
-from .decide import DEFAULT_SCHEDULE, evaluate_step, validate_schedule
-from .states import cache_of, check_cache, check_model, next_position_ids
+from .decide import evaluate_step
+from .schedule import make_schedule
+from .states import check_cache, check_left_padding, check_model, next_position_ids
 from .stats import MaraStats
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_DECODING = {"_sample": "greedy search or sampling", "_beam_search": "beam search"}
 
@@ -50,6 +54,19 @@ def agent_on_device(agent: MaraAgent, device: torch.device) -> MaraAgent:
     return agent.eval()
 
 
+def warn_nonfinite(agent: MaraAgent, stats: MaraStats) -> None:
+    """Warn (once per call) when the agent gave NaN/inf accept probabilities: such candidates count as rejected, so
+    decisions silently fall back. One host read."""
+    count = stats.nonfinite
+    if count:
+        name = agent.source or agent.base_model or type(agent).__name__
+        logger.warning(
+            "The MARA agent (%s) returned NaN or infinite accept probabilities for %d candidates; they were treated "
+            "as rejected. Check the agent's weights (and the model's dtype: float16 states may overflow).",
+            name, count,
+        )
+
+
 class MaraLogitsProcessor(LogitsProcessor):
     r"""
     [`LogitsProcessor`] that aligns decoding with a MARA agent: among the step's candidates (log-softmax, top-k,
@@ -61,8 +78,9 @@ class MaraLogitsProcessor(LogitsProcessor):
     (`"last"`, the paper's training MDP). A lone candidate is kept without asking the agent.
 
     The states of all candidates of all rows come from ONE extra forward on top of `generate`'s own KV cache (the
-    candidates as siblings at the next position); the cache is then put back exactly as it was. In greedy mode
-    the top-1 is evaluated first and further candidates only for rows that rejected it.
+    candidates as siblings at the next position; lm_head projects none of them); the cache is then put back
+    exactly as it was. In greedy mode candidates can be evaluated in chunks (`schedule`): the top-1 first and
+    further candidates only for rows that rejected it.
 
     Args:
         agent ([`MaraAgent`]): the accept/reject agent; its `state_dim` must equal the model's hidden size.
@@ -70,7 +88,10 @@ class MaraLogitsProcessor(LogitsProcessor):
         top_k (`int`, *optional*): candidate set size; defaults to the agent's config (40 for released agents).
         top_p (`float`, *optional*): nucleus mass of the candidate set; defaults to the agent's config (0.95).
         fallback (`str`, *optional*): `"first"` or `"last"`; defaults to the agent's config (`"first"`).
-        schedule (`tuple[int]`, *optional*): chunk boundaries of lazy evaluation, default `(1, 8)`.
+        schedule (`str` or `tuple[int]`, *optional*, defaults to `"auto"`): in which chunks candidates are
+            evaluated in greedy mode: `"auto"` (chosen by cost for the device, batch and the agent's observed
+            behaviour, see `mara_hf.schedule`), or boundaries such as `(1, 8)` (the top-1 first, then candidates
+            2-8 for rows that rejected it, then the rest) or `(40,)` (all at once).
 
     After `generate`, `processor.stats` ([`MaraStats`]) describes that call: tokens decided, tokens where the agent
     was asked, fallbacks, histogram of the taken candidate's index, extra forwards.
@@ -101,7 +122,7 @@ class MaraLogitsProcessor(LogitsProcessor):
         top_k: int | None = None,
         top_p: float | None = None,
         fallback: str | None = None,
-        schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+        schedule: str | tuple[int, ...] = "auto",
     ):
         self.model = unwrap_model(model)
         check_model(self.model)
@@ -110,19 +131,26 @@ class MaraLogitsProcessor(LogitsProcessor):
         self.top_p = agent.top_p if top_p is None else top_p
         self.fallback = agent.fallback if fallback is None else fallback
         validate_candidate_settings(self.top_k, self.top_p, self.fallback)
-        self.schedule = validate_schedule(schedule)
         self.device = self.model.get_output_embeddings().weight.device
+        self.schedule = schedule
+        make_schedule(schedule, device=self.device, batch_size=1, width=self.top_k)  # validate now
         self.agent = agent_on_device(agent, self.device)
         self.stats = MaraStats(self.top_k, device=self.device)
-        self._cache_id = None
+        self._call = None  # (weak reference to the cache of the running generate call, its schedule)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        state = _find_generation_state(self.model)
+        state = _generation_state(self.model)
         cache = state["cache"]
-        if id(cache) != self._cache_id:  # a new generate call: check its cache once, start fresh statistics
-            check_cache(cache)
+        batch = input_ids.shape[0]
+        first_step = self._call is None or self._call[0]() is not cache
+        if first_step:  # a new generate call: check it once, start fresh statistics and schedule
+            check_left_padding(state["attention_mask"] if state["attention_mask"] is None
+                               else state["attention_mask"][:, : input_ids.shape[1]])
             self.stats = MaraStats(self.top_k, device=self.device)
-            self._cache_id = id(cache)
+            schedule = make_schedule(self.schedule, device=self.device, batch_size=batch, width=self.top_k,
+                                     first_for_all=False)
+            self._call = (weakref.ref(cache), schedule)
+        schedule = self._call[1]
         past = cache.get_seq_length()
         if past != input_ids.shape[1]:
             raise RuntimeError(
@@ -130,8 +158,7 @@ class MaraLogitsProcessor(LogitsProcessor):
                 f"`input_ids`, but it holds {past}."
             )
         context_mask = state["attention_mask"]
-        position_ids = next_position_ids(state["position_ids"], context_mask, past, input_ids.shape[0],
-                                         input_ids.device)
+        position_ids = next_position_ids(state["position_ids"], context_mask, past, batch, input_ids.device)
 
         evaluation = evaluate_step(
             self.model,
@@ -143,12 +170,16 @@ class MaraLogitsProcessor(LogitsProcessor):
             top_k=self.top_k,
             top_p=self.top_p,
             fallback=self.fallback,
-            schedule=self.schedule,
+            schedule=schedule.current(),
             lazy=state["greedy"],
         )
         decision = evaluation.decision
         self.stats.record(decision, state["unfinished"])
         self.stats.add_forwards(evaluation.forwards)
+        self.stats.add_nonfinite(evaluation.nonfinite)
+        schedule.observe(self.stats)
+        if first_step:
+            warn_nonfinite(self.agent, self.stats)
 
         cands = evaluation.candidates
         if state["greedy"]:
@@ -158,36 +189,34 @@ class MaraLogitsProcessor(LogitsProcessor):
         return evaluation.restrict(scores, allowed)
 
 
-def _find_generation_state(model) -> dict[str, Any]:
-    """The running decoding loop's state (cache, padding mask, positions, mode), read from `generate`'s frame.
+def _generation_state(model) -> dict:
+    """The running decoding loop's state (cache, padding mask, positions, mode), read from `generate`'s frame
+    (`hf_internals.generate_locals`).
 
     A logits processor only receives `input_ids` and `scores`; the KV cache, padding mask and positions of the
     running `generate` call live in its decoding method's `model_kwargs`. Reading them there (instead of hooking
     the model) leaves nothing attached to the model between or after calls.
     """
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_code.co_name
-        model_kwargs = frame.f_locals.get("model_kwargs") if name.startswith("_") else None
-        if isinstance(model_kwargs, dict) and frame.f_locals.get("self") is model:
-            if name not in SUPPORTED_DECODING:
-                raise ValueError(
-                    f"MaraLogitsProcessor supports greedy search, sampling and beam search, not `{name}` "
-                    "(assisted or speculative decoding: drop `assistant_model` / `prompt_lookup_num_tokens`)."
-                )
-            cache = cache_of(model_kwargs)
-            check_cache(cache)
-            config = frame.f_locals.get("generation_config")
-            sampling = bool(getattr(config, "do_sample", False))
-            return {
-                "cache": cache,
-                "attention_mask": model_kwargs.get("attention_mask"),
-                "position_ids": model_kwargs.get("position_ids"),
-                "greedy": name == "_sample" and not sampling,
-                "unfinished": frame.f_locals.get("unfinished_sequences") if name == "_sample" else None,
-            }
-        frame = frame.f_back
-    raise RuntimeError(
-        "MaraLogitsProcessor must be called by `model.generate(...)` of the model it was built with "
-        "(pass it as `logits_processor=[MaraLogitsProcessor(agent, model)]`)."
-    )
+    found = hf.generate_locals(model, ("model_kwargs", "generation_config", "unfinished_sequences"))
+    if found is None:
+        raise RuntimeError(
+            "MaraLogitsProcessor must be called by `model.generate(...)` of the model it was built with "
+            "(pass it as `logits_processor=[MaraLogitsProcessor(agent, model)]`)."
+        )
+    name, local = found
+    if name not in SUPPORTED_DECODING:
+        raise ValueError(
+            f"MaraLogitsProcessor supports greedy search, sampling and beam search, not `{name}` "
+            "(assisted or speculative decoding: drop `assistant_model` / `prompt_lookup_num_tokens`)."
+        )
+    model_kwargs = local["model_kwargs"]
+    cache = hf.cache_of(model_kwargs)
+    check_cache(cache)
+    sampling = bool(getattr(local["generation_config"], "do_sample", False))
+    return {
+        "cache": cache,
+        "attention_mask": model_kwargs.get("attention_mask"),
+        "position_ids": model_kwargs.get("position_ids"),
+        "greedy": name == "_sample" and not sampling,
+        "unfinished": local["unfinished_sequences"] if name == "_sample" else None,
+    }

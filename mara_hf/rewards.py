@@ -10,6 +10,8 @@ A reward is any callable `(prompts: list[str], responses: list[str]) -> torch.Fl
 | [`beaver_reward`] | PKU safe-rlhf score models (`beaver-7b-v1.0-reward` / `-cost`), no custom code | transformers |
 | [`VaderReward`] | VADER compound sentiment of the response, in [-1, 1] | `vaderSentiment` |
 | [`OffensiveReward`] | minus the probability that the response is offensive, in [-1, 0] | `alt-profanity-check` |
+| [`FluencyReward`] | repeated n-grams, loops, drift from the prompt's language ([`mara_hf.fluency`]), in [-1, 0] | - |
+| `FluencyReward(penalty=True)` | the same as a penalty in [0, 1] (`repetition`; weight it negatively) | - |
 | [`CallableReward`] | a Python function, e.g. from a `"module:function"` string | - |
 | [`WeightedReward`] | a weighted sum, e.g. `2 * reward - 1 * cost` (the paper's 2:1 setting) | - |
 
@@ -19,27 +21,43 @@ A reward is any callable `(prompts: list[str], responses: list[str]) -> torch.Fl
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+
+from .fluency import FLUENCY_DEFINITION, fluency
 
 BEAVER_MODELS = {
     "reward": "PKU-Alignment/beaver-7b-v1.0-reward",
     "cost": "PKU-Alignment/beaver-7b-v1.0-cost",
 }
 BEAVER_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
+"""The MARA repository's formatting of a (prompt, response) pair for the beaver score models (`src/reward_model.py`),
+tokenized with BOS and without EOS, as in the models' card."""
+SAFE_RLHF_MAX_LENGTH = 512
+"""safe-rlhf's `model_max_length`: its datasets keep the first 512 tokens of each text."""
 
-REWARD_HELP = """rewards (--reward SPEC, repeatable; higher is better for every one):
+REWARD_HELP = """rewards (--reward SPEC; higher is better, except for the costs, which take a negative weight):
   vader           VADER compound sentiment of the response, in [-1, 1] (pip install vaderSentiment)
   offensive       minus the probability that the response is offensive, in [-1, 0]; higher = less offensive
                   (pip install alt-profanity-check)
-  beaver-reward   PKU-Alignment/beaver-7b-v1.0-reward (helpfulness score model, 7B, loaded without custom code)
-  beaver-cost     PKU-Alignment/beaver-7b-v1.0-cost (harmfulness: higher = more harmful, so weight it negatively)
+  fluency         0 for a fluent answer down to -1: repeated word trigrams, loops of the same words, drift out of
+                  the prompt's language; <= -0.5 is degenerate (offline, no download)
+  repetition      minus fluency, in [0, 1]: a penalty, weight it negatively ('10*vader-5*repetition')
+  beaver-reward   PKU-Alignment/beaver-7b-v1.0-reward (helpfulness score model, 7B, loaded without custom code),
+                  scored as the MARA paper did: 'BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}',
+                  no EOS appended, no truncation; options in brackets: beaver-reward[eos] appends EOS (safe-rlhf's
+                  training format), beaver-reward[max_length=512] keeps the first 512 tokens (safe-rlhf's limit)
+  beaver-cost     PKU-Alignment/beaver-7b-v1.0-cost (harmfulness: higher = more harmful, so weight it negatively;
+                  same options)
   hf:ID_OR_PATH   any transformers sequence-classification reward model (first logit)
   py:MOD:FUNC     a Python callable f(prompts, responses) -> N scores (a class is instantiated first)
-  weighted sums   e.g. '2*beaver-reward-1*beaver-cost' (the paper's 2:1 setting) or 'vader+0.5*offensive'"""
+  weighted sums   e.g. '2*beaver-reward-1*beaver-cost' (the paper's 2:1 setting), 'vader+0.5*offensive' or
+                  '10*vader+5*fluency' (a tone reward that keeps answers fluent)"""
 
 
 class MissingExtraError(ImportError, RuntimeError):
@@ -208,6 +226,35 @@ class OffensiveReward(Reward):
         return -torch.as_tensor(self.predict_prob(list(responses)), dtype=torch.float32)
 
 
+class FluencyReward(Reward):
+    """How fluent the response looks, from 0 (fluent) down to -1 (degenerate), by a cheap offline screen
+    ([`mara_hf.fluency.fluency`]): `-max(repetition, loop, drift)` where repetition grows with the share of
+    repeated word trigrams, loop with the longest immediate repetition of a word n-gram, and drift with letters in a
+    script the prompt does not use or function words of another language than the prompt's. An answer scoring
+    -0.5 or less counts as degenerate; `mara-hf eval` reports the share of those for both sides.
+
+    Meant as a term of weighted sums (e.g. `10*vader+5*fluency`): it costs nothing on fluent text and up to the
+    term's weight on loops and language drift. Runs anywhere, no download.
+
+    With `penalty=True` (the `repetition` reward) it returns minus that, in [0, 1], higher = more degenerate, to be
+    weighted negatively like `beaver-cost`: `10*vader-5*repetition` is `10*vader+5*fluency`.
+
+    Args:
+        penalty: return `-fluency` instead.
+        name: shown in reports (default `"repetition"` with `penalty`, else `"fluency"`).
+    """
+
+    definition = FLUENCY_DEFINITION
+
+    def __init__(self, penalty: bool = False, name: str | None = None):
+        self.penalty = bool(penalty)
+        self.name = name or ("repetition" if self.penalty else "fluency")
+
+    def score(self, prompts, responses):
+        sign = -1.0 if self.penalty else 1.0
+        return [0.0 + sign * fluency(prompt, response) for prompt, response in zip(prompts, responses)]
+
+
 def resolve_device(device=None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -348,20 +395,34 @@ class ScoreModelReward(SequenceClassifierReward):
     renamed to `score.*`. The score is the end score: the score head applied to the final hidden state of the
     last non-padding token, as `LlamaForScore.end_scores`.
 
-    Refused (with a `ValueError`) when the checkpoint does not fit that class exactly: a score head with a bias
-    or more than one output, normalised scores (`do_normalize`), or no `score_head.weight` at all (the head would
-    be left randomly initialised).
+    Both safe-rlhf layouts load: older checkpoints declare the head's bias as `config.bias`, newer ones as
+    `config.score_bias` (and save a `score_head.bias`, zero for heads trained without one). When the config says
+    the head has a bias it is read from the checkpoint and added, as the custom code's `nn.Linear` does; when it
+    says not, a saved `score_head.bias` is ignored, as the custom code ignores it.
+
+    Refused (with a `ValueError`) when the checkpoint does not fit that class exactly: a score head with more than
+    one output, normalised scores (`do_normalize`), no `score_head.weight` at all (the head would be left randomly
+    initialised), or a bias the config declares but the checkpoint lacks.
 
     Args:
-        append_eos: add the tokenizer's EOS token after the formatted text (safe-rlhf trains and evaluates its
-            score models on `text + eos_token`).
+        append_eos: add the tokenizer's EOS token after the formatted text (safe-rlhf trains its score models on
+            `text + eos_token`; the MARA paper scored without it, the default).
+        max_length: keep the first `max_length` tokens of each formatted text (BOS included; safe-rlhf truncates
+            its datasets at 512, `SAFE_RLHF_MAX_LENGTH`); `None` (default) scores the whole text.
         other arguments: as [`SequenceClassifierReward`]; `template` is required.
     """
 
-    def __init__(self, model_id_or_path: str, *, template: str, append_eos: bool = True, **kwargs):
+    def __init__(self, model_id_or_path: str, *, template: str, append_eos: bool = False,
+                 max_length: int | None = None, **kwargs):
         if template is None:
             raise ValueError("A ScoreModelReward needs the template its score model was trained with.")
+        if not isinstance(append_eos, bool):
+            raise ValueError(f"`append_eos` has to be a bool, got {append_eos!r}.")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 2):
+            raise ValueError(f"`max_length` has to be an integer >= 2 or None, got {max_length!r}.")
         self.append_eos = append_eos
+        self.max_length = max_length
         super().__init__(model_id_or_path, template=template, **kwargs)
 
     def _load_model(self, source: str):
@@ -371,13 +432,13 @@ class ScoreModelReward(SequenceClassifierReward):
         problems = []
         if getattr(config, "score_dim", 1) != 1:
             problems.append(f"its score head has {config.score_dim} outputs (score_dim), not 1")
-        if getattr(config, "bias", False):
-            problems.append("its score head has a bias (config.bias = true)")
         if getattr(config, "do_normalize", False):
             problems.append("its scores are normalised by the custom code (config.do_normalize = true)")
         if problems:
             raise ValueError(f"Cannot load the score model '{source}' without its custom code: "
                              + "; ".join(problems) + ".")
+        # Newer safe-rlhf calls the head's bias flag `score_bias` (leaving `bias` to the backbone's config).
+        head_has_bias = bool(getattr(config, "score_bias", getattr(config, "bias", False)))
         config.num_labels = 1
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -392,7 +453,8 @@ class ScoreModelReward(SequenceClassifierReward):
             raise ValueError(f"Cannot load the score model '{source}' without its custom code: "
                              f"{type(model).__name__} has no bias-free `score` head to put `score_head` in.")
         missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head")]
-        head_left_over = [k for k in info.get("unexpected_keys", ()) if k.split(".")[0] in ("score_head", "score")]
+        unexpected = set(info.get("unexpected_keys", ()))
+        head_left_over = [k for k in unexpected if k.split(".")[0] in ("score_head", "score") and k != "score.bias"]
         mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
         if "score.weight" in missing:
             raise ValueError(f"'{source}' has no `score_head.weight` (nor `score.weight`): it is not a safe-rlhf "
@@ -401,6 +463,15 @@ class ScoreModelReward(SequenceClassifierReward):
             details = ", ".join(sorted(set(missing + head_left_over + mismatched))[:6])
             raise ValueError(f"Cannot load the score model '{source}' without its custom code: its weights do not "
                              f"fit {type(model).__name__} (missing, unused or mismatched: {details}).")
+        if head_has_bias:
+            if "score.bias" not in unexpected:
+                raise ValueError(f"The config of '{source}' gives its score head a bias (score_bias / bias = true), "
+                                 "but the checkpoint has no `score_head.bias`.")
+            biased = torch.nn.Linear(head.in_features, 1, bias=True, device=head.weight.device, dtype=head.weight.dtype)
+            biased.weight = head.weight
+            with torch.no_grad():
+                biased.bias.copy_(_checkpoint_tensor(source, "score_head.bias").reshape(1))
+            model.score = biased
         return model
 
     def format(self, prompt: str, response: str) -> str:
@@ -410,8 +481,13 @@ class ScoreModelReward(SequenceClassifierReward):
         return text
 
     def _encode(self, texts: list[str]) -> dict:
-        return self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt",
-                              add_special_tokens=True).to(self.device)
+        if self.max_length is None:
+            return self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt",
+                                  add_special_tokens=True).to(self.device)
+        # The first `max_length` tokens of each text, as safe-rlhf's datasets keep them (right truncation).
+        ids = [row[:self.max_length] for row in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        return self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="right",
+                                  return_tensors="pt").to(self.device)
 
     def _forward(self, batch: dict) -> torch.Tensor:
         backbone = getattr(self.model, self.model.base_model_prefix)
@@ -421,36 +497,103 @@ class ScoreModelReward(SequenceClassifierReward):
         return self.model.score(end_states)[:, 0]
 
 
+def _checkpoint_tensor(source: str, name: str) -> torch.Tensor:
+    """The tensor `name` as saved in the checkpoint `source` (a folder or a Hub id already downloaded by
+    `from_pretrained`): safetensors or `.bin`, single file or sharded."""
+    from safetensors import safe_open
+    from transformers.utils import (
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
+        cached_file,
+    )
+
+    for index_name, single_name in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (WEIGHTS_INDEX_NAME, WEIGHTS_NAME)):
+        index = cached_file(source, index_name, _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            shard = json.loads(Path(index).read_text())["weight_map"].get(name)
+            path = cached_file(source, shard) if shard else None
+        else:
+            path = cached_file(source, single_name, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            continue
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as handle:
+                if name in handle.keys():
+                    return handle.get_tensor(name)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if name in state:
+                return state[name]
+    raise ValueError(f"Cannot find `{name}` in the checkpoint files of '{source}'.")
+
+
 def beaver_reward(kind: str = "reward", model_id_or_path: str | None = None, *, batch_size: int = 8,
-                  device=None, dtype=None, append_eos: bool = True, tokenizer=None) -> ScoreModelReward:
+                  device=None, dtype=None, append_eos: bool = False, max_length: int | None = None,
+                  tokenizer=None, name: str | None = None) -> ScoreModelReward:
     """The PKU safe-rlhf score models used by the MARA paper: `kind="reward"` for
     `PKU-Alignment/beaver-7b-v1.0-reward` (helpfulness, higher is better), `kind="cost"` for
     `PKU-Alignment/beaver-7b-v1.0-cost` (harmfulness: higher is MORE harmful; use it with a negative weight,
     e.g. `WeightedReward([(2, beaver_reward("reward")), (-1, beaver_reward("cost"))])`).
 
-    The pair is formatted as `BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}` + EOS and the
-    end score is returned; see [`ScoreModelReward`] for the loading rules. `model_id_or_path` overrides the Hub
-    id (e.g. a local copy).
+    By default the pair is scored as the MARA repository scores it (`src/reward_model.py`) and as the models' card
+    shows: `BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}`, tokenized with BOS, no EOS appended,
+    no truncation; the end score is returned. `append_eos=True` appends the tokenizer's EOS (safe-rlhf's training
+    format) and `max_length=512` keeps the first 512 tokens (safe-rlhf's limit); in a reward spec these are
+    `beaver-reward[eos]` and `beaver-reward[max_length=512]`. See [`ScoreModelReward`] for the loading rules (both
+    safe-rlhf checkpoint layouts load). `model_id_or_path` overrides the Hub id (e.g. a local copy).
     """
     if kind not in BEAVER_MODELS:
         raise ValueError(f"`kind` has to be 'reward' or 'cost', got {kind!r}.")
     return ScoreModelReward(model_id_or_path or BEAVER_MODELS[kind], template=BEAVER_TEMPLATE,
-                            append_eos=append_eos, batch_size=batch_size, device=device, dtype=dtype,
-                            tokenizer=tokenizer, name=f"beaver-{kind}")
+                            append_eos=append_eos, max_length=max_length, batch_size=batch_size, device=device,
+                            dtype=dtype, tokenizer=tokenizer, name=name or f"beaver-{kind}")
 
 
 KNOWN_REWARDS: dict[str, Callable[..., Reward]] = {
     "vader": lambda **_: VaderReward(),
     "offensive": lambda **_: OffensiveReward(),
+    "fluency": lambda **_: FluencyReward(),
+    "repetition": lambda **_: FluencyReward(penalty=True),
     "beaver-reward": lambda **kw: beaver_reward("reward", **kw),
     "beaver-cost": lambda **kw: beaver_reward("cost", **kw),
 }
 """Names understood by [`parse_reward`] (besides `hf:` and `py:`)."""
 
+MODEL_REWARDS = ("beaver-reward", "beaver-cost")
+"""The known rewards that load a model (they take `device`, `dtype`, `batch_size`)."""
+
+
+def _parse_flag(text: str) -> bool:
+    value = {"": True, "1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}.get(text.lower())
+    if value is None:
+        raise ValueError("true or false")
+    return value
+
+
+def _parse_length(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 2:
+        raise ValueError("a token count >= 2, or none")
+    return int(text)
+
+
+BEAVER_OPTIONS = {
+    "eos": ("append_eos", _parse_flag, False, "eos (append EOS: true / false, default false)"),
+    "max_length": ("max_length", _parse_length, None, "max_length (tokens kept, e.g. 512; default none)"),
+}
+REWARD_OPTIONS: dict[str, dict] = {"beaver-reward": BEAVER_OPTIONS, "beaver-cost": BEAVER_OPTIONS}
+"""Options a known reward takes in brackets, e.g. `beaver-reward[eos,max_length=512]`: option -> (keyword argument
+of the reward's factory, parser of the text, default, description)."""
+
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _TERM_START = re.compile(rf"\s*(?:{_NUMBER}\s*\*|hf:|py:|(?:"
                          + "|".join(sorted(map(re.escape, KNOWN_REWARDS), key=len, reverse=True))
-                         + r")(?=$|[\s+\-]))")
+                         + r")(?=$|[\s+\-\[]))")
+_WITH_OPTIONS = re.compile(r"^(?P<name>[\w\-]+)\[(?P<options>[^\[\]]*)\]$")
 _TERM = re.compile(rf"^\s*(?:(?P<weight>{_NUMBER})\s*\*\s*)?(?P<atom>\S.*?)\s*$")
 
 
@@ -474,11 +617,16 @@ def _split_terms(spec: str) -> list[tuple[int, str]]:
 def parse_reward(spec: str, *, device=None, dtype=None, batch_size: int = 8, cache: dict | None = None) -> Reward:
     """A reward from a command-line string (see `REWARD_HELP`).
 
-    Names: `vader`, `offensive` (minus the offensive probability, higher is better), `beaver-reward`,
-    `beaver-cost`, `hf:<model id or path>` ([`SequenceClassifierReward`]), `py:<module:function>`
-    ([`CallableReward`]); weighted sums of them: `2*beaver-reward-1*beaver-cost`, `vader+0.5*offensive`,
-    `-offensive`. A `-` starts a new term only before a number followed by `*`, a known name, `hf:` or `py:`, so
-    names keep their hyphens.
+    Names: `vader`, `offensive` (minus the offensive probability, higher is better), `fluency`
+    ([`FluencyReward`]; `repetition` is minus it, a penalty), `beaver-reward`, `beaver-cost`, `hf:<model id or path>`
+    ([`SequenceClassifierReward`]), `py:<module:function>` ([`CallableReward`]); weighted sums of them:
+    `2*beaver-reward-1*beaver-cost`, `vader+0.5*offensive`, `10*vader+5*fluency`, `-offensive`. A `-` starts a
+    new term only before a number followed by `*`, a known name, `hf:` or `py:`, so names keep their hyphens.
+
+    Options follow a name in brackets, comma-separated, `key=value` or a bare `key` for true:
+    `beaver-reward[eos]` appends EOS, `beaver-cost[max_length=512]` keeps the first 512 tokens,
+    `beaver-reward[eos=true,max_length=512]` both (safe-rlhf's own format). Spellings of the same settings share
+    one cache entry (`beaver-reward[eos=false]` is `beaver-reward`).
 
     Args:
         spec: the string.
@@ -498,9 +646,9 @@ def parse_reward(spec: str, *, device=None, dtype=None, batch_size: int = 8, cac
         if not text.strip() or match is None:
             raise ValueError(f"Cannot parse reward '{spec}': empty term; write e.g. '2*beaver-reward-1*beaver-cost'.")
         weight = sign * (float(match["weight"]) if match["weight"] else 1.0)
-        atom = match["atom"]
+        atom, options = _atom_options(match["atom"], spec)
         if atom not in cache:
-            cache[atom] = _build_atom(atom, spec, device=device, dtype=dtype, batch_size=batch_size)
+            cache[atom] = _build_atom(atom, spec, options, device=device, dtype=dtype, batch_size=batch_size)
         terms.append((weight, cache[atom]))
     if len(terms) == 1 and terms[0][0] == 1.0:
         return terms[0][1]
@@ -511,11 +659,44 @@ def known_rewards() -> str:
     return ", ".join(list(KNOWN_REWARDS) + ["hf:<model id or path>", "py:<module:function>"])
 
 
-def _build_atom(atom: str, spec: str, *, device, dtype, batch_size) -> Reward:
-    if atom in KNOWN_REWARDS:
-        if atom.startswith("beaver"):
-            return KNOWN_REWARDS[atom](device=device, dtype=dtype, batch_size=batch_size)
-        return KNOWN_REWARDS[atom]()
+def _atom_options(atom: str, spec: str) -> tuple[str, dict]:
+    """`(canonical atom, factory keyword arguments)` of an atom that may carry options in brackets; the canonical
+    atom lists only the options that differ from their defaults (`beaver-reward[eos=false]` -> `beaver-reward`)."""
+    match = _WITH_OPTIONS.match(atom)
+    if match is None or match["name"] not in KNOWN_REWARDS:
+        return atom, {}
+    name = match["name"]
+    if not match["options"].strip():
+        raise ValueError(f"Empty options '[]' after reward '{name}' in '{spec}'; write e.g. '{name}[eos]' or "
+                         f"'{name}'.")
+    allowed = REWARD_OPTIONS.get(name)
+    if not allowed:
+        raise ValueError(f"Reward '{name}' in '{spec}' takes no options (remove '[{match['options']}]').")
+    described = "; ".join(option[3] for option in allowed.values())
+    kwargs, shown = {}, []
+    for item in match["options"].split(","):
+        key, _, text = (part.strip() for part in item.partition("="))
+        if key not in allowed:
+            raise ValueError(f"Unknown option '{key}' of reward '{name}' in '{spec}'; it takes {described}.")
+        keyword, parse, default, _ = allowed[key]
+        try:
+            value = parse(text)
+        except ValueError as err:
+            raise ValueError(f"Option '{key}' of reward '{name}' in '{spec}' has to be {err}, got '{text}'.") from None
+        kwargs[keyword] = value
+        shown = [entry for entry in shown if entry[0] != key]
+        if value != default:
+            shown.append((key, "" if value is True else f"={'none' if value is None else value}"))
+    canonical = name + ("[" + ",".join(key + text for key, text in sorted(shown)) + "]" if shown else "")
+    return canonical, kwargs
+
+
+def _build_atom(atom: str, spec: str, options: dict | None = None, *, device, dtype, batch_size) -> Reward:
+    name = atom.partition("[")[0] if options else atom  # options: a known name with settings in brackets
+    if name in KNOWN_REWARDS:
+        if name in MODEL_REWARDS:
+            return KNOWN_REWARDS[name](device=device, dtype=dtype, batch_size=batch_size, name=atom, **(options or {}))
+        return KNOWN_REWARDS[name]()
     if atom.startswith("hf:"):
         source = atom[3:].strip()
         if not source:

@@ -3,52 +3,31 @@
 At a decoding step the model's KV cache holds the context (``L`` entries per row). MARA's state for candidate
 ``t`` is the final-norm hidden state at ``t``'s own position, i.e. the vector ``lm_head`` receives when ``t`` is
 appended to the context. All ``k`` candidates of a row go into ONE forward as *siblings*: input ids ``(B, k)``,
-every sibling at the row's next position, and an attention mask (built by transformers' own mask utilities, so
-every attention implementation, padding and sliding windows are handled) in which each sibling sees the context
-and itself only. A pre-hook on ``lm_head`` reads the ``(B, k, d)`` states.
+every sibling at the row's next position, and an attention mask in which each sibling sees the context and itself
+only. A pre-hook on ``lm_head`` reads the ``(B, k, d)`` states.
 
-The forward appends the ``k`` siblings to the cache. :class:`CacheCheckpoint` puts the cache back exactly as it
-was (the dynamic cache layers concatenate into new tensors, so the old ones are intact and nothing is copied), or
-commits one chosen sibling per row.
+Where the siblings' keys/values go depends on the cache (:class:`DynamicSiblings`, :class:`StaticSiblings`): a
+dynamic cache appends them and is put back afterwards (its layers concatenate into new tensors, so nothing is
+copied); a static cache writes them into scratch slots after the context, which no later mask lets anyone see.
+Either keeps one chosen sibling per row as the committed token (the fused loop) or none (the processor).
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-RESTORABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+from . import hf_internals as hf
+from .hf_internals import cache_keyword
+
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
-
-
-@lru_cache(maxsize=None)
-def _cache_keyword(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def cache_keyword(model) -> str:
-    """The keyword under which `model`'s forward takes the KV cache: `cache` in recent transformers, whose models
-    still swallow the older `past_key_values` (and vice versa) without using it."""
-    return _cache_keyword(type(model))
-
-
-CACHE_KEYS = ("cache", "past_key_values")
-
-
-def cache_of(model_kwargs: dict):
-    """The KV cache among `generate`'s model kwargs (under either name, see `cache_keyword`), or None."""
-    return next((model_kwargs[k] for k in CACHE_KEYS if model_kwargs.get(k) is not None), None)
 
 
 def check_model(model) -> None:
     """Refuse models whose attention cannot take a sibling mask, with the fix in the message."""
-    attn = getattr(model.config, "_attn_implementation", None)
+    attn = hf.attention_implementation(model)
     if attn is not None and attn not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"MARA needs an attention implementation that accepts custom masks ({', '.join(SUPPORTED_ATTENTION)}), "
@@ -59,99 +38,28 @@ def check_model(model) -> None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head): MARA needs a causal LM.")
 
 
-def check_cache(cache) -> None:
-    """Refuse caches whose state cannot be put back exactly after a sibling forward."""
+def check_cache(cache, *, static: bool = False) -> str:
+    """The cache's kind (`"dynamic"` or `"static"`); refuse caches MARA cannot put siblings into and take them out
+    of again. `static=False` refuses static caches too (only the fused loop writes siblings to scratch slots)."""
     if cache is None:
         raise ValueError(
             "MARA decodes on top of the KV cache, but generation runs without one: do not pass `use_cache=False`."
         )
-    if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
-        kind = type(cache).__name__ + (" with offloading" if getattr(cache, "offloading", False) else "")
+    kind = hf.cache_kind(cache)
+    if kind == "dynamic" or (kind == "static" and static):
+        return kind
+    name = type(cache).__name__ + (" with offloading" if getattr(cache, "offloading", False) else "")
+    if kind == "static":
         raise ValueError(
-            f"MARA cannot restore a {kind} after its sibling forward. Use the default dynamic cache: do not set "
-            "`cache_implementation` (static, offloaded, quantized) and do not pass such a cache object."
+            f"The drop-in MaraLogitsProcessor cannot use a {name}: leave `cache_implementation` unset, or use the "
+            "fused loop (`custom_generate=mara_generate`), which supports `cache_implementation=\"static\"`."
         )
-    for layer in cache.layers:
-        if type(layer) not in RESTORABLE_LAYERS:
-            raise ValueError(
-                f"MARA cannot restore cache layers of type {type(layer).__name__}; supported: "
-                f"{', '.join(t.__name__ for t in RESTORABLE_LAYERS)} (the default dynamic cache of attention models)."
-            )
-
-
-class CacheCheckpoint:
-    """The cache as it is now; put it back exactly, or commit one appended sibling per row.
-
-    No tensor is copied: dynamic cache layers `torch.cat` into new tensors on every update, so keeping references
-    to the current ones is enough to restore them.
-    """
-
-    def __init__(self, cache: Cache):
-        self.cache = cache
-        self.layers = list(cache.layers)
-        self.saved = [dict(layer.__dict__) for layer in self.layers]
-
-    def restore(self) -> None:
-        """Put the cache back as it was when the checkpoint was taken."""
-        self.cache.layers[:] = self.layers
-        for layer, saved in zip(self.layers, self.saved):
-            layer.__dict__.clear()
-            layer.__dict__.update(saved)
-
-    def keep_appended(self) -> None:
-        """Make sliding-window layers keep every entry appended from now on (until `restore`), so that more
-        siblings than the window holds can still be read with `appended`."""
-        for layer in self.layers:
-            if layer.is_sliding:
-                layer.record_past = True
-
-    def appended(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the keys/values `(B, heads, count, head_dim)` of the last `count` appended entries."""
-        return appended_kv(self.cache, count)
-
-    def commit(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Restore, then append one entry per row and layer (`(B, heads, 1, head_dim)` each) through the layers'
-        own `update`, so sliding windows keep their bookkeeping."""
-        self.restore()
-        for layer, (keys, values) in zip(self.layers, kv):
-            layer.update(keys, values)
-
-
-def appended_kv(cache: Cache, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the keys/values `(B, heads, count, head_dim)` of the last `count` entries of `cache`."""
-    return [(layer.keys[..., -count:, :], layer.values[..., -count:, :]) for layer in cache.layers]
-
-
-def narrow_cache(cache: Cache, rows: torch.LongTensor) -> Cache:
-    """A throwaway cache holding only `rows` of `cache` (copies of their keys/values; `cache` is not touched), for
-    a sibling forward that only some rows need. Layer settings (sliding window, `record_past`) are kept."""
-    narrow = copy.copy(cache)
-    narrow.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in narrow.layers:
-        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
-        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
-    return narrow
-
-
-def widen(part: torch.Tensor, rows: torch.LongTensor | None, batch: int) -> torch.Tensor:
-    """`part` `(len(rows), ...)` placed at `rows` of a zero tensor `(batch, ...)`; `part` itself when `rows` is
-    None (all rows)."""
-    if rows is None:
-        return part
-    full = part.new_zeros((batch,) + tuple(part.shape[1:]))
-    return full.index_copy_(0, rows.to(part.device), part)
-
-
-def select_kv(parts: list[list[tuple[torch.Tensor, torch.Tensor]]], index: torch.LongTensor):
-    """From chunks of appended entries (each a per-layer list of `(B, h, n_i, d)` pairs), pick entry `index[b]` of
-    row `b` along the concatenated chunks: one `(B, h, 1, d)` pair per layer."""
-    selected = []
-    for layer_parts in zip(*parts):
-        keys = torch.cat([k for k, _ in layer_parts], dim=-2) if len(layer_parts) > 1 else layer_parts[0][0]
-        values = torch.cat([v for _, v in layer_parts], dim=-2) if len(layer_parts) > 1 else layer_parts[0][1]
-        gather = index.to(keys.device).view(-1, 1, 1, 1).expand(-1, keys.shape[1], 1, keys.shape[-1])
-        selected.append((keys.gather(-2, gather), values.gather(-2, gather)))
-    return selected
+    layers = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+    raise ValueError(
+        f"MARA cannot put candidate siblings into a {name} (layers: {', '.join(layers) or 'none'}). Use the default "
+        "dynamic cache, or `cache_implementation=\"static\"` with the fused loop on a model without sliding-window "
+        "layers; offloaded and quantized caches are not supported."
+    )
 
 
 def next_position_ids(
@@ -166,29 +74,46 @@ def next_position_ids(
     return torch.full((batch, 1), past, dtype=torch.long, device=device)
 
 
-@dataclass
-class SiblingOutput:
-    """States `(B, k, d)` (lm_head's input) and, when asked for, logits `(B, k, vocab)` of the siblings."""
+def check_left_padding(attention_mask: torch.Tensor | None) -> None:
+    """Refuse right-padded prompts: every row's last prompt token must be real (MARA's next position of a row is
+    the number of its real tokens, and its candidates follow the last column)."""
+    if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[0] < 2:
+        return
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError(
+            "MARA needs left-padded prompts, but some rows of `attention_mask` end in padding (right padding). "
+            "Tokenize with `tokenizer.padding_side = \"left\"`."
+        )
 
-    states: torch.Tensor
-    logits: torch.Tensor | None
 
-
-def sibling_attention_mask(model, cache: Cache, tokens: torch.Tensor, context_mask: torch.Tensor | None):
-    """The attention mask(s) letting each of the `k` siblings see the context and itself only.
-
-    `context_mask` is the 2D padding mask `(B, >= L)` of the context (None: no padding). Returns what the model's
-    forward takes as `attention_mask`: a single mask, or a dict per layer type for hybrid sliding/full models.
-    """
-    batch, k = tokens.shape
-    past = cache.get_seq_length()
-    device = tokens.device
+# ------------------------------------------------------------------------------------------------------ masks
+def _direct_mask(model, context_mask, past: int, start: int, count: int, slots: int, batch: int, device):
+    """`(B, 1, count, slots)` mask of full-attention layers: query `q` (the sibling at slot `past + start + q`)
+    sees the unpadded context slots `< past` and its own slot. Boolean for sdpa; additive float (0 / dtype min)
+    for eager attention, as transformers' `eager_mask` builds it."""
+    kv = torch.arange(slots, device=device)
+    own = kv[None, :] == (past + start + torch.arange(count, device=device))[:, None]  # (count, slots)
+    context = kv < past  # (slots,)
     if context_mask is None:
-        mask_2d = torch.ones(batch, past + k, dtype=torch.long, device=device)
+        allowed = (own | context[None, :])[None, None].expand(batch, 1, count, slots)
     else:
-        mask_2d = torch.cat([context_mask[:, :past].to(device), context_mask.new_ones(batch, k).to(device)], dim=-1)
+        padding = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+        padding[:, :past] = context_mask[:, :past].to(device=device, dtype=torch.bool)
+        allowed = own[None, None] | padding[:, None, None, :]
+    if hf.attention_implementation(model) == "eager":
+        return torch.zeros((), dtype=model.dtype, device=device).masked_fill(~allowed, torch.finfo(model.dtype).min)
+    return allowed
+
+
+def _library_mask(model, cache, context_mask, past: int, count: int, batch: int, device):
+    """The sibling mask through transformers' own mask utilities: sliding-window and hybrid models (a dict per
+    layer type) and flex attention (a BlockMask)."""
+    if context_mask is None:
+        mask_2d = torch.ones(batch, past + count, dtype=torch.long, device=device)
+    else:
+        mask_2d = torch.cat([context_mask[:, :past].to(device), context_mask.new_ones(batch, count).to(device)], dim=-1)
     # Only shape, dtype and device of `inputs_embeds` are read by the mask utilities.
-    embeds = torch.empty((batch, k, 0), dtype=model.dtype, device=device)
+    embeds = torch.empty((batch, count, 0), dtype=model.dtype, device=device)
 
     def sees_context_or_itself(batch_idx, head_idx, q_idx, kv_idx):
         return (kv_idx < past) | (kv_idx == q_idx)
@@ -201,7 +126,7 @@ def sibling_attention_mask(model, cache: Cache, tokens: torch.Tensor, context_ma
     if False in sliding:
         masks["full_attention"] = create_causal_mask(*args, **common)
     if True in sliding:
-        window = next(layer.sliding_window for layer in cache.layers if layer.is_sliding)
+        window = hf.sliding_window(cache)
 
         # Every sibling sits at position `past`: it sees the context inside the window of `past` (the causal window
         # of later sibling slots would otherwise shrink it), then itself.
@@ -214,49 +139,34 @@ def sibling_attention_mask(model, cache: Cache, tokens: torch.Tensor, context_ma
     return masks
 
 
-def sibling_forward(
-    model,
-    cache: Cache,
-    tokens: torch.LongTensor,
-    position_ids: torch.LongTensor,
-    context_mask: torch.Tensor | None,
-    *,
-    return_logits: bool = False,
-    pick=None,
-) -> SiblingOutput:
-    """Run the candidates `tokens` `(B, k)` as siblings on top of `cache`; the cache grows by `k` entries.
+# ------------------------------------------------------------------------------------------------ the forward
+@dataclass
+class SiblingOutput:
+    """States `(B, k, d)` (lm_head's input) and logits: `(B, k, vocab)` with `logits="all"`, `(B, 1, vocab)` for
+    the picked sibling of each row with `pick`, else None."""
 
-    Args:
-        model: the causal LM (a transformers `PreTrainedModel`, not a PEFT wrapper).
-        cache: its dynamic KV cache holding the context.
-        tokens: candidate ids, `k` per row.
-        position_ids: `(B, 1)` position of the next token of each row.
-        context_mask: 2D padding mask of the context `(B, >= L)`, or None when no row is padded.
-        return_logits: also return the siblings' logits (the fused loop needs them, the processor does not).
-        pick: optional `states (B, k, d) -> index (B,)`, called on lm_head's input before it projects: lm_head
-            then projects only the picked sibling of each row, and `logits` is `(B, 1, vocab)`. The fused loop
-            picks the candidate it may keep, so rejected siblings cost no vocabulary projection.
+    states: torch.Tensor
+    logits: torch.Tensor | None
+
+
+def run_siblings(model, cache, tokens: torch.LongTensor, position_ids: torch.LongTensor, attention_mask, *,
+                 logits: str = "none", pick=None) -> SiblingOutput:
+    """One forward of the siblings `tokens` `(B, k)` at `position_ids` `(B, 1)` with a prepared mask.
+
+    `logits`: `"none"` (lm_head projects nothing: the processor needs states only), `"all"` (every sibling) or
+    `"pick"`: `pick(states) -> (B,)` chooses, before lm_head projects, the one sibling per row whose logits are
+    needed (the fused loop's candidate it may keep), so rejected siblings cost no vocabulary projection.
     """
     batch, k = tokens.shape
-    if k == 1:
-        # A single candidate per row is an ordinary decode step: the model's own causal mask is exact.
-        attention_mask = None
-        if context_mask is not None:
-            past = cache.get_seq_length()
-            attention_mask = torch.cat([context_mask[:, :past], context_mask.new_ones(batch, 1)], dim=-1)
-    else:
-        attention_mask = sibling_attention_mask(model, cache, tokens, context_mask)
-
     captured = {}
 
     def capture_states(module, args):
         states = captured["states"] = args[0]
-        if pick is not None:
+        if logits == "pick":
             index = pick(states).view(-1, 1, 1).expand(-1, 1, states.shape[-1])
             return (states.gather(1, index),) + tuple(args[1:])
-        if not return_logits:
-            # Logits are not needed: let lm_head project one position only.
-            return (states[:, :1],) + tuple(args[1:])
+        if logits == "none":
+            return (states[:, :0],) + tuple(args[1:])
         return None
 
     handle = model.get_output_embeddings().register_forward_pre_hook(capture_states)
@@ -277,4 +187,147 @@ def sibling_forward(
             f"{type(model).__name__} passed {states.shape[1]} of {k} positions to lm_head; MARA needs a model whose "
             "forward projects every input position (`logits_to_keep=0`)."
         )
-    return SiblingOutput(states=states, logits=out.logits if return_logits or pick is not None else None)
+    return SiblingOutput(states=states, logits=None if logits == "none" else out.logits)
+
+
+class DynamicSiblings:
+    """Siblings appended to a dynamic cache, then taken out again (`restore`) or one per row kept (`commit`).
+
+    A chunk may run for some rows only (`rows`): it then runs on a throwaway copy of those rows' cache, so the
+    shared cache is not touched and the other rows pay nothing."""
+
+    kind = "dynamic"
+
+    def __init__(self, model, cache, context_mask: torch.Tensor | None):
+        self.model, self.cache, self.context_mask = model, cache, context_mask
+        self.snapshot = hf.DynamicSnapshot(cache)
+        self.past = cache.get_seq_length()
+        self.library_mask = hf.has_sliding_layers(cache) or hf.attention_implementation(model) == "flex_attention"
+        self.kv_parts = []
+
+    def forward(self, tokens, position_ids, start: int, rows=None, *, logits: str = "none", pick=None, keep_kv=False):
+        """Run siblings `tokens` `(R, k)` (candidates `start .. start + k - 1`) for `rows` (None: all rows)."""
+        count = tokens.shape[1]
+        if count > 1:
+            self.snapshot.keep_appended()
+        cache = self.cache if rows is None else hf.narrow_dynamic_cache(self.cache, rows)
+        context_mask = self.context_mask if rows is None or self.context_mask is None else self.context_mask[rows]
+        batch, device = tokens.shape[0], tokens.device
+        if count == 1:
+            # A single sibling per row is an ordinary decode step: the model's own causal mask is exact.
+            mask = None
+            if context_mask is not None:
+                mask = torch.cat([context_mask[:, : self.past], context_mask.new_ones(batch, 1)], dim=-1)
+        elif self.library_mask:
+            mask = _library_mask(self.model, cache, context_mask, self.past, count, batch, device)
+        else:
+            mask = _direct_mask(self.model, context_mask, self.past, 0, count, self.past + count, batch, device)
+        out = run_siblings(self.model, cache, tokens, position_ids, mask, logits=logits, pick=pick)
+        if keep_kv:
+            full = self.cache.layers[0].keys.shape[0]
+            self.kv_parts.append([(widen(k, rows, full), widen(v, rows, full)) for k, v in hf.appended_kv(cache, count)])
+        return out
+
+    def restore(self) -> None:
+        """The cache exactly as before the first sibling forward."""
+        self.snapshot.restore()
+
+    def commit(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Restore, then append one entry per row and layer (`(B, heads, 1, head_dim)` each)."""
+        self.restore()
+        hf.append_kv(self.cache, kv)
+
+
+class StaticSiblings:
+    """Siblings written into scratch slots of a static cache: candidate `j` of the step goes to slot `L + j` (all
+    at the row's next token position), seeing the context and its own slot. `commit_index` moves each row's taken
+    sibling to slot `L` and sets the length to `L + 1`; `restore` sets the length back to `L`. Stale scratch
+    slots are never visible: every mask only opens slots below the length and a query's own slot.
+
+    `compiled` (a `compiled.CompiledStep`): run picking chunks and the commit through compiled functions."""
+
+    kind = "static"
+
+    def __init__(self, model, cache, context_mask: torch.Tensor | None, past: int, compiled=None):
+        self.model, self.cache, self.context_mask, self.past = model, cache, context_mask, past
+        self.slots = hf.static_capacity(cache)
+        self.compiled = compiled
+        self.kv_parts = []
+        if compiled is not None:
+            self.length = hf.static_length(cache).clone()  # == past, as a device tensor (no host value in graphs)
+            batch = cache.layers[0].keys.shape[0]
+            device = cache.layers[0].keys.device
+            self.padding = torch.zeros(batch, self.slots, dtype=torch.bool, device=device)
+            if context_mask is None:
+                self.padding[:, :past] = True
+            else:
+                self.padding[:, :past] = context_mask[:, :past].to(device=device, dtype=torch.bool)
+
+    def forward(self, tokens, position_ids, start: int, rows=None, *, logits: str = "none", pick=None, keep_kv=False):
+        if rows is not None:
+            raise ValueError("A static cache runs every chunk for all rows.")
+        batch, count = tokens.shape
+        if self.past + start + count > self.slots:
+            raise RuntimeError(
+                f"The static cache has {self.slots} slots, but candidates {start}..{start + count - 1} of a step at "
+                f"length {self.past} need {self.past + start + count}."
+            )
+        if self.compiled is not None and logits == "pick":
+            states, p, _, picked = self.compiled.chunk(self.cache, tokens, position_ids, self.padding, self.length,
+                                                       start, pick.thresholds, pick.valid, pick.target)
+            pick.p_accept = p
+            return SiblingOutput(states=states, logits=picked[:, None])
+        hf.set_static_length(self.cache, self.past + start)
+        mask = _direct_mask(self.model, self.context_mask, self.past, start, count, self.slots, batch, tokens.device)
+        return run_siblings(self.model, self.cache, tokens, position_ids, mask, logits=logits, pick=pick)
+
+    def restore(self) -> None:
+        hf.set_static_length(self.cache, self.past)
+
+    def commit_index(self, index: torch.LongTensor) -> None:
+        """Keep candidate `index[b]` of each row: its slot's keys/values move to slot `L`, the length becomes `L+1`."""
+        if self.compiled is not None:
+            self.compiled.commit(self.cache, self.length, index)
+        else:
+            hf.commit_static_slot(self.cache, self.past, index)
+
+
+def sibling_forward(model, cache, tokens: torch.LongTensor, position_ids: torch.LongTensor,
+                    context_mask: torch.Tensor | None, *, return_logits: bool = False, pick=None) -> SiblingOutput:
+    """Run the candidates `tokens` `(B, k)` as siblings on top of a dynamic `cache`, which grows by `k` entries
+    (put it back with `DynamicSiblings.restore`, or `hf_internals.DynamicSnapshot`).
+
+    Args:
+        model: the causal LM (a transformers `PreTrainedModel`, not a PEFT wrapper).
+        cache: its dynamic KV cache holding the context.
+        tokens: candidate ids, `k` per row.
+        position_ids: `(B, 1)` position of the next token of each row.
+        context_mask: 2D padding mask of the context `(B, >= L)`, or None when no row is padded.
+        return_logits: also return the siblings' logits `(B, k, vocab)`.
+        pick: optional `states (B, k, d) -> index (B,)`; lm_head then projects only the picked sibling of each row
+            and `logits` is `(B, 1, vocab)`.
+    """
+    siblings = DynamicSiblings(model, cache, context_mask)
+    mode = "pick" if pick is not None else ("all" if return_logits else "none")
+    return siblings.forward(tokens, position_ids, 0, logits=mode, pick=pick)
+
+
+def select_kv(parts: list[list[tuple[torch.Tensor, torch.Tensor]]], index: torch.LongTensor):
+    """From chunks of appended entries (each a per-layer list of `(B, h, n_i, d)` pairs), pick entry `index[b]` of
+    row `b` along the concatenated chunks: one `(B, h, 1, d)` pair per layer."""
+    selected = []
+    for layer_parts in zip(*parts):
+        keys = torch.cat([k for k, _ in layer_parts], dim=-2) if len(layer_parts) > 1 else layer_parts[0][0]
+        values = torch.cat([v for _, v in layer_parts], dim=-2) if len(layer_parts) > 1 else layer_parts[0][1]
+        gather = index.to(keys.device).view(-1, 1, 1, 1).expand(-1, keys.shape[1], 1, keys.shape[-1])
+        selected.append((keys.gather(-2, gather), values.gather(-2, gather)))
+    return selected
+
+
+def widen(part: torch.Tensor, rows: torch.LongTensor | None, batch: int) -> torch.Tensor:
+    """`part` `(len(rows), ...)` placed at `rows` of a zero tensor `(batch, ...)`; `part` itself when `rows` is
+    None (all rows)."""
+    if rows is None:
+        return part
+    full = part.new_zeros((batch,) + tuple(part.shape[1:]))
+    return full.index_copy_(0, rows.to(part.device), part)

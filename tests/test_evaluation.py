@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import mara_hf.models
 from conftest import constant_agent, decisive_agent
 from mara_hf import mara_generate
+from mara_hf.fluency import FLUENCY_DEFINITION, fluency, is_degenerate
 from mara_hf.evaluation import (
     INDEX_PLOT,
     RESPONSES_FILE,
@@ -21,8 +22,10 @@ from mara_hf.evaluation import (
     encode_chat_prompts,
     add_eval_arguments,
     evaluate,
+    format_summary,
     load_prompts,
     run_eval,
+    summarize,
     teacher_forced_nll,
     write_plots,
 )
@@ -87,8 +90,8 @@ def test_results_file_holds_the_summary(evaluated):
     out, results, _ = evaluated
     on_disk = json.loads((out / RESULTS_FILE).read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert set(on_disk) >= {"n_prompts", "rewards", "kl_per_token", "agent", "speed", "settings", "settings_id",
-                            "generated_now", "reused", "files"}
+    assert set(on_disk) >= {"n_prompts", "rewards", "kl_per_token", "agent", "fluency", "speed", "settings",
+                            "settings_id", "generated_now", "reused", "files"}
     assert on_disk["n_prompts"] == len(PROMPTS) and on_disk["generated_now"] == len(PROMPTS)
     assert on_disk["settings"]["max_new_tokens"] == 8 and on_disk["settings"]["do_sample"] is False
     assert "KL(delta_y || p_base)" in on_disk["kl_per_token"]["definition"]
@@ -119,7 +122,7 @@ def test_responses_lines(evaluated, tokenizer):
     assert sorted((line["index"], line["prompt"]) for line in lines) == list(enumerate(PROMPTS))
     for line in lines:
         assert set(line) >= {"index", "prompt", "base", "mara", "rewards", "changed", "mara_marked", "tokens",
-                             "nll_sum", "agent", "seconds"}
+                             "nll_sum", "agent", "batch", "seconds"}
         assert 1 <= line["tokens"]["mara"] <= 8 and 1 <= line["tokens"]["base"] <= 8
         assert line["agent"]["tokens"] == line["tokens"]["mara"]
         for mark in line["changed"]:
@@ -149,6 +152,62 @@ def test_agent_statistics_equal_the_fused_loops_own(evaluated, model, tokenizer,
     assert summary["fallbacks"] == totals["fallbacks"]
     assert summary["accepted_index_histogram"] == totals["histogram"].tolist()
     assert summary["agent_decided_rate"] == pytest.approx(totals["agent_decided"] / totals["tokens"])
+
+
+def test_cost_and_fallback_rate_equal_the_fused_loops_own(evaluated, model, tokenizer, agent):
+    """Forwards per decode step / per token and the fallback rate, from MaraStats of the same generate calls."""
+    _, results, lines = evaluated
+    forwards = steps = tokens = fallbacks = decided = 0
+    for start in range(0, len(PROMPTS), 4):
+        inputs = encode_chat_prompts(tokenizer, PROMPTS[start:start + 4], "cpu")
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True)
+        forwards += out.mara_stats.forwards
+        steps += out.sequences.shape[1] - inputs["input_ids"].shape[1]
+        tokens += out.mara_stats.tokens
+        fallbacks += out.mara_stats.fallbacks
+        decided += out.mara_stats.agent_decided
+    a = results["agent"]
+    assert a["forwards"] == pytest.approx(forwards) and a["decode_steps"] == pytest.approx(steps)
+    assert a["forwards_per_step"] == pytest.approx(forwards / steps) and a["forwards_per_step"] >= 1
+    assert a["forwards_per_token"] == pytest.approx(forwards / tokens)
+    assert a["cost_prompts"] == len(PROMPTS) and "forwards_per_step" in a["cost_definition"]
+    assert a["fallback_rate"] == pytest.approx(fallbacks / decided)
+    # each line carries its batch's counts (4 + 2 prompts)
+    assert sorted(line["batch"]["rows"] for line in lines) == [2, 2, 4, 4, 4, 4]
+
+
+def test_degenerate_answers_of_both_sides(tmp_path, evaluated):
+    """The share of degenerate answers is the fluency screen's, for both sides, with its definition."""
+    _, results, lines = evaluated
+    fluency_summary = results["fluency"]
+    assert fluency_summary["definition"] == FLUENCY_DEFINITION
+    for side in ("base", "mara"):
+        flagged = sum(is_degenerate(line["prompt"], line[side]) for line in lines)
+        assert fluency_summary["degenerate"][side] == flagged
+        assert fluency_summary["degenerate_rate"][side] == pytest.approx(flagged / len(PROMPTS))
+        mean = sum(fluency(line["prompt"], line[side]) for line in lines) / len(lines)
+        assert fluency_summary["mean_fluency"][side] == pytest.approx(mean)
+    # a scripted file: MARA loops on one answer of two, the base model on none
+    records = [dict(line, prompt=p, base=b, mara=m) for line, p, b, m in zip(
+        lines, ["Why?", "How?"], ["Because it rains.", "Slowly and carefully."],
+        ["Because because because because.", "Slowly and carefully."])]
+    summary = summarize(records, list(REWARDS))
+    assert summary["fluency"]["degenerate"] == {"base": 0, "mara": 1}
+    assert summary["fluency"]["degenerate_rate"] == {"base": 0.0, "mara": 0.5}
+    # files written before the cost was recorded still summarise
+    old = [{k: v for k, v in line.items() if k != "batch"} for line in lines]
+    assert summarize(old, list(REWARDS))["agent"]["forwards_per_step"] is None
+
+
+def test_text_report_shows_fluency_fallbacks_and_cost(evaluated):
+    _, results, _ = evaluated
+    text = format_summary(results)
+    a, f = results["agent"], results["fluency"]
+    assert f"({a['fallback_rate']:.1%} of its decisions)" in text
+    assert f"cost: {a['forwards_per_step']:.2f} forwards per decode step (plain greedy: 1)" in text
+    assert (f"degenerate answers (fluency <= -0.5): base {f['degenerate']['base']} "
+            f"({f['degenerate_rate']['base']:.1%}), MARA {f['degenerate']['mara']}") in text
 
 
 def test_teacher_forced_nll_matches_the_generation_logits(model, tokenizer):
@@ -344,7 +403,8 @@ def eval_parser():
 
 def test_eval_help_documents_the_rewards():
     text = eval_parser().format_help()
-    for name in ("vader", "offensive", "beaver-reward", "beaver-cost", "hf:ID_OR_PATH", "py:MOD:FUNC",
+    for name in ("vader", "offensive", "fluency", "repetition", "beaver-reward", "beaver-cost", "beaver-reward[eos]",
+                 "max_length=512", "hf:ID_OR_PATH", "py:MOD:FUNC", "10*vader+5*fluency",
                  "2*beaver-reward-1*beaver-cost", "--prompts", "--limit", "--max-new-tokens", "--batch-size",
                  "--out", "--sample", "--seed", "--agent-file"):
         assert name in text, name
@@ -378,6 +438,7 @@ def test_run_eval_end_to_end(tmp_path, fake_loading, capsys):
     assert fake_loading == ["smollm2"]
     assert "3 prompts (3 answered now, 0 reused)" in out and "py:test_rewards:length_reward" in out
     assert "KL per token" in out and "tokens/s" in out and "wrote results.json, responses.jsonl" in out
+    assert "degenerate answers (fluency <= -0.5): base" in out and "forwards per decode step" in out
     results = json.loads((tmp_path / "out" / RESULTS_FILE).read_text())
     assert list(results["rewards"]) == ["py:test_rewards:length_reward",
                                         "2*py:test_rewards:length_reward-py:test_rewards:vowel_reward"]

@@ -179,9 +179,12 @@ def test_fused_refusals():
     with pytest.raises(ValueError, match="does not do beam search"):
         model.generate(ids, max_new_tokens=2, num_beams=2, custom_generate=mara_generate,
                        mara_agent=constant_agent(), pad_token_id=0)
-    with pytest.raises(ValueError, match="cannot restore a StaticCache"):
-        model.generate(ids, max_new_tokens=2, cache_implementation="static", custom_generate=mara_generate,
+    with pytest.raises(ValueError, match="cannot put candidate siblings into a DynamicCache with offloading"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="offloaded", custom_generate=mara_generate,
                        mara_agent=constant_agent(), pad_token_id=0)
+    with pytest.raises(ValueError, match="cannot put candidate siblings into a StaticCache .*StaticSlidingWindowLayer"):
+        tiny_model("mistral").generate(ids, max_new_tokens=2, cache_implementation="static",
+                                       custom_generate=mara_generate, mara_agent=constant_agent(), pad_token_id=0)
     from mara_hf import MaraAgent
 
     with pytest.raises(ValueError, match="hidden size 32"):

@@ -225,7 +225,8 @@ def test_agent_of_other_hidden_size_is_refused():
         (dict(top_k=0), "`top_k` has to be a strictly positive integer"),
         (dict(top_p=1.5), r"`top_p` has to be a float in \(0, 1\]"),
         (dict(fallback="random"), "`fallback` has to be one of"),
-        (dict(schedule=(2, 8)), "`schedule` lists increasing chunk boundaries"),
+        (dict(schedule=(8, 2)), "`schedule` is \"auto\" or increasing chunk boundaries"),
+        (dict(schedule="fast"), "`schedule` is \"auto\" or a tuple of chunk boundaries, but is 'fast'"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
@@ -241,7 +242,7 @@ def baseline(model, ids):
     "kwargs,message",
     [
         (dict(prompt_lookup_num_tokens=2), "assisted or speculative decoding"),
-        (dict(cache_implementation="static"), "cannot restore a StaticCache"),
+        (dict(cache_implementation="static"), "MaraLogitsProcessor cannot use a StaticCache.*fused loop"),
         (dict(use_cache=False), "without one"),
     ],
 )

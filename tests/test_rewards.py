@@ -3,6 +3,7 @@ safe-rlhf (beaver) score-model loading without custom code, and the offline scor
 
 import functools
 import json
+from copy import deepcopy
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 
 from mara_hf.models import SMOLLM2_GGUF, smollm2_directory
 from mara_hf.rewards import (
+    BEAVER_MODELS,
     BEAVER_TEMPLATE,
     CallableReward,
     MissingExtraError,
@@ -138,6 +140,10 @@ def test_load_callable_and_py_specs():
         ("-offensive", [(-1, "offensive")]),
         ("hf:org/rm-v2-0.5*vader", [(1, "hf:org/rm-v2"), (-1, "0.5*vader")]),
         ("py:m:f+hf:a/b-c", [(1, "py:m:f"), (1, "hf:a/b-c")]),
+        ("10*vader-5*repetition", [(1, "10*vader"), (-1, "5*repetition")]),
+        ("2*beaver-reward[eos]-beaver-cost[eos,max_length=512]",
+         [(1, "2*beaver-reward[eos]"), (-1, "beaver-cost[eos,max_length=512]")]),
+        ("beaver-cost[max_length=512]+fluency", [(1, "beaver-cost[max_length=512]"), (1, "fluency")]),
     ],
 )
 def test_split_terms_keeps_hyphens_inside_names(spec, terms):
@@ -159,8 +165,8 @@ def test_parse_weighted_spec_with_shared_cache():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("rouge", (r"Unknown reward 'rouge' in 'rouge'; known rewards: vader, offensive, beaver-reward, beaver-cost, "
-                   r"hf:<model id or path>, py:<module:function>")),
+        ("rouge", (r"Unknown reward 'rouge' in 'rouge'; known rewards: vader, offensive, fluency, repetition, "
+                   r"beaver-reward, beaver-cost, hf:<model id or path>, py:<module:function>")),
         ("vader+2*helpfulness", "Unknown reward 'helpfulness' in 'vader\\+2\\*helpfulness'"),
         ("", "cannot be empty; known rewards: vader"),
         ("   ", "cannot be empty"),
@@ -168,6 +174,12 @@ def test_parse_weighted_spec_with_shared_cache():
         ("vader+", "Unknown reward 'vader\\+'"),
         ("hf:", "'hf:' needs a model id or path"),
         ("2*", "Unknown reward '2\\*'"),
+        ("vader[eos]", r"Reward 'vader' in 'vader\[eos\]' takes no options \(remove '\[eos\]'\)"),
+        ("beaver-reward[]", r"Empty options '\[\]' after reward 'beaver-reward'"),
+        ("beaver-cost[bos=1]", (r"Unknown option 'bos' of reward 'beaver-cost' in 'beaver-cost\[bos=1\]'; it takes eos "
+                                r"\(append EOS: true / false, default false\); max_length \(tokens kept, e.g. 512")),
+        ("beaver-reward[eos=maybe]", "Option 'eos' of reward 'beaver-reward' .* has to be true or false, got 'maybe'"),
+        ("beaver-reward[max_length=1]", "Option 'max_length' .* has to be a token count >= 2, or none, got '1'"),
     ],
 )
 def test_parse_errors_are_clear(spec, message):
@@ -292,65 +304,159 @@ def test_hf_spec_builds_a_sequence_classifier(classifier_dir):
 # safe-rlhf score models (beaver) without custom code
 
 
-def save_score_model(path, tokenizer, *, head=True, head_rows=1, bias=False, do_normalize=False, score_dim=1,
-                     seed=0):
+@pytest.fixture(scope="module")
+def beaver_tokenizer():
+    """The SmolLM2 tokenizer adding BOS to every text, as the beaver models' LLaMA tokenizer does."""
+    copy = deepcopy(smollm2_tokenizer())
+    copy.add_bos_token = True
+    assert copy("hi").input_ids[0] == copy.bos_token_id
+    return copy
+
+
+def save_score_model(path, tokenizer, *, head=True, head_rows=1, bias_key="bias", bias_flag=False, bias=None,
+                     do_normalize=False, score_dim=1, seed=0, shards=1, pickled=False):
     """A tiny checkpoint laid out as safe-rlhf's `LlamaForScore`: `model.*` backbone, `score_head.weight`, the
-    normalizer buffers, and a config with the score-model fields."""
+    normalizer buffers, and a config with the score-model fields. Older safe-rlhf declares the head's bias as
+    `bias`, newer safe-rlhf as `score_bias` (`bias_key`); `bias` is the saved `score_head.bias` (None: not saved).
+    `shards=2` splits the weights over two safetensors files with an index, as the Hub's beaver checkpoints;
+    `pickled=True` writes `pytorch_model.bin` instead, as older safe-rlhf runs."""
     torch.manual_seed(seed)
     config = LlamaConfig(**TINY, pad_token_id=tokenizer.pad_token_id)
     backbone = LlamaModel(config)
     weights = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
     if head:
         weights["score_head.weight"] = torch.randn(head_rows, TINY["hidden_size"])
-    if bias:
-        weights["score_head.bias"] = torch.randn(head_rows)
+    if bias is not None:
+        weights["score_head.bias"] = torch.as_tensor(bias, dtype=torch.float32).reshape(head_rows)
     weights.update({"normalizer.mean": torch.zeros(1), "normalizer.var": torch.ones(1),
                     "normalizer.count": torch.zeros(1, dtype=torch.long)})
     path.mkdir(parents=True, exist_ok=True)
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    if pickled:
+        torch.save(weights, path / "pytorch_model.bin")
+    elif shards == 1:
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        names = sorted(weights)
+        parts = [names[i::shards] for i in range(shards)]
+        weight_map = {}
+        for number, part in enumerate(parts, start=1):
+            file = f"model-{number:05d}-of-{shards:05d}.safetensors"
+            save_file({k: weights[k] for k in part}, path / file, metadata={"format": "pt"})
+            weight_map.update({k: file for k in part})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     fields = config.to_dict()
-    fields.update(architectures=["LlamaForScore"], score_dim=score_dim, bias=bias, do_normalize=do_normalize,
+    fields.update(architectures=["LlamaForScore"], score_dim=score_dim, do_normalize=do_normalize,
                   score_type="reward", normalizer_type="ExponentialMovingAverage", momentum=0.9)
+    fields[bias_key] = bias_flag
     (path / "config.json").write_text(json.dumps(fields))
+    tokenizer.save_pretrained(path)
     return backbone, weights
 
 
-def test_beaver_loads_as_sequence_classifier_with_end_score(tmp_path, tokenizer):
-    tokenizer.save_pretrained(tmp_path / "score")
-    backbone, weights = save_score_model(tmp_path / "score", tokenizer)
+def paper_scores(backbone, weights, tokenizer, prompts, responses, *, eos=False, max_length=None, bias=0.0):
+    """The MARA repository's scoring, one pair at a time (`src/reward_model.py`): the template, tokenized with BOS,
+    EOS appended only if asked, the first `max_length` tokens kept; the end score of the last token."""
+    scores = []
+    with torch.no_grad():
+        for prompt, response in zip(prompts, responses):
+            text = BEAVER_TEMPLATE.format(prompt=prompt, response=response) + (tokenizer.eos_token if eos else "")
+            ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_length]
+            assert ids[0, 0] == tokenizer.bos_token_id
+            scores.append(backbone(ids).last_hidden_state[0, -1] @ weights["score_head.weight"][0] + bias)
+    return torch.stack(scores)
+
+
+def test_beaver_scores_the_papers_way_by_default(tmp_path, beaver_tokenizer):
+    """'BEGINNING OF CONVERSATION: USER: {} ASSISTANT:{}', BOS, no EOS: the MARA repository's scoring."""
+    backbone, weights = save_score_model(tmp_path / "score", beaver_tokenizer)
     reward = beaver_reward("cost", str(tmp_path / "score"))
     assert isinstance(reward, ScoreModelReward) and reward.name == "beaver-cost"
     assert type(reward.model) is LlamaForSequenceClassification
     torch.testing.assert_close(reward.model.score.weight, weights["score_head.weight"])
-    assert reward.format("Hi?", "Hello.") == "BEGINNING OF CONVERSATION: USER: Hi? ASSISTANT:Hello." + tokenizer.eos_token
-
+    assert reward.format("Hi?", "Hello.") == "BEGINNING OF CONVERSATION: USER: Hi? ASSISTANT:Hello."
     scores = reward(PROMPTS, RESPONSES)  # different lengths: right padding in one batch
-    with torch.no_grad():
-        expected = []
-        for prompt, response in zip(PROMPTS, RESPONSES):
-            text = BEAVER_TEMPLATE.format(prompt=prompt, response=response) + tokenizer.eos_token
-            ids = tokenizer(text, return_tensors="pt").input_ids
-            expected.append(backbone(ids).last_hidden_state[0, -1] @ weights["score_head.weight"][0])
-    torch.testing.assert_close(scores, torch.stack(expected), atol=1e-4, rtol=1e-4)
+    expected = paper_scores(backbone, weights, beaver_tokenizer, PROMPTS, RESPONSES)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+    # appending EOS changes the scores: the default really is the paper's
+    with_eos = paper_scores(backbone, weights, beaver_tokenizer, PROMPTS, RESPONSES, eos=True)
+    assert not torch.allclose(scores, with_eos, atol=1e-3)
 
-    no_eos = beaver_reward("reward", str(tmp_path / "score"), append_eos=False, tokenizer=tokenizer)
-    assert not no_eos.format("Hi?", "Hello.").endswith(tokenizer.eos_token)
+
+def test_beaver_eos_and_truncation_options(tmp_path, beaver_tokenizer):
+    backbone, weights = save_score_model(tmp_path, beaver_tokenizer)
+    eos = beaver_reward("reward", str(tmp_path), append_eos=True, tokenizer=beaver_tokenizer)
+    text = BEAVER_TEMPLATE.format(prompt="Hi?", response="Hello.") + beaver_tokenizer.eos_token
+    assert eos.format("Hi?", "Hello.") == text
+    torch.testing.assert_close(eos(PROMPTS, RESPONSES),
+                               paper_scores(backbone, weights, beaver_tokenizer, PROMPTS, RESPONSES, eos=True),
+                               atol=1e-4, rtol=1e-4)
+    # safe-rlhf's truncation: the first max_length tokens (BOS included) are scored; shorter texts are untouched
+    long = [RESPONSES[0] * 4, RESPONSES[1]]
+    truncated = beaver_reward("reward", str(tmp_path), max_length=32, append_eos=True)
+    lengths = [len(beaver_tokenizer(truncated.format(p, r)).input_ids) for p, r in zip(PROMPTS, long)]
+    assert lengths[0] > 32 > lengths[1]
+    expected = paper_scores(backbone, weights, beaver_tokenizer, PROMPTS[:2], long, eos=True, max_length=32)
+    torch.testing.assert_close(truncated(PROMPTS[:2], long), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="`max_length` has to be an integer >= 2 or None, got 0"):
+        beaver_reward("reward", str(tmp_path), max_length=0)
+    with pytest.raises(ValueError, match="`append_eos` has to be a bool, got 'yes'"):
+        beaver_reward("reward", str(tmp_path), append_eos="yes")
+
+
+@pytest.mark.parametrize(
+    ("layout", "bias"),
+    [
+        (dict(bias_key="score_bias", bias_flag=True, bias=0.0), 0.0),  # newer safe-rlhf: zero bias saved
+        (dict(bias_key="score_bias", bias_flag=True, bias=0.75, shards=2), 0.75),  # a trained bias, sharded files
+        (dict(bias_key="bias", bias_flag=True, bias=-0.5), -0.5),  # older safe-rlhf with a biased head
+        (dict(bias_key="bias", bias_flag=True, bias=0.25, pickled=True), 0.25),  # ... saved as pytorch_model.bin
+        (dict(bias_key="score_bias", bias_flag=False, bias=3.0), 0.0),  # no bias declared: the custom code ignores it
+        (dict(bias_key="bias", bias_flag=False, shards=2), 0.0),  # the Hub's beaver-7b-v1.0 layout
+    ],
+)
+def test_beaver_loads_both_safe_rlhf_layouts(tmp_path, beaver_tokenizer, layout, bias):
+    backbone, weights = save_score_model(tmp_path, beaver_tokenizer, **layout)
+    reward = beaver_reward("reward", str(tmp_path))
+    expected = paper_scores(backbone, weights, beaver_tokenizer, PROMPTS, RESPONSES, bias=bias)
+    torch.testing.assert_close(reward(PROMPTS, RESPONSES), expected, atol=1e-4, rtol=1e-4)
+    assert (reward.model.score.bias is not None) == layout["bias_flag"]
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         (dict(head=False), "has no `score_head.weight` \\(nor `score.weight`\\): it is not a safe-rlhf score model"),
-        (dict(bias=True), "without its custom code: its score head has a bias"),
+        (dict(bias_key="score_bias", bias_flag=True),
+         "gives its score head a bias \\(score_bias / bias = true\\), but the checkpoint has no `score_head.bias`"),
         (dict(do_normalize=True), "its scores are normalised by the custom code"),
         (dict(score_dim=2, head_rows=2), "its score head has 2 outputs \\(score_dim\\), not 1"),
         (dict(head_rows=2), "weights of other shapes"),
     ],
 )
-def test_beaver_refuses_checkpoints_that_do_not_fit(tmp_path, tokenizer, options, message):
-    save_score_model(tmp_path, tokenizer, **options)
+def test_beaver_refuses_checkpoints_that_do_not_fit(tmp_path, beaver_tokenizer, options, message):
+    save_score_model(tmp_path, beaver_tokenizer, **options)
     with pytest.raises(ValueError, match=message):
-        beaver_reward("reward", str(tmp_path), tokenizer=tokenizer)
+        beaver_reward("reward", str(tmp_path), tokenizer=beaver_tokenizer)
+
+
+def test_beaver_options_in_the_reward_spec(tmp_path, beaver_tokenizer, monkeypatch):
+    """`beaver-reward[eos,max_length=N]` reaches the score model; equal settings share one cache entry."""
+    backbone, weights = save_score_model(tmp_path, beaver_tokenizer)
+    monkeypatch.setitem(BEAVER_MODELS, "reward", str(tmp_path))
+    monkeypatch.setitem(BEAVER_MODELS, "cost", str(tmp_path))
+    cache = {}
+    paper = parse_reward("beaver-reward", cache=cache)
+    assert (paper.append_eos, paper.max_length) == (False, None)
+    assert parse_reward("beaver-reward[eos=false,max_length=none]", cache=cache) is paper
+    safe_rlhf = parse_reward("beaver-reward[ max_length=512, eos ]", cache=cache)
+    assert safe_rlhf.name == "beaver-reward[eos,max_length=512]" and safe_rlhf is not paper
+    assert (safe_rlhf.append_eos, safe_rlhf.max_length) == (True, 512)
+    assert parse_reward("beaver-reward[eos=1,max_length=512]", cache=cache) is safe_rlhf
+    combined = parse_reward("2*beaver-reward[eos]-1*beaver-cost", cache=cache)
+    expected = (2 * paper_scores(backbone, weights, beaver_tokenizer, PROMPTS, RESPONSES, eos=True)
+                - paper_scores(backbone, weights, beaver_tokenizer, PROMPTS, RESPONSES))
+    torch.testing.assert_close(combined(PROMPTS, RESPONSES), expected, atol=1e-4, rtol=1e-4)
+    assert set(cache) == {"beaver-reward", "beaver-reward[eos,max_length=512]", "beaver-reward[eos]", "beaver-cost"}
 
 
 def test_beaver_kind_is_checked():

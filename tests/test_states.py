@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import ARCHS, left_padded, random_prompts, tiny_model
-from mara_hf.states import CacheCheckpoint, cache_keyword, select_kv, sibling_forward
+from mara_hf.hf_internals import DynamicSnapshot, appended_kv, cache_keyword
+from mara_hf.states import DynamicSiblings, select_kv, sibling_forward
 from reference import naive_states
 
 
@@ -38,7 +39,7 @@ def test_sibling_states_equal_separate_forwards(arch, padded):
     saved = snapshot(cache)
     candidates = torch.randint(3, 96, (len(prompts), 6), generator=torch.Generator().manual_seed(2))
     positions = mask.sum(-1, keepdim=True)
-    checkpoint = CacheCheckpoint(cache)
+    checkpoint = DynamicSnapshot(cache)
     with torch.no_grad():
         out = sibling_forward(model, cache, candidates, positions, mask if padded else None, return_logits=True)
     for row, prompt in enumerate(prompts):
@@ -60,11 +61,11 @@ def test_committed_sibling_continues_like_plain_decoding(arch):
     cache = prefill(model, ids, mask)
     candidates = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])
     positions = mask.sum(-1, keepdim=True)
-    checkpoint = CacheCheckpoint(cache)
+    siblings = DynamicSiblings(model, cache, mask)
     with torch.no_grad():
-        sibling_forward(model, cache, candidates, positions, mask)
+        siblings.forward(candidates, positions, 0, keep_kv=True)
     chosen = torch.tensor([2, 0])
-    checkpoint.commit(select_kv([checkpoint.appended(4)], chosen))
+    siblings.commit(select_kv(siblings.kv_parts, chosen))
     follow = torch.tensor([[30], [31]])
     mask2 = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=-1)
     with torch.no_grad():

@@ -1,31 +1,21 @@
-"""A crude fluency check of `mara-hf eval` answers: how many answers of each side look degenerate.
-
-An answer counts as degenerate when one word trigram occurs 3 or more times in it (loops such as "and highly
-effective and highly ...") or when more than 10% of its characters are non-ASCII (SmolLM2 drifting into
-pseudo-Polish and similar). It is a screen for gross failures, not a fluency score: it misses bland or
-incoherent text and flags legitimate lists.
+"""How many `mara-hf eval` answers of each side look degenerate, by the screen `mara-hf eval` and the `fluency` reward
+use (`mara_hf.fluency`): an answer is degenerate when its fluency is <= -0.5, i.e. when a fifth of its word trigrams
+repeat earlier ones, a word or short phrase comes three times in a row ("eco-friendly, eco-friendly, eco-friendly"),
+or it drifts out of the prompt's language (letters of another script, or another language's function words). It is
+a screen for gross failures, not a fluency score: it misses bland or incoherent text.
 
     python benchmarks/eval/fluency.py benchmarks/eval/smollm2-vader/saferlhf/responses.jsonl [--reward vader]
 
-Prints, per file: N, wins / ties / losses and gain under the reward and per-token KL (`mara-hf eval`'s own
-summary of the file's records), and the degenerate answers of both sides.
+Prints, per file, `mara-hf eval`'s own summary of the file's records: N, wins / ties / losses and gain under the
+reward, per-token KL, degenerate answers of both sides and MARA's fallback rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 
 from mara_hf.evaluation import summarize
-
-
-def degenerate(text: str) -> bool:
-    words = text.split()
-    trigrams = Counter(zip(words, words[1:], words[2:]))
-    loops = max(trigrams.values(), default=0) >= 3
-    foreign = sum(ord(ch) > 127 for ch in text) > 0.1 * max(len(text), 1)
-    return loops or foreign
 
 
 def main(argv=None) -> None:
@@ -37,10 +27,10 @@ def main(argv=None) -> None:
         records = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
         summary = summarize(records, [args.reward])
         r, kl = summary["rewards"][args.reward], summary["kl_per_token"]
-        flagged = {side: sum(degenerate(record[side]) for record in records) for side in ("base", "mara")}
+        degenerate, agent = summary["fluency"]["degenerate"], summary["agent"]
         print(f"{path}: N={len(records)} {r['wins']}/{r['ties']}/{r['losses']} gain {r['gain']:+.1f}; KL/token MARA "
-              f"{kl['mara']:.2f} (base {kl['base_reference']:.2f}); degenerate answers MARA {flagged['mara']} / "
-              f"base {flagged['base']}")
+              f"{kl['mara']:.2f} (base {kl['base_reference']:.2f}); degenerate answers MARA {degenerate['mara']} / "
+              f"base {degenerate['base']}; fallback rate {agent['fallback_rate']:.1%}")
 
 
 if __name__ == "__main__":

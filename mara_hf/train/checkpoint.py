@@ -7,6 +7,10 @@ generators) in `trainer.safetensors`, and the rest (counters, optimizer hyperpar
 
 Writing: the folder is filled under a temporary name, renamed into place, and only then does the `latest` file
 (itself replaced atomically) point at it. A run killed at any moment leaves `latest` naming a complete checkpoint.
+Folders and files get the usual permissions (the umask's), so other users of a shared run folder can read them.
+
+Reading: a checkpoint that cannot be read (a damaged file) raises `CheckpointError` naming the file and the
+previous checkpoint; deleting the damaged folder makes `latest_checkpoint` fall back to that one.
 """
 
 from __future__ import annotations
@@ -14,18 +18,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 TENSORS = "trainer.safetensors"
 METADATA = "trainer.json"
 AGENT = "agent"
+FILES = (METADATA, TENSORS, f"{AGENT}/config.json", f"{AGENT}/model.safetensors")
 _TENSOR = "__tensor__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and the previous checkpoint."""
 
 
 def flatten(tree: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
@@ -61,13 +71,23 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def _temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside `path` (created with the umask's permissions, unlike `tempfile`'s owner-only)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` at once: a kill leaves the old or the new content, never a mix."""
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(directory: str | os.PathLike, name: str, agent, state: dict[str, Any], keep: int = 2) -> Path:
@@ -75,8 +95,9 @@ def save_checkpoint(directory: str | os.PathLike, name: str, agent, state: dict[
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / name
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".{name}."))
+    tmp = _temporary_name(final)
     try:
+        tmp.mkdir()
         agent.save_pretrained(tmp / AGENT)
         skeleton, tensors = flatten(state)
         save_file(tensors, str(tmp / TENSORS))
@@ -87,7 +108,7 @@ def save_checkpoint(directory: str | os.PathLike, name: str, agent, state: dict[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(directory / LATEST, name + "\n")
+    write_text_atomic(directory / LATEST, name + "\n")
     checkpoints = sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in checkpoints[:-keep] if keep else []:
         if old.name != name:
@@ -95,22 +116,60 @@ def save_checkpoint(directory: str | os.PathLike, name: str, agent, state: dict[
     return final
 
 
+def _complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in FILES)
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The checkpoint `directory/latest` names, or None when there is none."""
-    pointer = Path(directory) / LATEST
+    """The checkpoint `directory/latest` names, or None when there is none.
+
+    If the folder it names was deleted (e.g. because it was damaged), the newest complete checkpoint left."""
+    directory = Path(directory)
+    pointer = directory / LATEST
     if not pointer.is_file():
         return None
-    path = Path(directory) / pointer.read_text().strip()
-    if not (path / METADATA).is_file():
-        raise FileNotFoundError(f"'{pointer}' names '{path.name}', which is not a complete checkpoint.")
-    return path
+    name = pointer.read_text().strip()
+    path = directory / name
+    if name and path.is_dir() and path.parent == directory:
+        if not _complete(path):
+            raise damaged(path, f"it lacks {', '.join(f for f in FILES if not (path / f).is_file())}")
+        return path
+    remaining = sorted(p for p in directory.iterdir() if p.name.startswith("step-") and _complete(p))
+    return remaining[-1] if remaining else None
+
+
+def damaged(path: Path, problem: str) -> CheckpointError:
+    """The error for the unreadable checkpoint `path`, naming the previous one to resume from instead."""
+    path = Path(path)
+    older = sorted(p for p in path.parent.iterdir()
+                   if p.name.startswith("step-") and p.name < path.name and _complete(p))
+    fix = (f"delete the folder '{path}' and run again to resume from the previous checkpoint, '{older[-1].name}'"
+           if older else f"delete the folder '{path.parent}' to start the run over, or use another output folder")
+    return CheckpointError(f"Checkpoint '{path.name}' cannot be read: {problem}. To go on, {fix}.")
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """`(agent, state)` of the checkpoint folder `path`."""
+    """`(agent, state)` of the checkpoint folder `path`; `CheckpointError` if a file of it is damaged."""
     from ..agent import MaraAgent
 
     path = Path(path)
-    agent = MaraAgent.from_pretrained(path / AGENT)
-    state = unflatten(json.loads((path / METADATA).read_text()), load_file(str(path / TENSORS)))
+    try:
+        agent = MaraAgent.from_pretrained(path / AGENT)
+    except (ValueError, OSError) as err:
+        raise damaged(path, str(err).rstrip(".")) from None
+    try:
+        skeleton = json.loads((path / METADATA).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise damaged(path, f"'{path / METADATA}' is not valid JSON ({err})") from None
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise damaged(path, f"'{path / TENSORS}' is not a readable safetensors file ({err})") from None
+    try:
+        state = unflatten(skeleton, tensors)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        problem = f"'{path / METADATA}' does not match '{path / TENSORS}' ({type(err).__name__}: {err})"
+        raise damaged(path, problem) from None
+    if not isinstance(state, dict):
+        raise damaged(path, f"'{path / METADATA}' does not hold a training state")
     return agent, state

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import re
 import shlex
 import sys
 import time
+import types
+import typing
+from pathlib import Path
 
 import torch
 
@@ -20,60 +26,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     from .. import models
     from ..rewards import REWARD_HELP
 
-    defaults, sac = TrainConfig(), SACConfig()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = ("Train a MARA agent with discrete soft actor-critic: batched rollouts of the accept/reject\n"
                           "MDP, a sentence-level reward at the end of each answer plus a token-level KL penalty to\n"
-                          "the base model. Re-running with the same --out resumes from the latest checkpoint.")
+                          "the base model (and, with --reject-cost, a cost per reject decision). Re-running with the\n"
+                          "same --out resumes from the latest checkpoint.")
     parser.epilog = REWARD_HELP + "\n\n" + EXAMPLE
     parser.add_argument("--prompts", required=True,
                         help="JSON list of objects with 'instruction', or JSON Lines with 'instruction' or 'prompt'")
     parser.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
     parser.add_argument("--reward", required=True, metavar="SPEC",
-                        help="the sentence-level reward: vader, offensive, beaver-reward, hf:ID_OR_PATH, "
-                             "py:MODULE:FUNCTION or a weighted sum like vader+0.5*offensive (see below)")
+                        help="the sentence-level reward: vader, offensive, fluency, beaver-reward, hf:ID_OR_PATH, "
+                             "py:MODULE:FUNCTION or a weighted sum like 10*vader+5*fluency (see below)")
     models.add_model_argument(parser)
     parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, agent/")
     parser.add_argument("--init-agent", default=None, help="start from this agent instead of a fresh one")
-    run = parser.add_argument_group("run")
-    run.add_argument("--iterations", type=int, default=defaults.iterations, help="rollouts (default: %(default)s)")
-    run.add_argument("--batch-size", type=int, default=defaults.rollout_batch_size,
-                     help="prompts per rollout (default: %(default)s)")
-    run.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    run.add_argument("--kl-coef", type=float, default=defaults.kl_coef,
-                     help="token-level KL penalty coefficient (default: %(default)s)")
-    run.add_argument("--top-k", type=int, default=defaults.top_k)
-    run.add_argument("--top-p", type=float, default=defaults.top_p)
-    run.add_argument("--fallback", choices=["first", "last"], default=defaults.fallback,
-                     help="when every candidate is rejected: force the last (paper MDP, default) or take the top-1; "
-                          "recorded in the agent so inference does the same")
-    run.add_argument("--updates-per-rollout", type=int, default=defaults.updates_per_rollout)
-    run.add_argument("--learning-starts", type=int, default=defaults.learning_starts,
-                     help="transitions in the buffer before updates start (default: %(default)s)")
-    run.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="iterations")
-    run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--hidden-sizes", type=int, nargs=2, default=list(defaults.hidden_sizes))
-    run.add_argument("--initial-accept", type=float, default=defaults.initial_accept,
-                     help="a fresh actor starts accepting every candidate with about this probability "
-                          "(default: %(default)s; 0 for the plain random initialisation)")
-    run.add_argument("--schedule", type=int, nargs="+", default=list(defaults.schedule),
-                     help="lazy chunk boundaries of the rollouts (default: %(default)s: a sampled actor rarely "
-                          "walks far)")
-    learner = parser.add_argument_group("soft actor-critic")
-    learner.add_argument("--lr", type=float, default=sac.actor_lr, help="actor, critic and alpha learning rate")
-    learner.add_argument("--actor-lr", type=float, default=None, help="actor learning rate (default: --lr)")
-    learner.add_argument("--alpha-lr", type=float, default=None, help="temperature learning rate (default: --lr)")
-    learner.add_argument("--sac-batch-size", type=int, default=sac.batch_size)
-    learner.add_argument("--gamma", type=float, default=sac.gamma)
-    learner.add_argument("--tau", type=float, default=sac.tau)
-    learner.add_argument("--buffer-size", type=int, default=sac.buffer_size)
-    learner.add_argument("--initial-alpha", type=float, default=sac.initial_alpha)
-    learner.add_argument("--target-entropy", type=float, default=sac.target_entropy,
-                         help="in nats (default: 0.6 * log 2)")
-    learner.add_argument("--max-grad-norm", type=float, default=sac.max_grad_norm)
-    learner.add_argument("--actor-delay", type=int, default=sac.actor_delay,
-                         help="first updates that train the critics only (default: %(default)s)")
-    learner.add_argument("--no-autotune", action="store_true", help="keep alpha fixed at --initial-alpha")
+    add_config_arguments(parser.add_argument_group("run"), TrainConfig)
+    add_config_arguments(parser.add_argument_group("soft actor-critic"), SACConfig, prefix=SAC_PREFIX)
     system = parser.add_argument_group("system")
     system.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     system.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -87,6 +56,120 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+# ---------------------------------------------------------------------------------------------- options
+SAC_PREFIX = "sac_"
+"""Namespace prefix of the `SACConfig` options (`args.sac_tau`), apart from `TrainConfig`'s."""
+
+
+def _hyperparameters(config_class) -> list[tuple[dataclasses.Field, object, object]]:
+    """`(field, type, default)` of every field of the dataclass `config_class` that has a `help` (a nested config
+    has none)."""
+    hints, defaults = typing.get_type_hints(config_class), config_class()
+    return [(f, hints[f.name], getattr(defaults, f.name)) for f in dataclasses.fields(config_class)
+            if "help" in f.metadata]
+
+
+def _flag(field: dataclasses.Field, default=None) -> str:
+    if "flag" in field.metadata:
+        return field.metadata["flag"]
+    return ("--no-" if default is True else "--") + field.name.replace("_", "-")
+
+
+def _value_type(hint):
+    """`X` of `X | None`; other types as they are."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def add_config_arguments(group, config_class, prefix: str = "") -> None:
+    """One option per hyperparameter of the dataclass `config_class` (`TrainConfig`, `SACConfig`), built from each
+    field: the flag (`--field-name`, or metadata `flag`; a bool that defaults to true is `--no-field-name`), its
+    type (a `Literal` gives choices, `tuple[int, ...]` / `tuple[int, int]` several values), its default and its
+    metadata `help`. Metadata `same_as` gives an option no default of its own (it follows another field), `none`
+    the command-line spelling of None, `default_text` how the default is shown. Values land in
+    `args.<prefix><field name>`; [`config_from_args`] builds the dataclass back."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    for field, hint, default in _hyperparameters(config_class):
+        meta, hint = field.metadata, _value_type(hint)
+        if hint is bool:
+            group.add_argument(_flag(field, default), dest=prefix + field.name, help=meta["help"],
+                               action="store_false" if default else "store_true")
+            continue
+        options, shown = {"type": hint, "default": default}, meta.get("default_text", default)
+        if typing.get_origin(hint) is typing.Literal:
+            options.update(type=str, choices=list(typing.get_args(hint)))
+        elif typing.get_origin(hint) is tuple:
+            items = typing.get_args(hint)
+            options.update(type=items[0], nargs="+" if items[-1] is Ellipsis else len(items), default=list(default))
+            shown = " ".join(map(str, default))
+        if "same_as" in meta:
+            options["default"], shown = None, _flag(fields[meta["same_as"]])
+        flag = _flag(field)
+        group.add_argument(flag, dest=prefix + field.name, metavar=flag[2:].upper().replace("-", "_"),
+                           help=f"{meta['help']} (default: {shown})".replace("%", "%%"), **options)
+
+
+def config_from_args(config_class, args: argparse.Namespace, prefix: str = "", **values):
+    """The dataclass `config_class` from the options [`add_config_arguments`] added (plus `values`, e.g. a nested
+    config). A bad value raises the dataclass's own `ValueError`, prefixed with the option's flag."""
+    found = {}
+    for field, hint, default in _hyperparameters(config_class):
+        value = getattr(args, prefix + field.name)
+        if isinstance(value, list):
+            value = tuple(value)
+        if "none" in field.metadata and value == _value_type(hint)(field.metadata["none"]):
+            value = None  # e.g. --initial-accept 0
+        found[field.name] = value
+    for field, _, _ in _hyperparameters(config_class):
+        if found[field.name] is None and "same_as" in field.metadata:
+            found[field.name] = found[field.metadata["same_as"]]
+    try:
+        return config_class(**found, **values)
+    except ValueError as err:
+        named = re.match(r"`(\w+)`", str(err))
+        fields = {f.name: f for f in dataclasses.fields(config_class)}
+        if named is None or named[1] not in fields:
+            raise
+        raise ValueError(f"{_flag(fields[named[1]])}: {err}") from None
+
+
+def config_to_argv(config) -> list[str]:
+    """The `mara-hf train` options that give `config` (a `TrainConfig` with its `sac`, or a `SACConfig`): one
+    per hyperparameter that differs from its default, so `config_from_args` of their parse is `config` again."""
+    argv = []
+    for field, hint, default in _hyperparameters(type(config)):
+        value, meta = getattr(config, field.name), field.metadata
+        if "same_as" in meta:
+            default = getattr(config, meta["same_as"])
+        if value == default:
+            continue
+        if _value_type(hint) is bool:
+            argv.append(_flag(field, default))
+        elif value is None:
+            if "none" not in meta:
+                raise ValueError(f"`{field.name}` = None has no command-line spelling ({_flag(field)}).")
+            argv += [_flag(field), meta["none"]]
+        else:
+            argv += [_flag(field), *(map(str, value) if isinstance(value, tuple) else [str(value)])]
+    for field in dataclasses.fields(config):
+        if dataclasses.is_dataclass(getattr(config, field.name)):  # the learner's options after the run's
+            argv += config_to_argv(getattr(config, field.name))
+    return argv
+
+
+def check_out_folder(out: str) -> None:
+    """Refuse an unusable --out before anything is loaded: a file, or below a file or an unwritable folder."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out '{out}' is a file, not a run folder: give a folder (new or of an earlier run).")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the filesystem root always exists
+    if not existing.is_dir():
+        raise ValueError(f"--out '{out}' cannot be created: '{existing}' is a file; give another folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out '{out}' is not writable ('{existing}' is not): give another folder.")
+
+
 def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from .. import models
     from ..evaluation import load_prompts
@@ -96,18 +179,10 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         raise ValueError("--limit has to be at least 1.")
     if args.time_limit is not None and args.time_limit <= 0:
         raise ValueError("--time-limit has to be positive (minutes).")
+    check_out_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sac = SACConfig(actor_lr=args.actor_lr or args.lr, critic_lr=args.lr, alpha_lr=args.alpha_lr or args.lr, batch_size=args.sac_batch_size,
-                    gamma=args.gamma, tau=args.tau, buffer_size=args.buffer_size, initial_alpha=args.initial_alpha,
-                    target_entropy=args.target_entropy, max_grad_norm=args.max_grad_norm,
-                    autotune=not args.no_autotune, actor_delay=args.actor_delay)
-    config = TrainConfig(iterations=args.iterations, rollout_batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, kl_coef=args.kl_coef, top_k=args.top_k,
-                         top_p=args.top_p, fallback=args.fallback, updates_per_rollout=args.updates_per_rollout,
-                         learning_starts=args.learning_starts, checkpoint_every=args.checkpoint_every,
-                         seed=args.seed, hidden_sizes=tuple(args.hidden_sizes), sac=sac,
-                         initial_accept=args.initial_accept or None, schedule=tuple(args.schedule))
+    config = config_from_args(TrainConfig, args, sac=config_from_args(SACConfig, args, prefix=SAC_PREFIX))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     reward = parse_reward(args.reward, device=device)
     prompts = load_prompts(args.prompts, args.limit)

@@ -19,6 +19,9 @@ replay transitions `(s, a, r, s', done)`:
 - the terminal (sentence-level) reward is added once, to the row's last event, and is never bootstrapped past it;
 - the token-level KL penalty of a position, `kl_coef * (log p_base(t_1) - log p_base(taken))`, is added to the
   event that chose the token (the accept, or the last reject before a forced / fallback token);
+- with `reject_cost > 0` every reject decision pays that cost (a compute-aware MDP: rejecting candidates costs
+  sibling forwards at inference, and rejecting all of them changes nothing with the "first" fallback); the
+  paper's MDP has none (0, the default);
 - a row whose states hold a NaN or inf is dropped whole, so transitions and rewards cannot shift.
 """
 
@@ -30,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..decide import DEFAULT_SCHEDULE, evaluate_step
+from ..decide import evaluate_step
+from ..schedule import LAZY_SCHEDULE as DEFAULT_SCHEDULE
 from ..states import cache_keyword, check_cache, check_model, next_position_ids
 from .buffer import Batch
 
@@ -205,10 +209,12 @@ def rollout(
     )
 
 
-def build_transitions(rollout: Rollout, terminal_rewards: torch.Tensor, kl_coef: float) -> Batch:
+def build_transitions(rollout: Rollout, terminal_rewards: torch.Tensor, kl_coef: float,
+                      reject_cost: float = 0.0) -> Batch:
     """Replay transitions from a rollout's events (see the module docstring for the reward placement).
 
-    `terminal_rewards` `(B,)`: the sentence-level reward of each row's response.
+    `terminal_rewards` `(B,)`: the sentence-level reward of each row's response. `reject_cost`: subtracted from
+    the reward of every reject decision (action 0); 0 leaves the paper's rewards exactly as they are.
     """
     keep = rollout.finite.to(rollout.rows.device)[rollout.rows]
     rows = rollout.rows[keep]
@@ -218,6 +224,8 @@ def build_transitions(rollout: Rollout, terminal_rewards: torch.Tensor, kl_coef:
     last[:-1] = rows[1:] != rows[:-1]
     terminal = terminal_rewards.to(device=rows.device, dtype=torch.float32)[rows]
     rewards = -kl_coef * rollout.penalties[keep].float() + torch.where(last, terminal, 0.0)
+    if reject_cost:
+        rewards = rewards - reject_cost * (rollout.actions[keep] == 0).float()
     next_states = torch.roll(states, shifts=-1, dims=0)
     next_states[last] = 0
     return Batch(states=states, actions=rollout.actions[keep], rewards=rewards, next_states=next_states, dones=last)

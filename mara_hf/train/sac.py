@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -52,20 +52,30 @@ class Critic(nn.Module):
 # ---------------------------------------------------------------------------------------------- config
 @dataclass
 class SACConfig:
-    """Hyperparameters, defaulting to the MARA paper code's values."""
+    """Hyperparameters of the learner, defaulting to the MARA paper code's values. Each field's `help` (its
+    metadata) is declared here once; `mara-hf train` builds its options from it (`--lr` sets the critic's rate and,
+    unless `--actor-lr` / `--alpha-lr` are given, the actor's and alpha's)."""
 
-    actor_lr: float = 3e-4
-    critic_lr: float = 3e-4
-    alpha_lr: float = 3e-4
-    batch_size: int = 1024
-    gamma: float = 0.99
-    tau: float = 0.005
-    buffer_size: int = 1_000_000
-    initial_alpha: float = 0.01
-    target_entropy: float = 0.6 * math.log(2)
-    max_grad_norm: float | None = 1.0  # None: no gradient clipping
-    autotune: bool = True  # False: alpha stays at `initial_alpha`
-    actor_delay: int = 0  # the first `actor_delay` updates train the critics only (the actor and alpha wait)
+    critic_lr: float = field(default=3e-4, metadata={
+        "help": "critic learning rate; also the actor's and alpha's unless --actor-lr / --alpha-lr are given",
+        "flag": "--lr"})
+    actor_lr: float = field(default=3e-4, metadata={"help": "actor learning rate", "same_as": "critic_lr"})
+    alpha_lr: float = field(default=3e-4, metadata={"help": "temperature (alpha) learning rate",
+                                                    "same_as": "critic_lr"})
+    batch_size: int = field(default=1024, metadata={"help": "transitions per SAC update", "flag": "--sac-batch-size"})
+    gamma: float = field(default=0.99, metadata={"help": "discount per decision"})
+    tau: float = field(default=0.005, metadata={"help": "Polyak averaging rate of the target critics, in (0, 1]"})
+    buffer_size: int = field(default=1_000_000, metadata={
+        "help": "replay buffer capacity in transitions (fp16 states, allocated once: 1e6 x 576-d = 2.2 GiB)"})
+    initial_alpha: float = field(default=0.01, metadata={"help": "initial entropy temperature"})
+    target_entropy: float = field(default=0.6 * math.log(2), metadata={
+        "help": "policy entropy alpha steers towards, in nats, in [0, log 2]", "default_text": "0.6 * log 2"})
+    max_grad_norm: float | None = field(default=1.0, metadata={
+        "help": "gradient-norm clipping of actor and critics (None, in Python only: no clipping)"})
+    autotune: bool = field(default=True, metadata={
+        "help": "learn alpha, the entropy temperature (--no-autotune keeps it at --initial-alpha)"})
+    actor_delay: int = field(default=0, metadata={
+        "help": "first updates that train the critics only (the actor and alpha wait)"})
 
     def __post_init__(self):
         for name in ("actor_lr", "critic_lr", "alpha_lr", "initial_alpha"):

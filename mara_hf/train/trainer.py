@@ -5,7 +5,8 @@ One iteration:
 1. take the next `rollout_batch_size` prompts (a seeded shuffle, epoch after epoch);
 2. play the accept/reject MDP on them with the actor, batched, through the fused MARA step (`rollout`);
 3. score the responses with the sentence-level reward and build transitions (terminal reward once on each
-   episode's last decision, token-level KL penalty on the decision that chose each token);
+   episode's last decision, token-level KL penalty on the decision that chose each token, and `reject_cost` off
+   every reject decision);
 4. add them to the fp16 replay buffer and, once it holds `learning_starts` transitions, run
    `updates_per_rollout` SAC updates on batches sampled from it;
 5. log one JSON line of metrics (and TensorBoard scalars if asked); every `checkpoint_every` iterations write
@@ -26,15 +27,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
 from ..agent import MaraAgent, validate_candidate_settings
-from ..decide import validate_schedule
+from ..schedule import validate_schedule
 from ..evaluation import encode_chat_prompts, eos_token_ids
 from .buffer import ReplayBuffer
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import damaged, latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from .rollout import build_transitions, rollout
 from .sac import DiscreteSAC, SACConfig
 
@@ -48,22 +49,37 @@ FINAL_AGENT = "agent"
 
 @dataclass
 class TrainConfig:
-    """Settings of a training run (SAC hyperparameters in `sac`; defaults as the paper's code)."""
+    """Settings of a training run, defaulting to the paper code's values; the learner's are in `sac`
+    ([`SACConfig`]). Each field's `help` (its metadata) is declared here once: `mara-hf train` builds its options
+    from it (`rollout_batch_size` is `--batch-size`), `benchmarks/train_sweep.py` turns configs back into them, and
+    `trainer.json` of every checkpoint stores `to_dict()`."""
 
-    iterations: int = 100
-    rollout_batch_size: int = 16
-    max_new_tokens: int = 64
-    kl_coef: float = 0.1
-    top_k: int = 40
-    top_p: float = 0.95
-    fallback: str = "last"
-    schedule: tuple = ROLLOUT_SCHEDULE
-    updates_per_rollout: int = 8
-    learning_starts: int = 2048
-    checkpoint_every: int = 10
-    seed: int = 0
-    hidden_sizes: tuple = (1024, 256)
-    initial_accept: float | None = 0.9
+    iterations: int = field(default=100, metadata={"help": "rollouts (a resumed run may raise it to go on)"})
+    rollout_batch_size: int = field(default=16, metadata={"help": "prompts per rollout", "flag": "--batch-size"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens per answer (an episode also ends at EOS)"})
+    kl_coef: float = field(default=0.1, metadata={
+        "help": "token-level KL penalty: kl_coef * (log p_base(top-1) - log p_base(taken)) on the decision that "
+                "chose each token"})
+    reject_cost: float = field(default=0.0, metadata={
+        "help": "cost of every reject decision, subtracted from its transition's reward (0: the paper's MDP; a "
+                "small cost such as 0.01 teaches the agent to accept early and not to reject candidates it ends up "
+                "taking anyway, the most expensive outcome at inference)"})
+    top_k: int = field(default=40, metadata={"help": "candidates per position: the base model's top-k ..."})
+    top_p: float = field(default=0.95, metadata={"help": "... then top-p, most probable first"})
+    fallback: Literal["first", "last"] = field(default="last", metadata={
+        "help": "when every candidate is rejected: force the last (the paper's MDP) or take the top-1; recorded "
+                "in the agent so inference does the same"})
+    schedule: tuple[int, ...] = field(default=ROLLOUT_SCHEDULE, metadata={
+        "help": "lazy chunk boundaries of the rollouts (a sampled actor rarely walks far)"})
+    updates_per_rollout: int = field(default=8, metadata={"help": "SAC updates after each rollout"})
+    learning_starts: int = field(default=2048, metadata={
+        "help": "transitions in the buffer before updates start"})
+    checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints"})
+    seed: int = field(default=0, metadata={"help": "seed of the actor's initialisation, prompt order and sampling"})
+    hidden_sizes: tuple[int, int] = field(default=(1024, 256), metadata={"help": "the agent's two hidden layers"})
+    initial_accept: float | None = field(default=0.9, metadata={
+        "help": "a fresh actor starts accepting every candidate with about this probability (0: the plain random "
+                "initialisation)", "none": "0"})
     sac: SACConfig = field(default_factory=SACConfig)
 
     def __post_init__(self):
@@ -75,8 +91,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"`{name}` has to be a non-negative integer, but is {value!r}.")
-        if not isinstance(self.kl_coef, (int, float)) or not self.kl_coef >= 0 or not math.isfinite(self.kl_coef):
-            raise ValueError(f"`kl_coef` has to be a non-negative number, but is {self.kl_coef!r}.")
+        for name in ("kl_coef", "reject_cost"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"`{name}` has to be a non-negative number, but is {value!r}.")
         if self.initial_accept is not None and not (
             isinstance(self.initial_accept, float) and 0.0 < self.initial_accept < 1.0
         ):
@@ -207,7 +225,7 @@ class Trainer:
         scores = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float32).reshape(-1)
         if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
             raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
-        transitions = build_transitions(episodes, scores, config.kl_coef)
+        transitions = build_transitions(episodes, scores, config.kl_coef, reject_cost=config.reject_cost)
         self.buffer.add(*transitions)
         rollout_seconds = time.perf_counter() - started
 
@@ -260,18 +278,45 @@ class Trainer:
         return save_checkpoint(self.out_dir / CHECKPOINTS, f"step-{self.iteration:07d}", self.agent, self.state_dict())
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of `out_dir` if there is one; drop metric lines written after it."""
+        """Load the latest checkpoint of `out_dir` if there is one; drop metric lines written after it (without a
+        checkpoint, all of them: those iterations are run again)."""
         path = latest_checkpoint(self.out_dir / CHECKPOINTS)
-        if path is None:
-            return False
-        _, state = load_checkpoint(path)
-        self.load_state_dict(state)
-        metrics = self.out_dir / METRICS_FILE
-        if metrics.exists():
-            lines = [line for line in metrics.read_text().splitlines()
-                     if line.strip() and json.loads(line)["iteration"] <= self.iteration]
-            metrics.write_text("".join(line + "\n" for line in lines))
-        return True
+        if path is not None:
+            _, state = load_checkpoint(path)
+            try:
+                self.load_state_dict(state)
+            except (KeyError, TypeError, IndexError, RuntimeError) as err:
+                raise damaged(path, f"its training state does not load ({type(err).__name__}: {err})") from None
+        self._cut_metrics()
+        return path is not None
+
+    def _cut_metrics(self) -> None:
+        """Keep one metric line per iteration up to `self.iteration`, the last written: lines of later iterations
+        (they are run again) and of a run restarted without a checkpoint go, and so does an unreadable last line
+        (a run killed while writing it)."""
+        path = self.out_dir / METRICS_FILE
+        if not path.exists():
+            return
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        kept = {}
+        for number, line in lines:
+            try:
+                record = json.loads(line)
+                iteration = record["iteration"]
+                if not isinstance(iteration, int):
+                    raise TypeError(f"iteration {iteration!r}")
+            except (ValueError, KeyError, TypeError) as err:
+                if number == lines[-1][0]:
+                    break  # half-written by a killed run
+                raise ValueError(f"Line {number} of '{path}' is not a metrics record ({type(err).__name__}: {err}): "
+                                 "delete that line and run again.") from None
+            if iteration <= self.iteration:
+                kept.pop(iteration, None)
+                kept[iteration] = line
+        new = "".join(line + "\n" for line in kept.values())
+        if new != text:
+            write_text_atomic(path, new)
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = True, time_limit: float | None = None) -> MaraAgent:
@@ -287,6 +332,8 @@ class Trainer:
             self.resume()
         elif (self.out_dir / CHECKPOINTS).exists():
             raise ValueError(f"'{self.out_dir}' already holds checkpoints: resume, or use another output folder.")
+        else:
+            self._cut_metrics()
         writer = _tensorboard_writer(self.out_dir) if self.tensorboard else None
         bar = _progress_bar(self.config.iterations, self.iteration, self.progress)
         try:

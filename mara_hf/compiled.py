@@ -1,0 +1,109 @@
+"""The compiled pieces of a static-cache MARA step: a sibling chunk (forward, agent, pick, logits) and the commit.
+
+With a static cache every shape of a step is fixed (batch, chunk width, cache slots), so each chunk of the
+schedule and the commit are compiled once and replayed at every step: with `generate`'s default compile options
+(`mode="reduce-overhead"`) as CUDA graphs. The eager static path (`states.StaticSiblings`) computes the same
+thing; this module only swaps its pieces for compiled ones:
+
+- `chunk(...)`: siblings `[start, start + n)` written to scratch slots `L + start ..`, the decoder forward with a
+  mask built from the length tensor `L` (no host value, so no recompilation per step), the agent's p(accept), the
+  sibling each row may keep (its first accepted one, or its fallback candidate), and that sibling's logits through
+  `lm_head`. The decoder's output is `lm_head`'s input; `check_head` verifies once per call that `lm_head`'s output
+  is the model's logits (models that post-process logits, e.g. with soft-capping, run uncompiled).
+- `commit(...)`: each row's taken sibling moved to slot `L`, the length set to `L + 1`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+from . import hf_internals as hf
+from .candidates import first_accepted
+
+logger = logging.getLogger(__name__)
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def check_head(model, states: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether `lm_head(states)` is the model's `logits` (one prefill position per row); else log why not."""
+    with torch.no_grad():
+        projected = model.get_output_embeddings()(states).float()
+    same = projected.shape == logits.shape and torch.allclose(projected, logits.float(), rtol=1e-3, atol=1e-3)
+    if not same:
+        logger.warning(
+            "%s post-processes lm_head's output (e.g. logit soft-capping); the static-cache MARA step runs "
+            "uncompiled for it.", type(model).__name__,
+        )
+    return bool(same)
+
+
+class CompiledStep:
+    """Compiled chunk and commit functions for one model and agent (see the module docstring)."""
+
+    def __init__(self, model, agent, options: dict):
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.agent = agent
+        self.keyword = hf.cache_keyword(self.decoder)
+        self.eager_attention = hf.attention_implementation(model) == "eager"
+        self.dtype = model.dtype
+        self.cudagraphs = options.get("mode") == "reduce-overhead"
+        self.chunk_fn = torch.compile(self._chunk, **options)
+        self.commit_fn = torch.compile(self._commit, **options)
+
+    @classmethod
+    def for_model(cls, model, agent, options: dict) -> "CompiledStep":
+        """One instance per model, agent and options, kept while the model lives (nothing is attached to it)."""
+        per_model = _COMPILED.setdefault(model, {})
+        key = (id(agent), tuple(sorted((k, repr(v)) for k, v in options.items())))
+        step = per_model.get(key)
+        if step is None or step.agent is not agent:
+            step = per_model[key] = cls(model, agent, options)
+        return step
+
+    def _mark(self) -> None:
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def chunk(self, cache, tokens, position_ids, padding, length, start: int, thresholds, valid, target):
+        """Run siblings `tokens` `(B, n)` (candidates `start ..`) at slots `length + start ..`; returns
+        `(states (B, n, d), p_accept (B, n), pick (B,), logits of the picked sibling (B, vocab))`."""
+        self._mark()
+        states, p, pick, logits = self.chunk_fn(cache, tokens, position_ids, padding, length, start, thresholds,
+                                                valid, target)
+        return states.clone(), p.clone(), pick.clone(), logits.clone()
+
+    def commit(self, cache, length, index) -> None:
+        self._mark()
+        self.commit_fn(cache, length, index)
+
+    def _chunk(self, cache, tokens, position_ids, padding, length, start: int, thresholds, valid, target):
+        batch, count = tokens.shape
+        slots = padding.shape[1]
+        hf.set_static_length(cache, length + start)
+        kv = torch.arange(slots, device=tokens.device)
+        own = kv[None, :] == (length + start + torch.arange(count, device=tokens.device))[:, None]
+        allowed = own[None, None] | (padding & (kv < length)[None, :])[:, None, None, :]
+        if self.eager_attention:
+            mask = torch.zeros((), dtype=self.dtype, device=tokens.device).masked_fill(~allowed,
+                                                                                         torch.finfo(self.dtype).min)
+        else:
+            mask = allowed
+        out = self.decoder(input_ids=tokens, attention_mask=mask, position_ids=position_ids.expand(batch, count),
+                           use_cache=True, **{self.keyword: cache})
+        states = out.last_hidden_state
+        p = self.agent.accept_probability(states)
+        accepted = (p > thresholds) & valid
+        any_accepted, first = first_accepted(accepted)
+        in_chunk = (target >= start) & (target < start + count)
+        pick = torch.where(any_accepted | ~in_chunk, first, (target - start).clamp(0, count - 1))
+        chosen = states.gather(1, pick.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
+        logits = self.head(chosen)[:, 0].float()
+        return states, p, pick, logits
+
+    def _commit(self, cache, length, index):
+        hf.commit_static_slot(cache, length, index)

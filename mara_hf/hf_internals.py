@@ -1,0 +1,252 @@
+"""Every place where mara-hf relies on transformers internals, each with the transformers code it mirrors.
+
+Public transformers API is used everywhere else. What lives here reads or writes something transformers does not
+promise to keep: private methods of `GenerationMixin`, the local variables of a running `generate` call, the
+attributes of cache layers, and names that changed between releases. When a transformers release breaks one of
+them, this module is the one place to look. The test suite runs on the oldest and the newest transformers that
+`setup.cfg` allows (CI: 5.15.0 and the latest 5.x).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+from functools import lru_cache
+from typing import Any
+
+import torch
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticCache,
+    StaticLayer,
+)
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+# ---------------------------------------------------------------------------------------------- names that moved
+CACHE_KEYS = ("cache", "past_key_values")
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which `model`'s forward takes the KV cache.
+
+    Mirrors: the models' `forward(..., cache=...)` of transformers 5.2x, `past_key_values=` before; each release
+    swallows the other name through `**kwargs` without using it, so the name must be right."""
+    return _cache_keyword(type(model))
+
+
+def cache_of(model_kwargs: dict):
+    """The KV cache among `generate`'s model kwargs (under either name, see `cache_keyword`), or None."""
+    return next((model_kwargs[k] for k in CACHE_KEYS if model_kwargs.get(k) is not None), None)
+
+
+OUTPUT_CACHE_FIELD = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+"""The cache field of `GenerateDecoderOnlyOutput` (renamed with the forward keyword)."""
+
+
+# ------------------------------------------------------------------------------------ generate's private steps
+def prefill(model, input_ids: torch.LongTensor, generation_config, model_kwargs: dict):
+    """The prompt forward of a decoding method. Mirrors `GenerationMixin._prefill`, which `_sample` calls first
+    (it slices restarted inputs and prepares the model inputs exactly as generate's own loop does)."""
+    return model._prefill(input_ids, generation_config, model_kwargs)
+
+
+def advance_model_kwargs(model, outputs, model_kwargs: dict) -> dict:
+    """Grow the attention mask (and position ids) by one token. Mirrors `_sample`'s call of
+    `GenerationMixin._update_model_kwargs_for_generation` after each step (with `{}` for outputs after the prefill,
+    whose cache is already in `model_kwargs`)."""
+    return model._update_model_kwargs_for_generation(outputs, model_kwargs)
+
+
+def pad_token(generation_config) -> torch.Tensor | None:
+    """The pad id tensor `generate` prepared (`GenerationConfig._pad_token_tensor`, set by `_prepare_special_tokens`;
+    `_sample` pads finished rows with it)."""
+    return generation_config._pad_token_tensor
+
+
+def generate_would_compile(model, model_kwargs: dict, generation_config) -> bool:
+    """Whether `generate` compiles the decoding forward of this call.
+
+    Mirrors `_sample`: `if self._valid_auto_compile_criteria(model_kwargs, generation_config): model_forward =
+    self.get_compiled_call(generation_config.compile_config)` (CUDA or another accelerator and a compilable cache
+    such as the static one, unless `disable_compile`; `CompileConfig._compile_all_devices` compiles on any
+    device)."""
+    return bool(model._valid_auto_compile_criteria(model_kwargs, generation_config))
+
+
+def compile_options(generation_config) -> dict:
+    """`torch.compile` options of this call: `generation_config.compile_config` (a `CompileConfig`, default
+    `mode="reduce-overhead"`, i.e. CUDA graphs), as `PreTrainedModel.get_compiled_call` passes them."""
+    from transformers import CompileConfig
+
+    config = generation_config.compile_config or CompileConfig()
+    return config.to_dict()
+
+
+def generate_locals(model, names: tuple[str, ...]) -> tuple[str, dict[str, Any]] | None:
+    """`(method name, {name: value})` of the innermost running decoding method of `model` (`_sample`,
+    `_beam_search`, `_assisted_decoding`, ...), read from its frame, or None outside `generate`.
+
+    Mirrors the frame layout of `GenerationMixin.generate` -> `self._sample(...)` (or another decoding method),
+    which keeps the KV cache, padding mask and position ids in its local `model_kwargs`, the unfinished rows in
+    `unfinished_sequences` and the settings in `generation_config`. A logits processor receives none of them."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        local = frame.f_locals
+        if frame.f_code.co_name.startswith("_") and local.get("self") is model and isinstance(local.get("model_kwargs"), dict):
+            return frame.f_code.co_name, {name: local.get(name) for name in names}
+        frame = frame.f_back
+    return None
+
+
+def calling_generate_locals(model, names: tuple[str, ...]) -> dict[str, Any]:
+    """Arguments of the `GenerationMixin.generate` call that runs a callable `custom_generate` (empty when none).
+
+    Mirrors `GenerationMixin.generate` of 5.x: for a callable `custom_generate` it passes on only the callable's
+    own extra arguments (`_extract_generation_mode_kwargs`), so `streamer` (to which it already streamed the
+    prompt) and `assistant_model` never reach it. The nearest frame of `GenerationMixin.generate` running for
+    `model` holds them (wrappers such as `MaraGenerationMixin.generate` or a PEFT model's sit above it)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        local = frame.f_locals
+        if frame.f_code.co_name == "generate" and local.get("self") is model and "custom_generate" in local:
+            return {name: local.get(name) for name in names}
+        frame = frame.f_back
+    return {}
+
+
+# ------------------------------------------------------------------------------------------------ cache layers
+DYNAMIC_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+STATIC_LAYERS = (StaticLayer,)
+
+
+def cache_kind(cache) -> str | None:
+    """"dynamic" or "static" when MARA can put siblings into `cache` and take them out again, else None.
+
+    Dynamic: `DynamicCache` with `DynamicLayer` / `DynamicSlidingWindowLayer` layers, not offloaded. Static: a
+    `StaticCache` of full-attention `StaticLayer`s only (a `StaticSlidingWindowLayer` writes a ring buffer whose
+    scratch slots would overwrite the window), not offloaded."""
+    if getattr(cache, "offloading", False):
+        return None
+    if isinstance(cache, DynamicCache) and all(type(layer) in DYNAMIC_LAYERS for layer in cache.layers):
+        return "dynamic"
+    if isinstance(cache, StaticCache) and all(type(layer) in STATIC_LAYERS for layer in cache.layers):
+        return "static"
+    return None
+
+
+def has_sliding_layers(cache) -> bool:
+    return any(layer.is_sliding for layer in cache.layers)
+
+
+def sliding_window(cache) -> int | None:
+    """The window of the cache's sliding layers (`DynamicSlidingWindowLayer.sliding_window`), or None."""
+    return next((layer.sliding_window for layer in cache.layers if layer.is_sliding), None)
+
+
+def layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the `(keys, values)` tensors `(B, heads, slots, head_dim)` (`CacheLayerMixin.keys/values`)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class DynamicSnapshot:
+    """A dynamic cache as it is now, to put back exactly after siblings were appended.
+
+    Mirrors `DynamicLayer.update` / `DynamicSlidingWindowLayer.update`: both `torch.cat` into new tensors (the
+    sliding layer also keeps `cumulative_length` and `_sliding_window_tensor`), so keeping each layer's attribute
+    dict restores it without copying a tensor."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self.layers = list(cache.layers)
+        self.saved = [dict(layer.__dict__) for layer in self.layers]
+
+    def restore(self) -> None:
+        self.cache.layers[:] = self.layers
+        for layer, saved in zip(self.layers, self.saved):
+            layer.__dict__.clear()
+            layer.__dict__.update(saved)
+
+    def keep_appended(self) -> None:
+        """Make sliding layers keep every entry appended from now on (until `restore`), so that more siblings than
+        the window holds can still be read back. Mirrors `DynamicSlidingWindowLayer.update`, which keeps the full
+        concatenation only while `record_past` is set (as `_assisted_decoding` sets it)."""
+        for layer in self.layers:
+            if layer.is_sliding:
+                layer.record_past = True
+
+
+def appended_kv(cache: Cache, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys/values `(B, heads, count, head_dim)` of the last `count` entries of a dynamic cache."""
+    return [(layer.keys[..., -count:, :], layer.values[..., -count:, :]) for layer in cache.layers]
+
+
+def append_kv(cache: Cache, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Append entries to every layer through the layers' own `update` (sliding windows keep their bookkeeping)."""
+    for layer, (keys, values) in zip(cache.layers, kv):
+        layer.update(keys, values)
+
+
+def narrow_dynamic_cache(cache: Cache, rows: torch.LongTensor) -> Cache:
+    """A throwaway dynamic cache holding only `rows` of `cache` (copies of their keys/values; `cache` is not
+    touched). Layer settings (sliding window, `record_past`) are kept: shallow copies of the layer objects."""
+    narrow = copy.copy(cache)
+    narrow.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in narrow.layers:
+        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+    return narrow
+
+
+def static_length(cache: Cache) -> torch.Tensor:
+    """The filled length of a static cache as a 0-d tensor on the cache's device (`StaticLayer.cumulative_length`,
+    kept as a tensor by transformers so that compiled graphs do not specialise on it)."""
+    return cache.layers[0].cumulative_length
+
+
+def set_static_length(cache: Cache, length: torch.Tensor | int) -> None:
+    """Set every layer's filled length in place. Mirrors `StaticLayer.update` (writes at `cumulative_length`
+    onwards, then adds the written count) and `StaticLayer.crop` (in-place `sub_`, keeping the static address)."""
+    for layer in cache.layers:
+        if isinstance(length, torch.Tensor):
+            layer.cumulative_length.copy_(length)
+        else:
+            layer.cumulative_length.fill_(length)
+
+
+def commit_static_slot(cache: Cache, length: torch.Tensor | int, index: torch.LongTensor) -> None:
+    """Move each row's entry at slot `length + index[b]` to slot `length` in every layer and set the length to
+    `length + 1` (in place: static addresses stay, as `StaticLayer.update` keeps them)."""
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values
+        at = (length + index).view(-1, 1, 1, 1).to(keys.device).expand(-1, keys.shape[1], 1, keys.shape[-1])
+        slot = torch.as_tensor(length, device=keys.device).view(1)
+        keys.index_copy_(2, slot, keys.gather(2, at))
+        values.index_copy_(2, slot, values.gather(2, at))
+    set_static_length(cache, length + 1)
+
+
+def static_capacity(cache: Cache) -> int:
+    """Slots per layer of a static cache (`StaticLayer.max_cache_len`)."""
+    return min(layer.max_cache_len for layer in cache.layers)
+
+
+def new_static_cache(model, max_cache_len: int) -> Cache:
+    """A fresh `StaticCache` for `model` with `max_cache_len` slots, as `GenerationMixin._prepare_static_cache`
+    builds one (from the decoder's text config)."""
+    return StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
+
+
+# ------------------------------------------------------------------------------------------------- attention
+def attention_implementation(model) -> str | None:
+    """`config._attn_implementation`: the attention function the model's layers call (set by `from_pretrained` /
+    `set_attn_implementation`)."""
+    return getattr(model.config, "_attn_implementation", None)
