@@ -1,0 +1,118 @@
+"""The fused loop on a static cache (siblings in scratch slots), eager and compiled: the same decisions and tokens as
+on the dynamic cache and as the naive reference."""
+
+import pytest
+import torch
+from transformers import CompileConfig, StaticCache
+
+from conftest import assert_model_untouched, constant_agent, decisive_agent, left_padded, random_prompts, tiny_model
+from mara_hf import MaraLogitsProcessor, MaraStats, mara_generate
+from mara_hf import hf_internals as hf
+from reference import naive_mara_greedy
+
+STATIC_ARCHS = ["llama", "qwen3"]  # full attention only: sliding-window layers are refused on a static cache
+
+
+def eager_compile_config():
+    """Compile through dynamo with the eager backend: checks the step traces as one graph without code generation
+    (fast on CPU); `_compile_all_devices` makes generate compile on CPU as it does on CUDA."""
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True
+    return config
+
+
+def fused(model, agent, ids, mask, n=12, **kwargs):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True, **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("arch", STATIC_ARCHS)
+@pytest.mark.parametrize("schedule", ["auto", (1, 8), (40,), (1, 2, 4)])
+@pytest.mark.parametrize("fallback", ["first", "last"])
+def test_static_equals_dynamic_on_padded_batches(arch, schedule, fallback):
+    model = tiny_model(arch)
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=21))
+    dynamic = fused(model, agent, ids, mask, mara_schedule=schedule, mara_fallback=fallback)
+    static = fused(model, agent, ids, mask, mara_schedule=schedule, mara_fallback=fallback,
+                   cache_implementation="static")
+    assert isinstance(getattr(static, hf.OUTPUT_CACHE_FIELD), StaticCache)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for key in ("index", "fallback", "asked", "num_candidates"):
+        assert torch.equal(static.mara_steps[key], dynamic.mara_steps[key]), key
+    assert (static.mara_steps["index"] > 0).any() and static.mara_steps["fallback"].any()
+
+
+@pytest.mark.parametrize("fallback", ["first", "last"])
+def test_static_equals_naive_reference(fallback):
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    prompt = random_prompts(1, lengths=(10,), seed=5)[0]
+    expected, records = naive_mara_greedy(model, agent, prompt, 10, fallback=fallback, eos_token_id=2)
+    assert any(r["fallback"] for r in records) and any(r["index"] > 0 and not r["fallback"] for r in records)
+    out = fused(model, agent, torch.tensor([prompt]), None, n=10, mara_fallback=fallback,
+                cache_implementation="static")
+    assert out.sequences[0, len(prompt):].tolist()[: len(expected)] == expected
+
+
+def test_accept_all_static_is_plain_greedy_with_one_forward_per_step():
+    model = tiny_model("llama")
+    ids, mask = left_padded(random_prompts(2, seed=3))
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
+    plain_static = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False,
+                                  pad_token_id=0, cache_implementation="static")
+    out = fused(model, constant_agent(accept=True), ids, mask, n=9, mara_schedule=(1, 8),
+                cache_implementation="static")
+    assert torch.equal(out.sequences, plain) and torch.equal(plain_static, plain)
+    assert out.mara_steps["forwards"].tolist() == [1] * 9
+
+
+@pytest.mark.parametrize("schedule", [(1, 8), (40,), "auto"])
+def test_compiled_static_step_traces_as_one_graph_and_decides_the_same(schedule):
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=21))
+    dynamic = fused(model, agent, ids, mask, mara_schedule=schedule)
+    compiled = fused(model, agent, ids, mask, mara_schedule=schedule, cache_implementation="static",
+                     compile_config=eager_compile_config())
+    assert torch.equal(compiled.sequences, dynamic.sequences)
+    for key in ("index", "fallback"):
+        assert torch.equal(compiled.mara_steps[key], dynamic.mara_steps[key]), key
+    assert_model_untouched(model)
+    assert not any("compiled" in name.lower() for name in vars(model))  # compiled steps are kept beside the model
+
+
+def test_static_cache_too_small_is_refused_and_generate_grows_its_own():
+    model = tiny_model("llama")
+    ids = torch.tensor([random_prompts(1, seed=1)[0]])
+    small = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 5)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, custom_generate=mara_generate,
+                  mara_agent=constant_agent())
+    with pytest.raises(ValueError, match=r"has \d+ slots, but MARA needs \d+: .*max_cache_len=\d+"):
+        model.generate(ids, **{hf.cache_keyword(model): small}, **kwargs)
+    # generate's own static cache (cache_implementation="static") is replaced by one with scratch room.
+    out = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **kwargs)
+    assert hf.static_capacity(getattr(out, hf.OUTPUT_CACHE_FIELD)) >= ids.shape[1] + 5 - 1 + 40
+
+
+def test_sliding_window_static_cache_and_processor_static_are_refused():
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="StaticSlidingWindowLayer"):
+        tiny_model("mistral").generate(ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0,
+                                       custom_generate=mara_generate, mara_agent=constant_agent())
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="MaraLogitsProcessor cannot use a StaticCache"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0,
+                       logits_processor=[MaraLogitsProcessor(constant_agent(), model)])
+
+
+def test_static_stats_match_dynamic():
+    model = tiny_model("qwen3")
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(2, lengths=(6, 11), seed=8))
+    a, b = MaraStats(40), MaraStats(40)
+    fused(model, agent, ids, mask, mara_stats=a, mara_schedule=(1, 8))
+    fused(model, agent, ids, mask, mara_stats=b, mara_schedule=(1, 8), cache_implementation="static")
+    for key in ("tokens", "agent_decided", "fallbacks", "accepted_index_histogram", "search_length_histogram"):
+        assert a.to_dict()[key] == b.to_dict()[key], key
