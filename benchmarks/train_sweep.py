@@ -12,6 +12,10 @@ first 25,000). More configurations aim at fluent, compute-aware agents (issue 11
     python benchmarks/train_sweep.py --minutes 30 --configs k40-first --device cpu --threads 2
     python benchmarks/train_sweep.py --list                                      # the configurations as options
 
+The training prompts default to the repository's `data/prompts/saferlhf_train.json` (found from this file, so the
+script runs from any folder); a missing or unreadable prompt file stops the sweep with a one-line error before any
+run starts.
+
 Every configuration is a `TrainConfig` (hyperparameters declared once, in `mara_hf/train/trainer.py` and
 `mara_hf/train/sac.py`) plus a reward spec; its `mara-hf train` options are generated from it. Writes
 OUT/runs/NAME/ (metrics.jsonl, agent/, checkpoints/), OUT/evals/NAME/ (results.json, responses.jsonl) and prints
@@ -30,10 +34,11 @@ import sys
 import time
 from pathlib import Path
 
+from mara_hf.data import load_prompts
 from mara_hf.train import SACConfig, TrainConfig
 from mara_hf.train.command import config_to_argv
 
-PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts" / "saferlhf_train.json"
+PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts" / "saferlhf_train.json"
 
 # The shipped agent's run (`k40-first`): runs are stopped by --minutes, not by iterations or checkpoints.
 SHIPPED = TrainConfig(
@@ -65,7 +70,9 @@ def train_options(name: str) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", default=str(PROMPTS), help="training prompts (default: SafeRLHF train)")
+    parser.add_argument("--prompts", default=str(PROMPTS),
+                        help="training prompts (default: SafeRLHF train, data/prompts/saferlhf_train.json of the "
+                             "repository)")
     parser.add_argument("--validation", type=int, default=200,
                         help="the last N prompts are held out for validation (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=25000,
@@ -90,13 +97,20 @@ def main(argv=None) -> None:
         for name in CONFIGS:
             print(f"{name}: mara-hf train {shlex.join(train_options(name))}")
         return
+    try:
+        prompts = load_prompts(args.prompts)
+        if len(prompts) <= args.validation:
+            raise ValueError(f"'{args.prompts}' holds {len(prompts)} prompts, not more than the {args.validation} "
+                             "held out for validation (--validation).")
+    except (OSError, ValueError) as err:
+        print(f"train_sweep.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "evals").mkdir(parents=True, exist_ok=True)
-    prompts = json.loads(Path(args.prompts).read_text())
     train_count = min(args.limit, len(prompts) - args.validation)
     validation = out / "validation.json"
-    validation.write_text(json.dumps(prompts[len(prompts) - args.validation:]))
+    validation.write_text(json.dumps([{"instruction": p} for p in prompts[len(prompts) - args.validation:]]))
     cli = [sys.executable, "-m", "mara_hf.cli"]
     device = ["--model", args.model] + (["--device", args.device] if args.device else [])
 

@@ -23,24 +23,18 @@ class CandidateSet:
             repeat the row's top-1 so that they are always valid token ids.
         logprobs (`torch.FloatTensor` of shape `(batch, width)`): their log-probabilities (`-inf` in padded slots).
         counts (`torch.LongTensor` of shape `(batch,)`): how many candidates each row has (at least 1).
+        valid (`torch.BoolTensor` of shape `(batch, width)`): which slots hold a real candidate (the first
+            `counts` of each row).
     """
 
     tokens: torch.LongTensor
     logprobs: torch.FloatTensor
     counts: torch.LongTensor
+    valid: torch.BoolTensor
 
     @property
     def width(self) -> int:
         return self.tokens.shape[1]
-
-    @property
-    def valid(self) -> torch.BoolTensor:
-        """`(batch, width)`: which slots hold a real candidate."""
-        return torch.arange(self.width, device=self.counts.device) < self.counts[:, None]
-
-    def trimmed(self, width: int) -> "CandidateSet":
-        """The same set cut to its first `width` slots (the caller knows no row has more)."""
-        return CandidateSet(self.tokens[:, :width], self.logprobs[:, :width], self.counts)
 
 
 def build_candidates(scores: torch.Tensor, top_k: int, top_p: float) -> CandidateSet:
@@ -64,17 +58,17 @@ def build_candidates(scores: torch.Tensor, top_k: int, top_p: float) -> Candidat
     width = min(top_k, logprobs.shape[-1])
     values, tokens = torch.topk(logprobs, k=width, dim=-1, sorted=True)
     values = TopPLogitsWarper(top_p=top_p)(None, values)
-    kept = values > -float("inf")
-    counts = kept.sum(dim=-1).clamp_min(1)
+    kept = values > -float("inf")  # a prefix of each row: top-p removes from the least probable end, never the top-1
+    counts = kept.sum(dim=-1)
     tokens = torch.where(kept, tokens, tokens[:, :1])
-    return CandidateSet(tokens=tokens, logprobs=values, counts=counts)
+    return CandidateSet(tokens=tokens, logprobs=values, counts=counts, valid=kept)
 
 
 def first_accepted(accepted: torch.BoolTensor) -> tuple[torch.BoolTensor, torch.LongTensor]:
     """For `(batch, n)` accept flags, whether any is set and the index of the first one (0 where none)."""
-    any_accepted = accepted.any(dim=-1)
-    index = torch.where(any_accepted, accepted.to(torch.int8).argmax(dim=-1), 0)
-    return any_accepted, index
+    # `max` returns the index of the first maximal value, and 0 for a row of zeros.
+    found, index = accepted.to(torch.uint8).max(dim=-1)
+    return found.bool(), index
 
 
 def fallback_index(counts: torch.LongTensor, fallback: str) -> torch.LongTensor:

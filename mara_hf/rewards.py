@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .fluency import FLUENCY_DEFINITION, fluency
+from .models import default_device
 
 BEAVER_MODELS = {
     "reward": "PKU-Alignment/beaver-7b-v1.0-reward",
@@ -256,9 +257,8 @@ class FluencyReward(Reward):
 
 
 def resolve_device(device=None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """`device` as a `torch.device`; by default mara-hf's ([`mara_hf.models.default_device`])."""
+    return torch.device(default_device(device))
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -14,6 +14,7 @@ behaviour, the boundaries that minimise the expected cost of a step.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +52,25 @@ def validate_schedule(schedule) -> tuple[int, ...]:
     return bounds
 
 
+_OBSERVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""Search-length counts seen so far, per agent and model (both held weakly: nothing is attached to either)."""
+
+
+def observed_counts(agent, model, width: int) -> list[float] | None:
+    """The search-length counts of earlier calls with this agent and model (a list updated in place), or None."""
+    if agent is None or model is None:
+        return None
+    per_model = _OBSERVED.setdefault(agent, weakref.WeakKeyDictionary())
+    counts = per_model.get(model)
+    if counts is None or len(counts) != width + 1:
+        counts = per_model[model] = [0.0] * (width + 1)
+    return counts
+
+
 def make_schedule(schedule, *, device, batch_size: int, width: int, compiled: bool = False, static: bool = False,
-                  first_for_all: bool = True):
-    """A [`FixedSchedule`] or [`AutoSchedule`] from what a user passed (`"auto"`, a tuple, or a schedule object)."""
+                  first_for_all: bool = True, agent=None, model=None):
+    """A [`FixedSchedule`] or [`AutoSchedule`] from what a user passed (`"auto"`, a tuple, or a schedule object).
+    With `agent` and `model`, `"auto"` starts from what earlier calls observed of this agent on this model."""
     if isinstance(schedule, (FixedSchedule, AutoSchedule)):
         return schedule
     if isinstance(schedule, str):
@@ -64,7 +81,7 @@ def make_schedule(schedule, *, device, batch_size: int, width: int, compiled: bo
         # Compiled steps record one graph per distinct chunk: choose among a few schedules instead of any.
         menu = compiled_menu(width) if compiled else None
         return AutoSchedule(TOKENS_PER_FORWARD[key], batch_size=batch_size, width=width, narrows=not static,
-                            first_for_all=first_for_all, menu=menu)
+                            first_for_all=first_for_all, menu=menu, memory=observed_counts(agent, model, width))
     return FixedSchedule(validate_schedule(schedule))
 
 
@@ -84,6 +101,9 @@ class FixedSchedule:
     def current(self) -> tuple[int, ...]:
         return self.boundaries
 
+    def start(self, stats) -> None:
+        pass
+
     def observe(self, stats) -> None:
         pass
 
@@ -95,10 +115,12 @@ class AutoSchedule:
     fixed part). A row needs `l` candidates evaluated: `index + 1` when it accepts candidate `index`, all of them
     when it rejects everything, none for a lone candidate. With `S(b)` the share of rows needing more than `b`
     candidates, the chunk `[b, e)` runs when any of the `B` rows needs it (probability `1 - (1 - S(b))^B`) for
-    about `B * S(b)` rows (all `B` without row narrowing, i.e. on a static cache). A dynamic programme over the
-    boundaries minimises the sum. `S` starts from a prior (70% of rows accept their top-1, 20% one of the next 7,
-    10% reject all; weight 8 decisions) and is updated from the search lengths in [`MaraStats`] every
-    `replan_every` steps (one host read).
+    about `B * S(b)` rows (all `B` without row narrowing, i.e. on a static cache); in the fused loop a step whose
+    first chunk is not the top-1 alone, or in which a row rejects it, also pays `COMMIT_COST`. A dynamic programme
+    over the boundaries minimises the sum. `S` starts from a prior (70% of rows accept their top-1, 20% one of the next 7,
+    10% reject all; weight 8 decisions) plus what earlier calls saw of the same agent (`memory`), and is updated
+    from the search lengths in [`MaraStats`] after steps 1, 2, 4 and then every `replan_every` steps (one host read
+    each).
 
     Args:
         tokens_per_forward (`float`): `F / g` of the device (see the module docstring).
@@ -110,13 +132,16 @@ class AutoSchedule:
         replan_every (`int`): steps between re-plans.
         menu (`tuple[tuple[int, ...]]`, *optional*): choose the cheapest of these schedules instead of any
             (compiled steps, which record a graph per distinct chunk).
+        memory (`list[float]`, *optional*): search-length counts of earlier calls, updated in place.
     """
 
     PRIOR = ((1, 0.7), (2, 0.06), (3, 0.04), (4, 0.03), (5, 0.025), (6, 0.02), (7, 0.015), (8, 0.01), (None, 0.1))
     PRIOR_WEIGHT = 8.0
+    COMMIT_COST = 0.05
+    """Cost of committing the taken siblings (keys/values of every layer gathered and stored), in forwards."""
 
     def __init__(self, tokens_per_forward: float, *, batch_size: int, width: int, narrows: bool = True,
-                 first_for_all: bool = True, replan_every: int = 8, menu=None):
+                 first_for_all: bool = True, replan_every: int = 8, menu=None, memory: list[float] | None = None):
         if not tokens_per_forward > 0:
             raise ValueError(f"`tokens_per_forward` has to be positive, but is {tokens_per_forward!r}.")
         self.tokens_per_forward = float(tokens_per_forward)
@@ -126,20 +151,34 @@ class AutoSchedule:
         self.prior = [0.0] * (width + 1)
         for length, share in self.PRIOR:
             self.prior[width if length is None else min(length, width)] += share * self.PRIOR_WEIGHT
-        self.counts = list(self.prior)
+        self.memory = memory
+        self.counts = [p + m for p, m in zip(self.prior, memory)] if memory else list(self.prior)
         self.steps = 0
+        self.seen = None  # the stats' histogram at the last read
         self.boundaries = self.plan(self.counts)
 
     def current(self) -> tuple[int, ...]:
         return self.boundaries
 
+    def start(self, stats) -> None:
+        """Remember what `stats` holds before this call (a [`MaraStats`] passed in may hold earlier calls)."""
+        self.seen = stats.search_length_histogram[: self.width + 1] if stats is not None else None
+
     def observe(self, stats) -> None:
-        """Count one step; every `replan_every` steps, re-plan from `stats` (a [`MaraStats`] of this call)."""
+        """Count one step; after steps 1, 2, 4 and every `replan_every`, re-plan from `stats` (a [`MaraStats`])."""
         self.steps += 1
-        if self.steps % self.replan_every == 0 and stats is not None:
-            observed = stats.search_length_histogram  # one host read
-            self.counts = [p + o for p, o in zip(self.prior, observed[: self.width + 1])]
-            self.boundaries = self.plan(self.counts)
+        due = self.steps in (1, 2, 4) or self.steps % self.replan_every == 0
+        if not due or stats is None:
+            return
+        histogram = stats.search_length_histogram[: self.width + 1]  # one host read
+        seen = self.seen or [0] * len(histogram)
+        new = [h - s for h, s in zip(histogram, seen)]
+        self.seen = histogram
+        self.counts = [c + n for c, n in zip(self.counts, new)]
+        if self.memory is not None:
+            for length, n in enumerate(new):
+                self.memory[length] += n
+        self.boundaries = self.plan(self.counts)
 
     def expected_cost(self, boundaries: tuple[int, ...], counts: list[float] | None = None) -> float:
         """Expected cost of one step with `boundaries` (in units of a forward's fixed part)."""
@@ -180,14 +219,18 @@ class AutoSchedule:
 
     def _chunk_cost(self, survival: list[float], start: int, end: int) -> float:
         rows = self.batch_size
+        commit = 0.0
         if start == 0 and self.first_for_all:
             runs, share = 1.0, 1.0
+            # The fused loop's step is already in the cache when its first chunk is the top-1 alone and every row
+            # takes it; otherwise the taken siblings are committed.
+            commit = self.COMMIT_COST * (1.0 if end > 1 else 1.0 - (1.0 - survival[1]) ** rows)
         else:
             share = survival[start]
             runs = 1.0 - (1.0 - share) ** rows
         width = end - start
         tokens = rows * (share if self.narrows else runs) * width
-        return runs + tokens / self.tokens_per_forward
+        return runs + tokens / self.tokens_per_forward + commit
 
     def __repr__(self) -> str:
         return (f"AutoSchedule(tokens_per_forward={self.tokens_per_forward:g}, batch_size={self.batch_size}, "

@@ -1,7 +1,8 @@
 """Per-step MARA statistics, shared by the drop-in processor, the fused loop and evaluation.
 
-Counters live on the model's device and are updated without host syncs; they are read (and synced) only when a
-user looks at them.
+Recording a step launches nothing: the step's decision tensors are kept and folded into the counters (a few
+vectorised operations over all pending steps, on the model's device) only when someone reads them, so decoding pays
+no kernel launch and no host sync for statistics.
 """
 
 from __future__ import annotations
@@ -42,62 +43,98 @@ class MaraStats:
     rates. `to_dict()` gives all of them.
     """
 
+    FOLD_EVERY = 256
+    """Pending steps folded into the counters at most, to bound the memory they hold."""
+
     def __init__(self, top_k: int, device: torch.device | str | None = None):
         self.top_k = top_k
-        # tokens, asked, fallbacks, forwards, nonfinite
-        self._counts = torch.zeros(5, dtype=torch.long, device=device)
+        self.device = device
+        # tokens, asked, fallbacks, nonfinite (device counters); forwards is a host count
+        self._counts = torch.zeros(4, dtype=torch.long, device=device)
         self._histogram = torch.zeros(top_k, dtype=torch.long, device=device)
         self._search = torch.zeros(top_k + 1, dtype=torch.long, device=device)
+        self._forwards = 0
+        self._pending: list[tuple] = []
+        self._pending_probabilities: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def record(self, step: StepDecision, active: torch.Tensor | None = None) -> None:
-        """Add one step; `active` `(B,)` marks the rows still generating (finished rows are not counted)."""
-        if self._counts.device != step.index.device:
-            self._counts = self._counts.to(step.index.device)
-            self._histogram = self._histogram.to(step.index.device)
-            self._search = self._search.to(step.index.device)
-        active = torch.ones_like(step.asked) if active is None else active.to(device=step.asked.device, dtype=torch.bool)
-        asked = step.asked & active
-        self._counts[0] += active.sum()
-        self._counts[1] += asked.sum()
-        self._counts[2] += (step.fallback & asked).sum()
-        counted = asked & ~step.fallback
-        self._histogram.scatter_add_(0, step.index.clamp(max=self.top_k - 1), counted.long())
-        length = torch.where(step.asked, torch.where(step.fallback, step.num_candidates, step.index + 1), 0)
-        self._search.scatter_add_(0, length.clamp(max=self.top_k), active.long())
+        """Add one step; `active` `(B,)` marks the rows still generating (finished rows are not counted). Keeps
+        references to the step's tensors (which must not be changed in place afterwards)."""
+        if self._pending and self._pending[-1][0].shape != step.index.shape:
+            self._fold()  # another batch size: pending steps are stacked, so fold those first
+        if active is None:
+            active = torch.ones_like(step.asked)
+        self._pending.append((step.index, step.fallback, step.asked, step.num_candidates, active))
+        if len(self._pending) >= self.FOLD_EVERY:
+            self._fold()
 
     def add_forwards(self, count: int) -> None:
-        self._counts[3] += count
+        self._forwards += int(count)
 
-    def add_nonfinite(self, count: torch.Tensor) -> None:
-        """Count NaN/inf accept probabilities (a device tensor: no host read)."""
-        self._counts[4] += count.to(self._counts.device)
+    def add_probabilities(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep a step's accept probabilities `(p, valid)` per chunk, to count NaN/inf ones (`nonfinite`)."""
+        self._pending_probabilities.extend(parts)
+
+    def _fold(self) -> None:
+        """Add the pending steps and probabilities to the counters (vectorised; no host read)."""
+        self._fold_decisions()
+        if self._pending_probabilities:
+            p = torch.cat([p.flatten() for p, _ in self._pending_probabilities])
+            valid = torch.cat([valid.flatten().to(p.device) for p, valid in self._pending_probabilities])
+            self._to(p.device)
+            self._counts[3] += (~torch.isfinite(p) & valid).sum()
+            self._pending_probabilities.clear()
+
+    def _fold_decisions(self) -> None:
+        if self._pending:
+            index, fallback, asked, counts, active = (torch.stack([t.to(self._pending[0][0].device) for t in column])
+                                                      for column in zip(*self._pending))
+            active = active.to(dtype=torch.bool)
+            self._to(asked.device)
+            asked = asked & active
+            counted = asked & ~fallback
+            length = torch.where(asked, torch.where(fallback, counts, index + 1), 0)
+            self._counts[:3] += torch.stack([active.sum(), asked.sum(), (fallback & asked).sum()])
+            self._histogram.scatter_add_(0, index.clamp(max=self.top_k - 1).flatten(), counted.long().flatten())
+            self._search.scatter_add_(0, length.clamp(max=self.top_k).flatten(), active.long().flatten())
+            self._pending.clear()
+
+    def _to(self, device) -> None:
+        if self._counts.device != torch.device(device):
+            self._counts, self._histogram, self._search = (t.to(device) for t in (self._counts, self._histogram,
+                                                                                   self._search))
+
+    def _read(self) -> tuple[list[int], list[int], list[int]]:
+        self._fold()
+        return self._counts.tolist(), self._histogram.tolist(), self._search.tolist()
 
     @property
     def tokens(self) -> int:
-        return int(self._counts[0])
+        return self._read()[0][0]
 
     @property
     def agent_decided(self) -> int:
-        return int(self._counts[1])
+        return self._read()[0][1]
 
     @property
     def fallbacks(self) -> int:
-        return int(self._counts[2])
+        return self._read()[0][2]
 
     @property
     def forwards(self) -> int:
-        return int(self._counts[3])
+        return self._forwards
 
     @property
     def nonfinite(self) -> int:
-        return int(self._counts[4])
+        return self._read()[0][3]
 
     @property
     def accepted_index_histogram(self) -> list[int]:
-        return self._histogram.tolist()
+        return self._read()[1]
 
     @property
     def search_length_histogram(self) -> list[int]:
+        self._fold_decisions()
         return self._search.tolist()
 
     @property
@@ -107,9 +144,8 @@ class MaraStats:
         return self.accepted_index_histogram[0] / decided if decided else float("nan")
 
     def to_dict(self) -> dict:
-        counts = self._counts.tolist()
-        histogram = self._histogram.tolist()
-        search = self._search.tolist()
+        counts, histogram, search = self._read()
+        counts = counts[:3] + [self._forwards, counts[3]]
         evaluated = sum(length * n for length, n in enumerate(search))
         return {
             "tokens": counts[0],
@@ -123,7 +159,7 @@ class MaraStats:
             "fallback_rate": counts[2] / counts[1] if counts[1] else float("nan"),
             "top1_accept_rate": histogram[0] / counts[1] if counts[1] else float("nan"),
             "forwards_per_token": counts[3] / counts[0] if counts[0] else float("nan"),
-            "candidates_evaluated_per_token": evaluated / counts[0] if counts[0] else float("nan"),
+            "mean_search_length": evaluated / counts[0] if counts[0] else float("nan"),
         }
 
     def __repr__(self) -> str:

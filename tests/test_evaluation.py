@@ -4,7 +4,11 @@ fast and realistic (chat template, EOS, left padding)."""
 
 import argparse
 import json
+import re
+import shlex
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +18,15 @@ import mara_hf.models
 from conftest import constant_agent, decisive_agent
 from mara_hf import mara_generate
 from mara_hf.fluency import FLUENCY_DEFINITION, fluency, is_degenerate
+from mara_hf.data import encode_chat_prompts
 from mara_hf.evaluation import (
     INDEX_PLOT,
     RESPONSES_FILE,
     RESULTS_FILE,
     REWARDS_PLOT,
-    encode_chat_prompts,
     add_eval_arguments,
     evaluate,
     format_summary,
-    load_prompts,
     run_eval,
     summarize,
     teacher_forced_nll,
@@ -41,6 +44,7 @@ PROMPTS = [
 ]
 REWARDS = {"length": length_reward, "vowels": vowel_reward}
 SETTINGS = dict(max_new_tokens=8, batch_size=4, progress=False)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +158,17 @@ def test_agent_statistics_equal_the_fused_loops_own(evaluated, model, tokenizer,
     assert summary["agent_decided_rate"] == pytest.approx(totals["agent_decided"] / totals["tokens"])
 
 
-def test_cost_and_fallback_rate_equal_the_fused_loops_own(evaluated, model, tokenizer, agent):
-    """Forwards per decode step / per token and the fallback rate, from MaraStats of the same generate calls."""
-    _, results, lines = evaluated
+def test_cost_and_fallback_rate_equal_the_fused_loops_own(tmp_path, model, tokenizer, agent):
+    """Forwards per decode step / per token and the fallback rate, from MaraStats of the same generate calls (with a
+    fixed chunk schedule: "auto" learns the agent across calls, so a replay would cost less)."""
+    fixed = {"mara_schedule": (1, 8)}
+    results = evaluate(model, tokenizer, agent, PROMPTS, REWARDS, out_dir=tmp_path, mara_kwargs=fixed, **SETTINGS)
+    lines = [json.loads(line) for line in (tmp_path / RESPONSES_FILE).read_text().splitlines()]
     forwards = steps = tokens = fallbacks = decided = 0
     for start in range(0, len(PROMPTS), 4):
         inputs = encode_chat_prompts(tokenizer, PROMPTS[start:start + 4], "cpu")
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True)
+                             custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True, **fixed)
         forwards += out.mara_stats.forwards
         steps += out.sequences.shape[1] - inputs["input_ids"].shape[1]
         tokens += out.mara_stats.tokens
@@ -353,47 +360,6 @@ def test_evaluate_validates_arguments(tmp_path, model, tokenizer, agent, kwargs,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# prompt files
-
-
-def test_load_prompts_json_and_jsonl(tmp_path):
-    path = tmp_path / "prompts.json"
-    path.write_text(json.dumps([{"instruction": p, "category": "x"} for p in PROMPTS]))
-    assert load_prompts(path) == PROMPTS
-    assert load_prompts(str(path), limit=2) == PROMPTS[:2]
-    lines = tmp_path / "prompts.jsonl"
-    lines.write_text(f'{{"instruction": "{PROMPTS[0]}"}}\n\n{{"prompt": "{PROMPTS[1]}"}}\n')
-    assert load_prompts(lines) == PROMPTS[:2]
-
-
-@pytest.mark.parametrize(
-    ("content", "error", "message"),
-    [
-        (None, FileNotFoundError, "Prompt file '.*' does not exist"),
-        ('[{"instruction": "a"},', ValueError, "Prompt file '.*' is not valid JSON \\(.*line 1, column"),
-        ('[{"instruction": "a"}, {"input": "b"}]', ValueError,
-         "Item 2 of prompt file '.*' has no 'instruction' \\(or 'prompt'\\) string field"),
-        ('["just a string"]', ValueError, "Item 1 of prompt file"),
-        ("[]", ValueError, "holds no prompts"),
-        ('{"instruction": "a"}\nnot json\n', ValueError, "neither a JSON list nor JSON Lines: line 2 is not valid"),
-    ],
-)
-def test_load_prompts_errors(tmp_path, content, error, message):
-    path = tmp_path / "prompts.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(error, match=message):
-        load_prompts(path)
-
-
-def test_load_prompts_limit_is_checked(tmp_path):
-    path = tmp_path / "p.json"
-    path.write_text('[{"instruction": "a"}]')
-    with pytest.raises(ValueError, match="The prompt limit has to be a positive integer, got 0"):
-        load_prompts(path, limit=0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # mara-hf eval
 
 
@@ -473,3 +439,101 @@ def test_run_eval_with_vader(tmp_path, fake_loading, capsys):
     assert run_eval(args) == 0
     results = json.loads((tmp_path / "out" / RESULTS_FILE).read_text())
     assert -1 <= results["rewards"]["vader"]["mean_mara"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results folders move between machines
+
+
+def test_fingerprint_names_the_model_without_a_machine_path(tmp_path, model, tokenizer, agent, monkeypatch):
+    """The same model loaded from another folder of the same name (another machine, another virtualenv) resumes
+    the answers instead of refusing them: the settings name the model by its folder's name, not its path."""
+    for machine in ("one", "two"):
+        model.save_pretrained(tmp_path / machine / "tiny-llama")
+    first = LlamaForCausalLM.from_pretrained(tmp_path / "one" / "tiny-llama").eval()
+    results = evaluate(first, tokenizer, agent, PROMPTS[:2], REWARDS, out_dir=tmp_path / "out", plots=False,
+                       **SETTINGS)
+    assert results["settings"]["model"] == "tiny-llama" == mara_hf.models.model_name(first)
+    assert str(tmp_path / "one") not in (tmp_path / "out" / RESULTS_FILE).read_text()
+
+    second = LlamaForCausalLM.from_pretrained(tmp_path / "two" / "tiny-llama").eval()
+    calls = count_generate_calls(monkeypatch, second)
+    again = evaluate(second, tokenizer, agent, PROMPTS[:2], REWARDS, out_dir=tmp_path / "out", plots=False,
+                     **SETTINGS)
+    assert calls == [] and (again["generated_now"], again["reused"]) == (0, 2)
+    assert again["settings_id"] == results["settings_id"]
+    # Hub ids stay as they are; a model built from a config is named by its class
+    assert mara_hf.models.model_name(model) == "LlamaForCausalLM"
+    model.config._name_or_path = "org/some-model"
+    try:
+        assert mara_hf.models.model_name(model) == "org/some-model"
+    finally:
+        model.config._name_or_path = ""
+
+
+PUBLISHED = ROOT / "benchmarks" / "eval" / "smollm2-vader"
+
+
+def readme_eval_commands() -> list[list[str]]:
+    """The README's `mara-hf eval` commands that wrote the published folders (arguments after `mara-hf`)."""
+    readme = (ROOT / "README.md").read_text()
+    commands = [shlex.split(line)[1:] for line in readme.splitlines()
+                if line.startswith("mara-hf eval ") and "--out benchmarks/eval/" in line]
+    assert len(commands) == 2, "the README shows the commands of both published evaluations"
+    return commands
+
+
+@pytest.mark.parametrize("command", readme_eval_commands(), ids=lambda argv: argv[argv.index("--out") + 1])
+def test_readme_eval_command_resumes_the_published_answers(command, smollm2, tmp_path, monkeypatch, capsys):
+    """Run as written (from the repository root, on a copy of the published folder), the README's eval command
+    reuses every published answer: nothing is generated and the summary is the published one."""
+    pytest.importorskip("vaderSentiment")
+    pytest.importorskip("profanity_check")
+    from mara_hf.cli import main
+
+    model, tokenizer = smollm2
+    published = ROOT / command[command.index("--out") + 1]
+    copy = tmp_path / published.name
+    shutil.copytree(published, copy)
+    argv = [str(copy) if arg == command[command.index("--out") + 1] else arg for arg in command]
+
+    def load_base_model(name, device=None, dtype=None):
+        assert name == "smollm2"
+        tokenizer.padding_side = "left"
+        return model, tokenizer
+
+    def no_generate(*args, **kwargs):
+        raise AssertionError("the published answers were generated again")
+
+    monkeypatch.setattr(mara_hf.models, "load_base_model", load_base_model)
+    monkeypatch.setattr(model, "generate", no_generate)
+    monkeypatch.chdir(ROOT)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "200 prompts (0 answered now, 200 reused)" in out
+    expected = json.loads((published / RESULTS_FILE).read_text())
+    got = json.loads((copy / RESULTS_FILE).read_text())
+    assert got["settings"] == expected["settings"] and got["settings_id"] == expected["settings_id"]
+    assert got["rewards"] == expected["rewards"] and got["kl_per_token"] == expected["kl_per_token"]
+    assert {key: got["agent"][key] for key in expected["agent"]} == expected["agent"]  # published before the cost
+    assert (copy / RESPONSES_FILE).read_text() == (published / RESPONSES_FILE).read_text()
+
+
+def test_published_results_name_no_machine_path():
+    """No value of a published summary or agent config, nor any word of one (the recorded training command), is an
+    absolute path of a folder."""
+    def strings(value):
+        if isinstance(value, dict):
+            yield from (s for v in value.values() for s in strings(v))
+        elif isinstance(value, list):
+            yield from (s for v in value for s in strings(v))
+        elif isinstance(value, str):
+            yield value
+
+    paths = [p for folder in ("eval", "train") for pattern in ("*results.json", "agent_config.json")
+             for p in (ROOT / "benchmarks" / folder).rglob(pattern)]
+    assert len(paths) >= 6
+    for path in paths:
+        for text in strings(json.loads(path.read_text())):
+            for word in text.replace("`", " ").split():
+                assert not re.match(r"/[\w.~-]+/", word), f"{path.relative_to(ROOT)} names the path {word!r}"

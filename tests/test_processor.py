@@ -204,7 +204,10 @@ def test_one_instance_serves_many_calls_and_leaves_nothing_attached():
     first = model.generate(ids, max_new_tokens=7, do_sample=False, logits_processor=[processor], pad_token_id=0)
     stats = processor.stats.to_dict()
     second = model.generate(ids, max_new_tokens=7, do_sample=False, logits_processor=[processor], pad_token_id=0)
-    assert torch.equal(first, second) and processor.stats.to_dict() == stats  # stats describe the latest call
+    again = processor.stats.to_dict()
+    # Stats describe the latest call; only the cost may differ (the "auto" schedule learned the agent in call 1).
+    assert torch.equal(first, second) and again["tokens"] == stats["tokens"] == 7
+    assert {k: v for k, v in again.items() if "forwards" not in k} == {k: v for k, v in stats.items() if "forwards" not in k}
     assert_model_untouched(model)
 
 

@@ -66,15 +66,34 @@ class FakeStats:
         self.search_length_histogram = histogram
 
 
-def test_replans_from_observed_search_lengths_every_few_steps():
-    schedule = AutoSchedule(1024, batch_size=1, width=40, replan_every=4)
-    first = schedule.current()
-    accepts = FakeStats([0, 1000] + [0] * 39)
-    for _ in range(3):
-        schedule.observe(accepts)
-    assert schedule.current() == first
-    schedule.observe(accepts)
-    assert schedule.current()[0] == 1 and schedule.current() != first
+def test_replans_after_steps_1_2_4_and_then_every_few_steps():
+    schedule = AutoSchedule(1024, batch_size=1, width=40, replan_every=8)
+    assert schedule.current() == (40,)  # the prior: some rows reject, tokens are nearly free
+    reads = []
+
+    class Counting:
+        @property
+        def search_length_histogram(self):
+            reads.append(schedule.steps)
+            return [0, 1000 * len(reads)] + [0] * 39
+
+    stats = Counting()
+    schedule.start(None)
+    for _ in range(16):
+        schedule.observe(stats)
+    assert reads == [1, 2, 4, 8, 16]
+    assert schedule.current()[0] == 1  # every row took its top-1: the decode step alone first
+
+
+def test_auto_schedule_remembers_an_agent_on_a_model_across_calls():
+    model, agent, other = torch.nn.Linear(1, 1), object.__new__(type("Agent", (), {})), torch.nn.Linear(1, 1)
+    first = make_schedule("auto", device="cuda", batch_size=1, width=40, agent=agent, model=model)
+    first.start(None)
+    first.observe(FakeStats([0, 500] + [0] * 39))
+    again = make_schedule("auto", device="cuda", batch_size=1, width=40, agent=agent, model=model)
+    assert again.current()[0] == 1 and again.counts[1] > 500
+    fresh = make_schedule("auto", device="cuda", batch_size=1, width=40, agent=agent, model=other)
+    assert fresh.current() == (40,)
 
 
 def test_make_schedule_refuses_unknown_names():

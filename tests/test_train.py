@@ -351,3 +351,19 @@ def test_cli_train_bad_input_is_one_line(tmp_path, capsys):
     assert main(["train", "--prompts", "x.json", "--reward", "vader", "--out", str(tmp_path / "run"),
                  "--time-limit", "0"]) == 2
     assert "--time-limit has to be positive (minutes)." in capsys.readouterr().err
+
+
+def test_training_and_evaluation_do_not_import_each_other():
+    """Both build on the data layer and the core: importing one (with everything its command loads) leaves the
+    other unimported."""
+    import subprocess
+    import sys
+
+    check = ("import sys, {modules}; "
+             "assert not [m for m in sys.modules if m.startswith('{other}')], '{other} imported'")
+    for modules, other in (("mara_hf.train, mara_hf.train.command, mara_hf.models, mara_hf.rewards, mara_hf.data",
+                            "mara_hf.evaluation"),
+                           ("mara_hf.evaluation, mara_hf.models, mara_hf.rewards", "mara_hf.train")):
+        run = subprocess.run([sys.executable, "-c", check.format(modules=modules, other=other)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..files import temporary_name, write_atomic
 
 LATEST = "latest"
 TENSORS = "trainer.safetensors"
@@ -71,31 +72,12 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def _temporary_name(path: Path) -> Path:
-    """A fresh hidden name beside `path` (created with the umask's permissions, unlike `tempfile`'s owner-only)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` at once: a kill leaves the old or the new content, never a mix."""
-    tmp = _temporary_name(path)
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(directory: str | os.PathLike, name: str, agent, state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint `directory/name` atomically and point `directory/latest` at it; keep the newest `keep`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / name
-    tmp = _temporary_name(final)
+    tmp = temporary_name(final)
     try:
         tmp.mkdir()
         agent.save_pretrained(tmp / AGENT)
@@ -108,7 +90,7 @@ def save_checkpoint(directory: str | os.PathLike, name: str, agent, state: dict[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text_atomic(directory / LATEST, name + "\n")
+    write_atomic(directory / LATEST, name + "\n")
     checkpoints = sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in checkpoints[:-keep] if keep else []:
         if old.name != name:

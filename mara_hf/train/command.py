@@ -18,8 +18,9 @@ import torch
 from .sac import SACConfig
 from .trainer import FINAL_AGENT, METRICS_FILE, Trainer, TrainConfig
 
-EXAMPLE = """example (the shipped SmolLM2 agent; see its model card for the exact command):
-  mara-hf train --prompts saferlhf_train.json --reward vader --out runs/smollm2-vader --iterations 200"""
+EXAMPLE = """example (from the repository root, which holds data/prompts/; the shipped SmolLM2 agent's exact command is
+in its model card and the README):
+  mara-hf train --prompts data/prompts/saferlhf_train.json --reward vader --out runs/vader --iterations 200"""
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -172,7 +173,7 @@ def check_out_folder(out: str) -> None:
 
 def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from .. import models
-    from ..evaluation import load_prompts
+    from ..data import load_prompts
     from ..rewards import parse_reward
 
     if args.limit is not None and args.limit < 1:
@@ -183,7 +184,7 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = config_from_args(TrainConfig, args, sac=config_from_args(SACConfig, args, prefix=SAC_PREFIX))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = models.default_device(args.device)
     reward = parse_reward(args.reward, device=device)
     prompts = load_prompts(args.prompts, args.limit)
     agent = models.load_agent(args.init_agent) if args.init_agent else None

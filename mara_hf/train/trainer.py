@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,10 +31,12 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from ..agent import MaraAgent, validate_candidate_settings
+from ..data import encode_chat_prompts, eos_token_ids
+from ..files import write_atomic
+from ..progress import progress_bar
 from ..schedule import validate_schedule
-from ..evaluation import encode_chat_prompts, eos_token_ids
 from .buffer import ReplayBuffer
-from .checkpoint import damaged, latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from .checkpoint import damaged, latest_checkpoint, load_checkpoint, save_checkpoint
 from .rollout import build_transitions, rollout
 from .sac import DiscreteSAC, SACConfig
 
@@ -316,7 +317,7 @@ class Trainer:
                 kept[iteration] = line
         new = "".join(line + "\n" for line in kept.values())
         if new != text:
-            write_text_atomic(path, new)
+            write_atomic(path, new)
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume: bool = True, time_limit: float | None = None) -> MaraAgent:
@@ -335,7 +336,8 @@ class Trainer:
         else:
             self._cut_metrics()
         writer = _tensorboard_writer(self.out_dir) if self.tensorboard else None
-        bar = _progress_bar(self.config.iterations, self.iteration, self.progress)
+        bar = progress_bar(self.config.iterations, initial=self.iteration, desc="mara-hf train", unit="rollout",
+                           enabled=self.progress)
         try:
             with open(self.out_dir / METRICS_FILE, "a") as metrics_file:
                 while self.iteration < self.config.iterations:
@@ -360,13 +362,6 @@ class Trainer:
                 writer.close()
         self.agent.save_pretrained(self.out_dir / FINAL_AGENT)
         return self.agent
-
-
-def _progress_bar(total: int, done: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, unit="rollout", desc="mara-hf train", disable=not enabled,
-                file=sys.stderr)
 
 
 def _tensorboard_writer(out_dir: Path):

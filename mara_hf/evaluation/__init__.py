@@ -1,0 +1,54 @@
+"""Evaluation: answer a prompt set with the base model and with MARA under the same decoding settings, score both
+answers with one or more rewards, and report preference rate, gain, KL to the base model, agent statistics and
+speed.
+
+```python
+>>> from mara_hf.data import load_prompts
+>>> from mara_hf.evaluation import evaluate
+>>> from mara_hf.models import load_agent, load_base_model
+>>> from mara_hf.rewards import parse_reward
+>>> model, tokenizer = load_base_model("smollm2")
+>>> results = evaluate(model, tokenizer, load_agent(), load_prompts("data/prompts/saferlhf_test.json", limit=50),
+...                    {"vader": parse_reward("vader")}, max_new_tokens=64, out_dir="eval-results")
+```
+
+Files in `out_dir`: `responses.jsonl` (one line per prompt, appended per finished batch: a re-run with the same
+`out_dir` resumes), `results.json` (the summary, rewritten atomically), `rewards.png` and `accepted_index.png`
+(with matplotlib).
+
+One module a job: `runner` (answering and scoring, [`evaluate`], [`EvalSettings`]), `store` (`responses.jsonl`
+and the settings fingerprint that keys resuming), `metrics` ([`summarize`]), `report` ([`format_summary`], plots)
+and `command` (`mara-hf eval`). The prompts, their chat encoding and the marking of changed tokens come from
+[`mara_hf.data`], shared with training and the CLI.
+"""
+
+from ..data import encode_chat_prompts, eos_token_ids, load_prompts
+from .command import add_eval_arguments, run_eval
+from .metrics import COST_DEFINITION, KL_DEFINITION, summarize
+from .report import INDEX_PLOT, RESULTS_FILE, REWARDS_PLOT, format_summary, write_plots
+from .runner import RESERVED_GENERATE_ARGS, EvalSettings, evaluate, teacher_forced_nll
+from .store import RESPONSES_FILE, ResponseStore, answer_settings, fingerprint
+
+__all__ = [
+    "COST_DEFINITION",
+    "INDEX_PLOT",
+    "KL_DEFINITION",
+    "RESERVED_GENERATE_ARGS",
+    "RESPONSES_FILE",
+    "RESULTS_FILE",
+    "REWARDS_PLOT",
+    "EvalSettings",
+    "ResponseStore",
+    "add_eval_arguments",
+    "answer_settings",
+    "encode_chat_prompts",
+    "eos_token_ids",
+    "evaluate",
+    "fingerprint",
+    "format_summary",
+    "load_prompts",
+    "run_eval",
+    "summarize",
+    "teacher_forced_nll",
+    "write_plots",
+]

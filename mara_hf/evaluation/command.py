@@ -1,0 +1,81 @@
+"""`mara-hf eval`: its options and the command that builds the rewards, loads the prompts, the agent and the model,
+runs [`mara_hf.evaluation.evaluate`] and prints the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..data import load_prompts
+from ..rewards import REWARD_HELP
+from .report import format_summary
+from .runner import evaluate
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `mara-hf eval` (see [`run_eval`])."""
+    from .. import models
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = ("Answer a prompt file with the base model and with MARA (same decoding settings), score\n"
+                          "both with rewards, report preference rate, gain, per-token KL, agent statistics and speed.\n"
+                          "Resumable: re-running with the same --out skips the prompts already answered.")
+    parser.epilog = (REWARD_HELP + "\n\nexample (from the repository root, which holds data/prompts/):\n"
+                     "  mara-hf eval --prompts data/prompts/saferlhf_test.json --limit 50 --reward vader "
+                     "--reward offensive")
+    parser.add_argument("--prompts", required=True,
+                        help="JSON list of objects with 'instruction', or JSON Lines with 'instruction' or 'prompt'")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
+    parser.add_argument("--reward", action="append", required=True, metavar="SPEC",
+                        help="a reward (repeatable): vader, offensive, fluency, beaver-reward, beaver-cost, "
+                             "hf:ID_OR_PATH, py:MODULE:FUNCTION or a weighted sum like 2*beaver-reward-1*beaver-cost "
+                             "(see below)")
+    models.add_model_argument(parser)
+    models.add_agent_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    parser.add_argument("--out", default="eval-results",
+                        help="output folder: results.json, responses.jsonl, plots (default: eval-results)")
+    parser.add_argument("--sample", action="store_true", help="sample (both sides, same seed) instead of greedy")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over instead of reusing the answers already in --out")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the answers already in --out again (after changing what a reward name means)")
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`mara-hf eval`: rewards are built first (so a bad spec fails before any model loads), then the prompts,
+    the agent and the model; prints the summary."""
+    from .. import models
+    from ..rewards import parse_reward
+
+    for option, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{option} has to be at least 1.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit has to be at least 1.")
+    device = models.default_device(args.device)
+    cache: dict = {}
+    rewards = {}
+    for spec in args.reward:
+        if spec not in rewards:
+            rewards[spec] = parse_reward(spec, device=device, cache=cache)
+    prompts = load_prompts(args.prompts, args.limit)
+    agent = models.load_agent(args.agent, args.agent_file)
+    print(f"agent: {args.agent or models.DEFAULT_AGENT}; model: {args.model} (loading...)", file=sys.stderr)
+    model, tokenizer = models.load_base_model(args.model, device=device)
+    started = time.perf_counter()
+    results = evaluate(
+        model, tokenizer, agent, prompts, rewards,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
+        out_dir=args.out, resume=not args.no_resume, rescore=args.rescore,
+        generation_kwargs={"temperature": args.temperature} if args.sample else None,
+    )
+    print(format_summary(results))
+    print(f"[{time.perf_counter() - started:.1f} s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,133 @@
+"""The benchmark scripts run (smoke mode on a tiny random model) and write what their readers rely on; their
+prompts are the repository's own; the calibrated agent rejects the share of top-1 candidates it was asked to."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+TINY = ["--model", "tiny-random", "--device", "cpu"]
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    """The benchmark modules, imported the way the scripts import each other (`import common`)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return {name: importlib.import_module(name) for name in ("common", "bench_generate", "profile_step")}
+
+
+def test_speed_smoke_writes_medians_ratios_stats_and_identity(scripts, tmp_path):
+    payload = scripts["bench_generate"].main(TINY + ["--batch-sizes", "1", "2", "--max-new-tokens", "4",
+                                                     "--rounds", "2", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["complete"] and saved["mode"] == "speed" and len(saved["results"]) == len(payload["results"]) == 16
+    assert saved["command"]["command_line"].startswith("python benchmarks/bench_generate.py --model tiny-random")
+    assert {"torch", "transformers", "mara_hf", "git", "torch_threads"} <= set(saved["environment"])
+
+    expected = {"plain", "plain-static", "processor/accept-all", "fused/accept-all/auto",
+                "fused/calibrated/auto", "fused/reject-all/auto", "fused-static/accept-all/auto",
+                "fused-static/calibrated/auto"}
+    for batch_size in (1, 2):
+        records = {r["method"]: r for r in saved["results"] if r["batch_size"] == batch_size}
+        assert set(records) == expected
+        for name, r in records.items():
+            assert len(r["seconds_per_round"]) == r["rounds"] == 2 and r["warmup_seconds"] > 0
+            tps = r["tokens_per_second"]
+            assert 0 < tps["min"] <= tps["median"] <= tps["max"]
+            assert r["tokens_per_round"] == r["steps_per_round"] * batch_size == 4 * batch_size
+            assert r["ratio_vs_plain"] > 0 and ("ratio_vs_plain_static" in r) == r["static_cache"]
+            assert r["compiled"] is False and r["graphs_compiled_in_timed_calls"] == 0
+            assert (r["mara_stats"] is None) == name.startswith("plain")
+        assert records["plain"]["ratio_vs_plain"] == 1.0
+        assert records["fused/accept-all/auto"]["mara_stats"]["top1_accept_rate"] == 1.0
+        assert records["fused/accept-all/auto"]["mara_stats"]["forwards_per_step"] == 1.0
+        rejecting = records["fused/reject-all/auto"]["mara_stats"]
+        assert rejecting["top1_reject_share"] == 1.0 and rejecting["fallback_rate"] == 1.0
+        assert 0.0 <= records["fused/calibrated/auto"]["mara_stats"]["top1_accept_rate"] <= 1.0
+
+    calibration = saved["agents"]["calibrated"]
+    assert calibration["reject_share_target"] == 0.3
+    assert calibration["reject_share_on_calibration_states"] == pytest.approx(0.3, abs=0.5 / 16)
+    # float32 on CPU: every pair the identity check compares is identical
+    pairs = {(c["a"], c["b"]) for c in saved["identity"] if c["batch_size"] == 2}
+    assert ("plain", "fused-static/accept-all/auto") in pairs
+    assert ("fused/calibrated/auto", "fused-static/calibrated/auto") in pairs  # no processor: the first fused
+    assert all(c["identical"] for c in saved["identity"])
+    log = (tmp_path / "speed.log").read_text()
+    assert "fused-static/calibrated/auto" in log and "vs plain" in log and "estimated total time" in log
+
+
+def test_identity_mode_compares_plain_processor_and_fused(scripts, tmp_path):
+    saved = scripts["bench_generate"].main(TINY + ["--identity", "--batch-sizes", "3", "--max-new-tokens", "5",
+                                                   "--agents", "accept-all", "calibrated", "reject-all",
+                                                   "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "identity.json").read_text())["mode"] == "identity"
+    assert saved["settings"]["dtype"] == "float32"
+    checks = {(c["a"], c["b"]): c["identical"] for c in saved["identity"]}
+    for agent in ("accept-all", "reject-all"):  # both decode plain greedy's tokens
+        for method in (f"processor/{agent}", f"fused/{agent}/auto", f"fused-static/{agent}/auto"):
+            assert checks[("plain", method)] is True
+    assert checks[("plain-static", "fused-static/accept-all/auto")] is True
+    assert checks[("processor/calibrated", "fused/calibrated/auto")] is True
+    assert checks[("processor/calibrated", "fused-static/calibrated/auto")] is True
+    assert all(r["rounds"] == 0 for r in saved["results"])
+
+
+def test_profile_smoke_times_decode_and_siblings(scripts, tmp_path):
+    saved = scripts["profile_step"].main(TINY + ["--batch-sizes", "1", "2", "--widths", "1", "4", "--iters", "2",
+                                                 "--warmup", "1", "--profile-iters", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "profile.json").read_text())["complete"]
+    cases = {(r["batch_size"], r["case"]): r for r in saved["results"]}
+    assert set(cases) == {(b, c) for b in (1, 2) for c in ("decode", "siblings-1", "siblings-4")}
+    for (batch_size, case), r in cases.items():
+        assert 0 < r["ms"]["min"] <= r["ms"]["median"] <= r["ms"]["max"]
+        assert r["ratio_vs_decode"] > 0
+        assert "aten::" in (tmp_path / r["profile_table"]).read_text()
+    assert cases[(2, "decode")]["ratio_vs_decode"] == 1.0
+    assert "siblings-4" in (tmp_path / "profile.log").read_text()
+
+
+def test_calibrated_agent_rejects_the_asked_share_of_the_states_mara_sees(scripts):
+    common = scripts["common"]
+    model, _ = common.load_model("tiny-random", "cpu", torch.float32)
+    inputs = common.random_batch(model.config.vocab_size, 8, 12, seed=3, device="cpu")
+    agent, record = common.calibrated_agent(model, inputs, reject_share=0.25, seed=1, steps=5)
+    states = common.top1_states(model, inputs, 5)
+    assert states.shape == (8 * 5, 64) and record["calibration_states"] == 40
+    accepted = agent.accept_probability(states) > 0.5
+    assert int((~accepted).sum()) == 10 and record["reject_share_on_calibration_states"] == 0.25
+    # The states are MARA's: at the first step the processor accepts the top-1 exactly where the agent does.
+    from mara_hf import MaraLogitsProcessor
+
+    processor = MaraLogitsProcessor(agent, model)
+    model.generate(**inputs, **common.base_generate_kwargs(model, 1), logits_processor=[processor])
+    assert processor.stats.agent_decided == 8
+    assert processor.stats.accepted_index_histogram[0] == int(accepted[:8].sum())
+    none, _ = common.calibrated_agent(model, inputs, reject_share=0.0, seed=1, steps=5)
+    assert bool((none.accept_probability(states) > 0.5).all())
+
+
+def test_prompts_come_from_the_repository_and_a_missing_file_stops_the_run(scripts, tmp_path):
+    common = scripts["common"]
+    assert common.PROMPTS_DIR == ROOT / "data" / "prompts"
+    sizes = {"saferlhf_test": 200, "beavertails_test": 700, "saferlhf_train": 25564}
+    readme = (common.PROMPTS_DIR / "README.md").read_text()
+    for name, size in sizes.items():
+        prompts = common.load_prompts(size + 1, name)
+        assert len(set(prompts)) > 0.9 * size and prompts[size] == prompts[0]  # cycled past the end
+        assert f"{name}.json" in readme
+    assert "CC BY-NC 4.0" in readme and "IAAR-Shanghai/MARA" in readme
+
+    missing = tmp_path / "nope.json"
+    with pytest.raises(SystemExit, match=f"Prompt file {missing} is missing: .*data/prompts/"):
+        common.load_prompts(3, path=missing)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"text": "no instruction"}]')
+    with pytest.raises(SystemExit, match="broken.json' has no 'instruction'.* restore the file with"):
+        common.load_prompts(3, path=broken)
+    with pytest.raises(SystemExit, match="for CUDA only"):
+        common.load_model("llama3-8b-random", "cpu", torch.float32)
