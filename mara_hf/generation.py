@@ -130,7 +130,7 @@ def mara_generate(
     width = min(top_k, model.get_output_embeddings().weight.shape[0])
     if static:
         cache = _static_cache_with_scratch(model, cache, generation_config, model_kwargs, width)
-    device = model.get_output_embeddings().weight.device
+    device = hf.execution_device(model.get_output_embeddings())
     batch_size = input_ids.shape[0]
     compiling = static and hf.generate_would_compile(model, model_kwargs, generation_config)
     schedule = make_schedule(mara_schedule, device=device, batch_size=batch_size, width=width, static=static,

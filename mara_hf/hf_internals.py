@@ -245,6 +245,23 @@ def new_static_cache(model, max_cache_len: int) -> Cache:
     return StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
 
 
+# ------------------------------------------------------------------------------------------- devices (accelerate)
+def execution_device(module) -> torch.device:
+    """The device `module` computes on: the `execution_device` of the accelerate hook that `from_pretrained(...,
+    device_map=...)` / `dispatch_model` attached (its weights may sit on another GPU, the CPU or `meta` when
+    offloaded), else the device of its first parameter.
+
+    Mirrors accelerate's `AlignDevicesHook` (kept in the module's `_hf_hook`, alone or inside a `SequentialHook`),
+    which moves a module's inputs and offloaded weights to `execution_device` before each forward, as transformers'
+    `BarkModel.device` reads it."""
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in (hook, *getattr(hook, "hooks", ())):
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return next(module.parameters()).device
+
+
 # ------------------------------------------------------------------------------------------------- attention
 def attention_implementation(model) -> str | None:
     """`config._attn_implementation`: the attention function the model's layers call (set by `from_pretrained` /

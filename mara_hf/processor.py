@@ -130,7 +130,7 @@ class MaraLogitsProcessor(LogitsProcessor):
         self.top_p = agent.top_p if top_p is None else top_p
         self.fallback = agent.fallback if fallback is None else fallback
         validate_candidate_settings(self.top_k, self.top_p, self.fallback)
-        self.device = self.model.get_output_embeddings().weight.device
+        self.device = hf.execution_device(self.model.get_output_embeddings())
         self.schedule = schedule
         make_schedule(schedule, device=self.device, batch_size=1, width=self.top_k)  # validate now
         self._user_agent = agent

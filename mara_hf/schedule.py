@@ -6,9 +6,8 @@ first, candidates 1..7 only for rows that rejected it, then the rest only for ro
 
 Which is cheaper depends on the hardware. A forward of `T` sibling tokens costs about `F + g * T`: a fixed part
 `F` (reading the weights, launching kernels) and a part per token `g`. Their ratio `tokens_per_forward = F / g` is
-how many tokens a forward takes before its cost grows noticeably: about 16 on a 2-core CPU with a 135M model (a
-40-token forward costs 3x a 1-token one), hundreds to thousands on a GPU (where weights are read once for all
-tokens and kernel launches dominate). [`AutoSchedule`] picks, for the batch size and the agent's observed
+how many tokens a forward takes before its cost grows noticeably: about 25 on one core of the dev VM with a 135M
+model, hundreds to thousands on a GPU (where weights are read once for all tokens and kernel launches dominate). [`AutoSchedule`] picks, for the batch size and the agent's observed
 behaviour, the boundaries that minimise the expected cost of a step.
 """
 
@@ -25,12 +24,14 @@ DEFAULT_SCHEDULE = "auto"
 LAZY_SCHEDULE = (1, 8)
 """The fixed schedule of earlier releases: the top-1 first, then candidates 2-8, then the rest."""
 
-TOKENS_PER_FORWARD = {"cpu": 16, "cuda": 1024, "cuda-compiled": 384}
-"""Default `F / g` by device (see the module docstring). CPU: measured on the 2-core dev VM with SmolLM2-135M in
-float32 (1-token forward 82 ms, 40 tokens 242 ms, 640 tokens 2.6 s). CUDA: modelled for an 8B model on one H100:
-eager forwards are bound by kernel launches (a 40-sibling forward cost about what a 16-row decode step costs); a
-compiled forward by the weights read (about 11 ms) against about 0.03 ms of matrix work per token. Other devices
-use the CUDA values."""
+COST_MODELS = {"cpu": (25.0, 0.7), "cuda": (1024.0, 0.5), "cuda-compiled": (384.0, 1.0)}
+"""Default `(tokens_per_forward, single_token_cost)` by device (see the module docstring and [`AutoSchedule`]).
+CPU: fitted to sibling forwards of SmolLM2-135M in float32 on one thread of the 2-core dev VM (`rows x candidates`
+from 1x1 to 16x32, median of 5): about 100 ms + 4 ms per token, a one-candidate chunk 70 ms at batch 1 (a
+matrix-vector product). CUDA, eager: modelled from issue 10's H100 figures for an 8B model, where forwards are
+bound by kernel launches (a one-token decode step 22 ms, 40 siblings 44-52 ms at batch 1 and 16). CUDA, compiled:
+modelled from an H100's bandwidth and compute (about 11 ms to read the weights, 0.03 ms of matrix work per token).
+Other accelerators use the CUDA values."""
 
 
 def validate_schedule(schedule) -> tuple[int, ...]:
@@ -56,14 +57,15 @@ _OBSERVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 """Search-length counts seen so far, per agent and model (both held weakly: nothing is attached to either)."""
 
 
-def observed_counts(agent, model, width: int) -> list[float] | None:
-    """The search-length counts of earlier calls with this agent and model (a list updated in place), or None."""
+def observed_counts(agent, model, width: int) -> list[list[float]] | None:
+    """The `(search length, candidate count)` counts of earlier calls with this agent and model (nested lists
+    updated in place), or None."""
     if agent is None or model is None:
         return None
     per_model = _OBSERVED.setdefault(agent, weakref.WeakKeyDictionary())
     counts = per_model.get(model)
     if counts is None or len(counts) != width + 1:
-        counts = per_model[model] = [0.0] * (width + 1)
+        counts = per_model[model] = [[0.0] * (width + 1) for _ in range(width + 1)]
     return counts
 
 
@@ -78,10 +80,12 @@ def make_schedule(schedule, *, device, batch_size: int, width: int, compiled: bo
             raise ValueError(f"`schedule` is \"auto\" or a tuple of chunk boundaries, but is {schedule!r}.")
         kind = torch.device(device).type
         key = "cpu" if kind == "cpu" else ("cuda-compiled" if compiled else "cuda")
+        tokens_per_forward, single = COST_MODELS[key]
         # Compiled steps record one graph per distinct chunk: choose among a few schedules instead of any.
         menu = compiled_menu(width) if compiled else None
-        return AutoSchedule(TOKENS_PER_FORWARD[key], batch_size=batch_size, width=width, narrows=not static,
-                            first_for_all=first_for_all, menu=menu, memory=observed_counts(agent, model, width))
+        return AutoSchedule(tokens_per_forward, batch_size=batch_size, width=width, narrows=not static,
+                            first_for_all=first_for_all, menu=menu, memory=observed_counts(agent, model, width),
+                            single_token_cost=single)
     return FixedSchedule(validate_schedule(schedule))
 
 
@@ -111,28 +115,38 @@ class FixedSchedule:
 class AutoSchedule:
     """Boundaries that minimise a step's expected cost, re-planned from the agent's behaviour as decoding goes.
 
-    The cost of a forward of `T` sibling tokens is modelled as `1 + T / tokens_per_forward` (in units of the
-    fixed part). A row needs `l` candidates evaluated: `index + 1` when it accepts candidate `index`, all of them
-    when it rejects everything, none for a lone candidate. With `S(b)` the share of rows needing more than `b`
-    candidates, the chunk `[b, e)` runs when any of the `B` rows needs it (probability `1 - (1 - S(b))^B`) for
-    about `B * S(b)` rows (all `B` without row narrowing, i.e. on a static cache); in the fused loop a step whose
-    first chunk is not the top-1 alone, or in which a row rejects it, also pays `COMMIT_COST`. A dynamic programme
-    over the boundaries minimises the sum. `S` starts from a prior (70% of rows accept their top-1, 20% one of the next 7,
-    10% reject all; weight 8 decisions) plus what earlier calls saw of the same agent (`memory`), and is updated
-    from the search lengths in [`MaraStats`] after steps 1, 2, 4 and then every `replan_every` steps (one host read
-    each).
+    **Cost of a chunk.** A forward of `T` sibling tokens costs `1 + T / tokens_per_forward` (in units of the fixed
+    part), a chunk of one candidate per row `single_token_cost + T / tokens_per_forward` (an ordinary decode step:
+    no sibling mask, and on a CPU at batch 1 a matrix-vector product). In the fused loop a step whose first chunk
+    is not the top-1 alone, or in which a row rejects it, also pays `COMMIT_COST`.
+
+    **What rows need.** A decision needs `l` candidates evaluated: `index + 1` when it accepts candidate `index`,
+    all `n` of its candidates when it rejects everything, none for a lone candidate; `(l, n)` are counted per
+    decision. The chunk `[b, e)` runs when any of the `B` rows has `l > b` (probability `1 - (1 - S(b))^B`, `S(b)`
+    the share of such rows) for those rows only (all `B` on a static cache), each padded to the widest one: a
+    row's width is `min(e, n) - b` (a dynamic step cuts chunks at the largest `n`; a static one never does), and
+    the expected widest of `B * S(b)` rows follows from the distribution of `n`. A dynamic programme over the
+    boundaries minimises the expected sum.
+
+    **Learning.** The counts start from a prior (70% of decisions accept the top-1, 20% one of the next 7, 10%
+    reject all, all with `width` candidates; weight 8 decisions) plus what earlier calls saw of the same agent on
+    the same model (`memory`), and grow with the counts of [`MaraStats`] after steps 1, 2, 4 and then every
+    `replan_every` steps (one host read each).
 
     Args:
         tokens_per_forward (`float`): `F / g` of the device (see the module docstring).
         batch_size (`int`): rows decoded together.
         width (`int`): candidates per row at most (`top_k`).
-        narrows (`bool`): later chunks run for the rows that need them only (dynamic cache); False: for all rows.
+        narrows (`bool`): a dynamic cache: later chunks run only for the rows that need them, and chunks are cut
+            at the largest candidate count; False (a static cache): every chunk runs for all rows at full width.
         first_for_all (`bool`): the first chunk runs for every row (the fused loop's first chunk is its decode
             step); False: only when some row has more than one candidate (the processor).
         replan_every (`int`): steps between re-plans.
         menu (`tuple[tuple[int, ...]]`, *optional*): choose the cheapest of these schedules instead of any
             (compiled steps, which record a graph per distinct chunk).
-        memory (`list[float]`, *optional*): search-length counts of earlier calls, updated in place.
+        memory (`list[list[float]]`, *optional*): `(l, n)` counts of earlier calls, updated in place.
+        single_token_cost (`float`, *optional*, defaults to 1): the fixed part of a one-candidate chunk, relative to
+            that of a chunk of several.
     """
 
     PRIOR = ((1, 0.7), (2, 0.06), (3, 0.04), (4, 0.03), (5, 0.025), (6, 0.02), (7, 0.015), (8, 0.01), (None, 0.1))
@@ -141,20 +155,26 @@ class AutoSchedule:
     """Cost of committing the taken siblings (keys/values of every layer gathered and stored), in forwards."""
 
     def __init__(self, tokens_per_forward: float, *, batch_size: int, width: int, narrows: bool = True,
-                 first_for_all: bool = True, replan_every: int = 8, menu=None, memory: list[float] | None = None):
+                 first_for_all: bool = True, replan_every: int = 8, menu=None, memory=None,
+                 single_token_cost: float = 1.0):
         if not tokens_per_forward > 0:
             raise ValueError(f"`tokens_per_forward` has to be positive, but is {tokens_per_forward!r}.")
+        if not single_token_cost > 0:
+            raise ValueError(f"`single_token_cost` has to be positive, but is {single_token_cost!r}.")
         self.tokens_per_forward = float(tokens_per_forward)
+        self.single_token_cost = float(single_token_cost)
         self.batch_size, self.width = batch_size, width
         self.narrows, self.first_for_all, self.replan_every = narrows, first_for_all, replan_every
         self.menu = None if menu is None else tuple(validate_schedule(m) for m in menu)
-        self.prior = [0.0] * (width + 1)
+        self.prior = torch.zeros(width + 1, width + 1, dtype=torch.float64)
         for length, share in self.PRIOR:
-            self.prior[width if length is None else min(length, width)] += share * self.PRIOR_WEIGHT
+            self.prior[width if length is None else min(length, width), width] += share * self.PRIOR_WEIGHT
         self.memory = memory
-        self.counts = [p + m for p, m in zip(self.prior, memory)] if memory else list(self.prior)
+        self.counts = self.prior.clone()
+        if memory is not None:
+            self.counts += torch.tensor(memory, dtype=torch.float64)
         self.steps = 0
-        self.seen = None  # the stats' histogram at the last read
+        self.seen = None  # the stats' (l, n) counts at the last read
         self.boundaries = self.plan(self.counts)
 
     def current(self) -> tuple[int, ...]:
@@ -162,7 +182,7 @@ class AutoSchedule:
 
     def start(self, stats) -> None:
         """Remember what `stats` holds before this call (a [`MaraStats`] passed in may hold earlier calls)."""
-        self.seen = stats.search_length_histogram[: self.width + 1] if stats is not None else None
+        self.seen = self._read(stats) if stats is not None else None
 
     def observe(self, stats) -> None:
         """Count one step; after steps 1, 2, 4 and every `replan_every`, re-plan from `stats` (a [`MaraStats`])."""
@@ -170,38 +190,52 @@ class AutoSchedule:
         due = self.steps in (1, 2, 4) or self.steps % self.replan_every == 0
         if not due or stats is None:
             return
-        histogram = stats.search_length_histogram[: self.width + 1]  # one host read
-        seen = self.seen or [0] * len(histogram)
-        new = [h - s for h, s in zip(histogram, seen)]
-        self.seen = histogram
-        self.counts = [c + n for c, n in zip(self.counts, new)]
+        counts = self._read(stats)  # one host read
+        new = counts - (self.seen if self.seen is not None else 0.0)
+        self.seen = counts
+        self.counts = self.counts + new
         if self.memory is not None:
-            for length, n in enumerate(new):
-                self.memory[length] += n
+            for length, row in enumerate(new.tolist()):
+                for count, value in enumerate(row):
+                    self.memory[length][count] += value
         self.boundaries = self.plan(self.counts)
 
-    def expected_cost(self, boundaries: tuple[int, ...], counts: list[float] | None = None) -> float:
-        """Expected cost of one step with `boundaries` (in units of a forward's fixed part)."""
-        survival = self._survival(counts or self.counts)
-        cost, start = 0.0, 0
-        for end in boundaries + ((self.width,) if boundaries[-1] < self.width else ()):
-            cost += self._chunk_cost(survival, start, end)
-            start = end
-        return cost
+    def _read(self, stats) -> torch.Tensor:
+        counts = torch.tensor(stats.search_count_histogram, dtype=torch.float64)
+        return counts[: self.width + 1, : self.width + 1]
 
-    def plan(self, counts: list[float]) -> tuple[int, ...]:
-        """The cheapest boundaries for search-length counts `counts[l]` (l = 0 .. width)."""
+    def _as_counts(self, counts) -> torch.Tensor:
+        """`(l, n)` counts as a `(width + 1, width + 1)` tensor; a list of search-length counts means `width`
+        candidates for every asked decision (and one for `l = 0`)."""
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        if counts.ndim == 2:
+            return counts
+        joint = torch.zeros(self.width + 1, self.width + 1, dtype=torch.float64)
+        joint[1:, self.width] = counts[1:]
+        joint[0, 1] = counts[0]
+        return joint
+
+    def expected_cost(self, boundaries: tuple[int, ...], counts=None) -> float:
+        """Expected cost of one step with `boundaries` (in units of a forward's fixed part)."""
+        costs = self._chunk_costs(self._as_counts(self.counts if counts is None else counts))
+        total, start = 0.0, 0
+        for end in boundaries + ((self.width,) if boundaries[-1] < self.width else ()):
+            total += costs[start][end]
+            start = end
+        return total
+
+    def plan(self, counts) -> tuple[int, ...]:
+        """The cheapest boundaries for `(l, n)` counts (or search-length counts, see `expected_cost`)."""
+        counts = self._as_counts(counts)
         if self.menu is not None:
             return min(self.menu, key=lambda bounds: (round(self.expected_cost(bounds, counts), 9), len(bounds)))
-        survival = self._survival(counts)
+        costs = self._chunk_costs(counts)
         width = self.width
         best = [0.0] * (width + 1)
         step = [width] * (width + 1)
         for start in range(width - 1, -1, -1):
             # Ties (chunks no row ever needs cost nothing) go to the larger chunk: fewer boundaries.
-            cost, neg_end = min(
-                (round(self._chunk_cost(survival, start, end) + best[end], 9), -end) for end in range(start + 1, width + 1)
-            )
+            cost, neg_end = min((round(costs[start][end] + best[end], 9), -end) for end in range(start + 1, width + 1))
             best[start], step[start] = cost, -neg_end
         bounds, start = [], 0
         while start < width:
@@ -209,28 +243,44 @@ class AutoSchedule:
             bounds.append(start)
         return tuple(bounds)
 
-    def _survival(self, counts: list[float]) -> list[float]:
-        total = sum(counts) or 1.0
-        survival, remaining = [], total
-        for c in counts:  # survival[b] = share of rows needing more than b candidates
-            remaining -= c
-            survival.append(max(remaining, 0.0) / total)
-        return survival
-
-    def _chunk_cost(self, survival: list[float], start: int, end: int) -> float:
-        rows = self.batch_size
-        commit = 0.0
-        if start == 0 and self.first_for_all:
-            runs, share = 1.0, 1.0
+    def _chunk_costs(self, counts: torch.Tensor) -> list[list[float]]:
+        """`costs[b][e]`: the expected cost of the chunk `[b, e)` (see the class docstring); 0 where `e <= b`."""
+        width, rows = self.width, self.batch_size
+        joint = counts / counts.sum().clamp_min(1e-12)
+        # needing[b, n]: share of decisions with l > b and n candidates; the fused loop's first chunk runs for all.
+        at_least = joint.flip(0).cumsum(0).flip(0)  # rows l >= b
+        needing = torch.cat([at_least[1:], torch.zeros_like(at_least[:1])])
+        if self.first_for_all:
+            needing[0] = joint.sum(0)
+        share = needing.sum(1)  # (width + 1,)
+        runs = 1.0 - (1.0 - share) ** rows
+        if self.first_for_all:
+            runs[0] = 1.0
+        b = torch.arange(width + 1, dtype=torch.float64)[:, None]
+        e = torch.arange(width + 1, dtype=torch.float64)[None, :]
+        span = (e - b).clamp_min(0)  # e - b
+        if self.narrows:
+            # The widest of the chunk's ~B*share rows (each min(e, n) - b wide): E[max] = sum_w P(max > w), w < e - b.
+            cdf = (needing.cumsum(1) / share[:, None].clamp_min(1e-12)).clamp(0, 1)  # P(n <= c) among the rows
+            in_chunk = (rows * share).clamp_min(1.0)[:, None]
+            # P(widest > w) = 1 - P(n <= b + w) ** rows: column b + w of the distribution of n.
+            beyond = 1.0 - cdf.gather(1, (b.long() + torch.arange(width + 1)[None, :]).clamp(max=width)) ** in_chunk
+            beyond = torch.where(torch.arange(width + 1)[None, :] < (width - b), beyond, 0.0)
+            widest = torch.cat([torch.zeros(width + 1, 1, dtype=torch.float64), beyond.cumsum(1)], 1)
+            widest = widest.gather(1, span.long())  # sum of P(widest > w) for w < e - b
+            tokens = rows * share[:, None] * widest
+        else:
+            tokens = runs[:, None] * rows * span
+        fixed = torch.where(span == 1, self.single_token_cost, 1.0)
+        costs = runs[:, None] * fixed + tokens / self.tokens_per_forward
+        if self.first_for_all:
             # The fused loop's step is already in the cache when its first chunk is the top-1 alone and every row
             # takes it; otherwise the taken siblings are committed.
-            commit = self.COMMIT_COST * (1.0 if end > 1 else 1.0 - (1.0 - survival[1]) ** rows)
-        else:
-            share = survival[start]
-            runs = 1.0 - (1.0 - share) ** rows
-        width = end - start
-        tokens = rows * (share if self.narrows else runs) * width
-        return runs + tokens / self.tokens_per_forward + commit
+            costs[0, 1:] += self.COMMIT_COST
+            costs[0, 1] -= self.COMMIT_COST * (1.0 - share[1]) ** rows
+        costs = torch.where(span > 0, costs, 0.0)
+        costs[share <= 0] = 0.0  # chunks no row ever needs
+        return costs.tolist()
 
     def __repr__(self) -> str:
         return (f"AutoSchedule(tokens_per_forward={self.tokens_per_forward:g}, batch_size={self.batch_size}, "

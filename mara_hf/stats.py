@@ -38,7 +38,8 @@ class MaraStats:
     more than one candidate), `fallbacks` (every candidate rejected), `accepted_index_histogram` (list: how often
     the token at candidate index i was taken, over agent-decided tokens that did not fall back),
     `search_length_histogram` (list: how many decisions needed l candidates evaluated, l = 0 .. top_k: the taken
-    index + 1, all candidates for a fallback, 0 for a lone candidate), `forwards` (sibling forwards run; in the
+    index + 1, all candidates for a fallback, 0 for a lone candidate), `search_count_histogram` (the same by the
+    decision's number of candidates too: `[l][n]`), `forwards` (sibling forwards run; in the
     fused loop they include the decode forwards), `nonfinite` (NaN/inf accept probabilities seen) and the derived
     rates. `to_dict()` gives all of them.
     """
@@ -52,7 +53,7 @@ class MaraStats:
         # tokens, asked, fallbacks, nonfinite (device counters); forwards is a host count
         self._counts = torch.zeros(4, dtype=torch.long, device=device)
         self._histogram = torch.zeros(top_k, dtype=torch.long, device=device)
-        self._search = torch.zeros(top_k + 1, dtype=torch.long, device=device)
+        self._joint = torch.zeros((top_k + 1) * (top_k + 1), dtype=torch.long, device=device)
         self._forwards = 0
         self._pending: list[tuple] = []
         self._pending_probabilities: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -96,17 +97,21 @@ class MaraStats:
             length = torch.where(asked, torch.where(fallback, counts, index + 1), 0)
             self._counts[:3] += torch.stack([active.sum(), asked.sum(), (fallback & asked).sum()])
             self._histogram.scatter_add_(0, index.clamp(max=self.top_k - 1).flatten(), counted.long().flatten())
-            self._search.scatter_add_(0, length.clamp(max=self.top_k).flatten(), active.long().flatten())
+            cell = length.clamp(max=self.top_k) * (self.top_k + 1) + counts.clamp(max=self.top_k)
+            self._joint.scatter_add_(0, cell.flatten(), active.long().flatten())
             self._pending.clear()
 
     def _to(self, device) -> None:
         if self._counts.device != torch.device(device):
-            self._counts, self._histogram, self._search = (t.to(device) for t in (self._counts, self._histogram,
-                                                                                   self._search))
+            self._counts, self._histogram, self._joint = (t.to(device) for t in (self._counts, self._histogram,
+                                                                                  self._joint))
 
     def _read(self) -> tuple[list[int], list[int], list[int]]:
         self._fold()
-        return self._counts.tolist(), self._histogram.tolist(), self._search.tolist()
+        return self._counts.tolist(), self._histogram.tolist(), self._search_lengths().tolist()
+
+    def _search_lengths(self) -> torch.Tensor:
+        return self._joint.view(self.top_k + 1, self.top_k + 1).sum(dim=1)
 
     @property
     def tokens(self) -> int:
@@ -135,7 +140,13 @@ class MaraStats:
     @property
     def search_length_histogram(self) -> list[int]:
         self._fold_decisions()
-        return self._search.tolist()
+        return self._search_lengths().tolist()
+
+    @property
+    def search_count_histogram(self) -> list[list[int]]:
+        """`[l][n]`: decisions that needed `l` candidates evaluated and had `n` candidates (both capped at top_k)."""
+        self._fold_decisions()
+        return self._joint.view(self.top_k + 1, self.top_k + 1).tolist()
 
     @property
     def top1_accept_rate(self) -> float:

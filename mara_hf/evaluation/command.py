@@ -8,6 +8,8 @@ import sys
 import time
 
 from ..data import load_prompts
+from ..distributed.config import RAY_PREFIX, RayConfig
+from ..options import add_config_arguments, config_from_args
 from ..rewards import REWARD_HELP
 from .report import format_summary
 from .runner import evaluate
@@ -23,7 +25,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                           "Resumable: re-running with the same --out skips the prompts already answered.")
     parser.epilog = (REWARD_HELP + "\n\nexample (from the repository root, which holds data/prompts/):\n"
                      "  mara-hf eval --prompts data/prompts/saferlhf_test.json --limit 50 --reward vader "
-                     "--reward offensive")
+                     "--reward offensive\nthe same, answered by two Ray workers on this machine (pip install -e "
+                     "\".[ray]\"):\n  mara-hf eval --prompts data/prompts/saferlhf_test.json --limit 50 --reward vader "
+                     "--reward offensive --ray-workers 2")
     parser.add_argument("--prompts", required=True,
                         help="JSON list of objects with 'instruction', or JSON Lines with 'instruction' or 'prompt'")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
@@ -40,11 +44,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--sample", action="store_true", help="sample (both sides, same seed) instead of greedy")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, ... (default: cuda if available; Ray workers use their GPU if they have one)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start over instead of reusing the answers already in --out")
     parser.add_argument("--rescore", action="store_true",
                         help="score the answers already in --out again (after changing what a reward name means)")
+    add_config_arguments(parser.add_argument_group(
+        "Ray (prompt batches answered by workers that each hold the model and the rewards; see the README)"),
+        RayConfig, prefix=RAY_PREFIX)
     return parser
 
 
@@ -59,6 +67,9 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{option} has to be at least 1.")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit has to be at least 1.")
+    ray_config = config_from_args(RayConfig, args, prefix=RAY_PREFIX)
+    if ray_config.enabled:
+        return _run_eval_on_ray(args, ray_config)
     device = models.default_device(args.device)
     cache: dict = {}
     rewards = {}
@@ -76,6 +87,32 @@ def run_eval(args: argparse.Namespace) -> int:
         out_dir=args.out, resume=not args.no_resume, rescore=args.rescore,
         generation_kwargs={"temperature": args.temperature} if args.sample else None,
     )
+    print(format_summary(results))
+    print(f"[{time.perf_counter() - started:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def _run_eval_on_ray(args: argparse.Namespace, ray_config: RayConfig) -> int:
+    """`mara-hf eval --ray-workers N`: the workers load the model and the rewards; this process keeps the folder."""
+    from .. import models
+    from ..distributed.config import import_ray
+
+    import_ray()  # a missing extra fails before anything loads
+    prompts = load_prompts(args.prompts, args.limit)
+    agent = models.load_agent(args.agent, args.agent_file)
+    from ..distributed.evaluation import evaluate_on_ray
+    from ..distributed.pool import WorkerPool
+
+    print(f"agent: {args.agent or models.DEFAULT_AGENT}; Ray: starting {ray_config.workers} workers, each loading "
+          f"{args.model} and the rewards...", file=sys.stderr)
+    started = time.perf_counter()
+    with WorkerPool.from_specs(ray_config, args.model, list(dict.fromkeys(args.reward))) as pool:
+        results = evaluate_on_ray(
+            pool, agent, prompts, args.reward,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
+            out_dir=args.out, resume=not args.no_resume, rescore=args.rescore,
+            generation_kwargs={"temperature": args.temperature} if args.sample else None,
+        )
     print(format_summary(results))
     print(f"[{time.perf_counter() - started:.1f} s]", file=sys.stderr)
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import hf_internals as hf
 from ..data import answer_lengths, encode_chat_prompts, eos_token_ids, mark_changes
 from ..files import write_json_atomic
 from ..progress import progress_bar
@@ -138,48 +139,60 @@ def evaluate(
     settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample, seed=seed,
                             generation_kwargs=generation_kwargs, mara_kwargs=mara_kwargs,
                             tie_tolerance=tie_tolerance)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    runner = BatchRunner(model, tokenizer, agent, rewards, settings)
+    return run_evaluation(runner, prompts, list(rewards), settings, agent=agent, out_dir=out_dir, resume=resume,
+                          rescore=rescore, plots=plots, progress=progress)
 
+
+def run_evaluation(answerer, prompts: list[str], reward_names: list[str], settings: EvalSettings, *, agent,
+                   out_dir: str | os.PathLike, resume: bool, rescore: bool, plots: bool, progress: bool) -> dict:
+    """The folder's side of [`evaluate`]: resume from `responses.jsonl`, have the prompts not answered yet answered
+    batch by batch, store the records, summarize and write `results.json` and the plots.
+
+    `answerer` answers and scores: a [`BatchRunner`] in this process, or Ray workers
+    (`mara_hf.distributed.evaluation`). It has `described` and `settings_id` (the settings that decide the answers
+    and their fingerprint), `score(records) -> bool` (add the rewards the records lack, in place) and
+    `answer(batches, prompts)`, which yields the records of each batch of prompt positions, in any order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    described = answer_settings(model, tokenizer, agent, settings)
-    settings_id = fingerprint(described)
-    store = ResponseStore(out_dir, settings_id, resume=resume)
+    store = ResponseStore(out_dir, answerer.settings_id, resume=resume)
 
     reused = [store[(i, p)] for i, p in enumerate(prompts) if (i, p) in store]
     if rescore:
         for record in reused:
             for side in ("base", "mara"):
-                for name in rewards:
+                for name in reward_names:
                     record["rewards"][side].pop(name, None)
-    if score_records(reused, rewards, settings.batch_size):
+    if answerer.score(reused):
         store.rewrite()
 
     pending = [i for i, p in enumerate(prompts) if (i, p) not in store]
-    runner = BatchRunner(model, tokenizer, agent, rewards, settings, settings_id)
+    batches = [pending[start:start + settings.batch_size] for start in range(0, len(pending), settings.batch_size)]
     bar = progress_bar(len(pending), desc="mara-hf eval", unit="prompt", enabled=progress)
+    order = []
     try:
-        for start in range(0, len(pending), settings.batch_size):
-            rows = pending[start:start + settings.batch_size]
-            store.append(runner.run(rows, [prompts[i] for i in rows]))
-            bar.update(len(rows))
+        for records in answerer.answer(batches, prompts):
+            store.append(records)
+            order.append(records[0]["index"])
+            bar.update(len(records))
     finally:
         bar.close()
+    if order != sorted(order):
+        store.rewrite()  # batches finished out of order (several workers): the file in prompt order again
 
     current = [store[(i, p)] for i, p in enumerate(prompts)]
     top_k = settings.mara_kwargs.get("mara_top_k") or agent.top_k
-    results = summarize(current, list(rewards), top_k=top_k, tie_tolerance=settings.tie_tolerance)
+    results = summarize(current, reward_names, top_k=top_k, tie_tolerance=settings.tie_tolerance)
     results.update(
         generated_now=len(pending),
         reused=len(prompts) - len(pending),
-        settings=described,
-        settings_id=settings_id,
+        settings=answerer.described,
+        settings_id=answerer.settings_id,
         out_dir=str(out_dir),
         files={"responses": RESPONSES_FILE, "plots": []},
     )
     if plots:
-        results["files"]["plots"] = write_plots(current, list(rewards), results["agent"], out_dir)
+        results["files"]["plots"] = write_plots(current, reward_names, results["agent"], out_dir)
     write_json_atomic(out_dir / RESULTS_FILE, results)
     return results
 
@@ -209,17 +222,21 @@ def _check_rewards(rewards) -> dict:
 
 
 class BatchRunner:
-    """Answers one batch of prompts with both sides and turns the answers into scored records (see
-    [`evaluate`] for their fields)."""
+    """Answers batches of prompts with both sides and turns the answers into scored records (see [`evaluate`] for
+    their fields); the answerer of [`run_evaluation`] in this process. `described` / `settings_id`: the settings
+    that decide the answers ([`answer_settings`]) and their fingerprint."""
 
-    def __init__(self, model, tokenizer, agent, rewards: dict[str, Callable], settings: EvalSettings,
-                 settings_id: str):
+    def __init__(self, model, tokenizer, agent, rewards: dict[str, Callable], settings: EvalSettings):
         from ..generation import mara_generate
 
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
         self.model, self.tokenizer, self.agent, self.rewards = model, tokenizer, agent, rewards
-        self.settings, self.settings_id = settings, settings_id
+        self.settings = settings
+        self.described = answer_settings(model, tokenizer, agent, settings)
+        self.settings_id = fingerprint(self.described)
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.device = model.get_output_embeddings().weight.device
+        self.device = hf.execution_device(model.get_input_embeddings())
         self.generate_args = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                                   pad_token_id=tokenizer.pad_token_id, **settings.generation_kwargs)
         self.mara_args = dict(custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True,
@@ -232,6 +249,15 @@ class BatchRunner:
         out = self.model.generate(**inputs, **self.generate_args, **extra)
         _sync(self.device)
         return out, time.perf_counter() - start
+
+    def answer(self, batches: list[list[int]], prompts: list[str]):
+        """The records of each batch of prompt positions, in order."""
+        for rows in batches:
+            yield self.run(rows, [prompts[i] for i in rows])
+
+    def score(self, records: list[dict]) -> bool:
+        """Add the rewards `records` lack (in place); whether any was added."""
+        return score_records(records, self.rewards, self.settings.batch_size)
 
     def run(self, indices: list[int], prompts: list[str]) -> list[dict]:
         """The records of `prompts` (positions `indices` of the prompt list), scored by every reward."""

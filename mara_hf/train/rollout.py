@@ -27,8 +27,10 @@ replay transitions `(s, a, r, s', done)`:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -77,20 +79,40 @@ class Rollout:
         """`(B, T)`: positions before each row's end."""
         return torch.arange(self.tokens.shape[1], device=self.lengths.device)[None, :] < self.lengths[:, None]
 
-    def metrics(self) -> dict[str, float]:
-        """Acceptance rate over events, forced rate over decided tokens, changed rate and KL per token."""
+    def totals(self) -> dict[str, float]:
+        """The sums and counts the metrics are ratios of (see [`rollout_metrics`]); totals of several rollouts
+        (e.g. the shards of one batch, rolled out by different workers) add up key by key."""
         active = self.active
-        tokens = max(int(active.sum()), 1)
-        asked = self.asked & active
         return {
-            "response_tokens": float(self.lengths.float().mean()),
+            "rows": float(self.lengths.shape[0]),
+            "tokens": float(active.sum()),
             "decisions": float(len(self.actions)),
-            "accept_rate": float(self.actions.float().mean()) if len(self.actions) else 0.0,
-            "forced_rate": float((self.forced & active).sum() / max(int(asked.sum()), 1)),
-            "changed_rate": float(((self.taken_index > 0) & active).sum() / tokens),
-            "kl_per_token": float((self.kl * active).sum() / tokens),
+            "accepts": float(self.actions.sum()),
+            "asked": float((self.asked & active).sum()),
+            "forced": float((self.forced & active).sum()),
+            "changed": float(((self.taken_index > 0) & active).sum()),
+            "kl": float((self.kl * active).sum()),
             "dropped_rows": float((~self.finite).sum()),
         }
+
+    def metrics(self) -> dict[str, float]:
+        """Acceptance rate over events, forced rate over decided tokens, changed rate and KL per token."""
+        return rollout_metrics(self.totals())
+
+
+def rollout_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """The metrics of [`Rollout.totals`] (of one rollout, or summed over several): mean answer length, decisions,
+    acceptance rate over decisions, forced rate over decided tokens, changed rate and KL per token, dropped rows."""
+    tokens = max(totals["tokens"], 1.0)
+    return {
+        "response_tokens": totals["tokens"] / max(totals["rows"], 1.0),
+        "decisions": totals["decisions"],
+        "accept_rate": totals["accepts"] / totals["decisions"] if totals["decisions"] else 0.0,
+        "forced_rate": totals["forced"] / max(totals["asked"], 1.0),
+        "changed_rate": totals["changed"] / tokens,
+        "kl_per_token": totals["kl"] / tokens,
+        "dropped_rows": totals["dropped_rows"],
+    }
 
 
 def step_events(candidate_logprobs, accepted, counts, index, asked, fallback: str):
@@ -129,18 +151,24 @@ def rollout(
     max_new_tokens: int,
     eos_token_ids: list[int],
     pad_token_id: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     top_k: int = 40,
     top_p: float = 0.95,
     fallback: str = "last",
     schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
 ) -> Rollout:
-    """Play the MDP on a left-padded batch of prompts; the actor's decisions are sampled with `generator` (CPU).
+    """Play the MDP on a left-padded batch of prompts; the actor's decisions are sampled with `generator` (CPU): one
+    generator for the batch, or one per row (see [`row_generators`]), which makes each row's episode independent of
+    the rows beside it, so a batch split into shards gives the same episodes.
 
     The model is only read (its cache is a fresh `DynamicCache`); the actor is only evaluated.
     """
     check_model(model)
     batch, device = input_ids.shape[0], input_ids.device
+    per_row = not isinstance(generator, torch.Generator)
+    if per_row and len(generator) != batch:
+        raise ValueError(f"`generator` has to be one generator or one per row ({batch}), but {len(generator)} "
+                         "were given.")
     cache = DynamicCache(config=model.config)
     check_cache(cache)
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -157,7 +185,11 @@ def rollout(
     finite = torch.ones(batch, dtype=torch.bool, device=device)
 
     for position in range(max_new_tokens):
-        thresholds = torch.rand((batch, top_k), generator=generator).to(device, non_blocking=True)
+        if per_row:
+            thresholds = torch.stack([torch.rand(top_k, generator=g) for g in generator])
+        else:
+            thresholds = torch.rand((batch, top_k), generator=generator)
+        thresholds = thresholds.to(device, non_blocking=True)
         step = evaluate_step(
             model, actor, cache, logits, next_position_ids(None, mask, cache.get_seq_length(), batch, device), mask,
             top_k=top_k, top_p=top_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
@@ -207,6 +239,26 @@ def rollout(
         forced=stacked["forced"],
         finite=finite,
     )
+
+
+def row_generators(seed: int, iteration: int, rows: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per row of an iteration's rollout batch, seeded by `(seed, iteration, row)` alone: a row's
+    decisions do not depend on how the batch is split (one process, or shards on several workers), and a shard
+    rolled out again (a worker died) draws the same thresholds.
+
+    ```python
+    >>> import torch
+    >>> a, b = row_generators(0, 3, [5, 6])
+    >>> bool(torch.equal(torch.rand(2, generator=a), torch.rand(2, generator=row_generators(0, 3, [5])[0])))
+    True
+
+    ```
+    """
+    generators = []
+    for row in rows:
+        digest = hashlib.blake2b(f"mara-hf rollout {seed} {iteration} {row}".encode(), digest_size=8).digest()
+        generators.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+    return generators
 
 
 def build_transitions(rollout: Rollout, terminal_rewards: torch.Tensor, kl_coef: float,

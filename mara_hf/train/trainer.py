@@ -12,14 +12,22 @@ One iteration:
 5. log one JSON line of metrics (and TensorBoard scalars if asked); every `checkpoint_every` iterations write
    an atomic checkpoint.
 
-Resuming from the latest checkpoint restores the actor, critics, targets, alpha, optimizers, replay buffer and
-both random generators (rollout decisions, buffer sampling), so for a fixed seed a killed and resumed run ends
-with the same agent as an uninterrupted one (on the same machine, torch version and thread count: floating point
-reductions may differ across those).
+The rollout decisions of row r of iteration i are sampled with a generator seeded by `(seed, i, r)` alone
+([`row_generators`]), so an iteration's episodes do not depend on how its batch is split: Ray workers rolling out
+shards of it (`mara_hf.distributed`) give the transitions this process would, and a shard rolled out again gives
+the same ones. With `max_staleness = s` the rollouts of iteration i use the actor as it was after iteration
+max(0, i - s) (0: the current actor), here as with Ray workers, where it lets the next s rollouts run while the
+learner updates.
+
+Resuming from the latest checkpoint restores the actor (and the older actors that `max_staleness` still needs),
+critics, targets, alpha, optimizers, replay buffer and the buffer-sampling generator, so for a fixed seed a
+killed and resumed run ends with the same agent as an uninterrupted one (on the same machine, torch version and
+thread count: floating point reductions may differ across those).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -30,14 +38,15 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from .. import hf_internals as hf
 from ..agent import MaraAgent, validate_candidate_settings
 from ..data import encode_chat_prompts, eos_token_ids
 from ..files import write_atomic
 from ..progress import progress_bar
 from ..schedule import validate_schedule
-from .buffer import ReplayBuffer
+from .buffer import Batch, ReplayBuffer
 from .checkpoint import damaged, latest_checkpoint, load_checkpoint, save_checkpoint
-from .rollout import build_transitions, rollout
+from .rollout import build_transitions, rollout, rollout_metrics, row_generators
 from .sac import DiscreteSAC, SACConfig
 
 ROLLOUT_SCHEDULE = (1, 2, 4, 8, 16)
@@ -81,6 +90,9 @@ class TrainConfig:
     initial_accept: float | None = field(default=0.9, metadata={
         "help": "a fresh actor starts accepting every candidate with about this probability (0: the plain random "
                 "initialisation)", "none": "0"})
+    max_staleness: int = field(default=0, metadata={
+        "help": "rollouts of iteration i use the actor as it was after iteration i - S (0: the current actor, "
+                "synchronous); with Ray workers the next S rollouts then run while the learner updates"})
     sac: SACConfig = field(default_factory=SACConfig)
 
     def __post_init__(self):
@@ -88,7 +100,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` has to be a positive integer, but is {value!r}.")
-        for name in ("updates_per_rollout", "learning_starts", "seed"):
+        for name in ("updates_per_rollout", "learning_starts", "seed", "max_staleness"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"`{name}` has to be a non-negative integer, but is {value!r}.")
@@ -166,13 +178,24 @@ class Trainer:
         tensorboard: bool = False,
         progress: bool = True,
     ):
+        self.model, self.tokenizer, self.reward = model, tokenizer, reward
+        head = model.get_output_embeddings()
+        self._setup_learner(prompts, out_dir, config, state_dim=head.weight.shape[1],
+                            device=hf.execution_device(head), agent=agent, base_model_name=base_model_name,
+                            description=description, tensorboard=tensorboard, progress=progress)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        if tokenizer.pad_token_id is None and getattr(tokenizer, "eos_token", None) is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def _setup_learner(self, prompts, out_dir, config, *, state_dim: int, device, agent, base_model_name,
+                       description, tensorboard: bool, progress: bool) -> None:
+        """Everything but the base model: prompts, run folder, actor, learner, buffer, generators, counters."""
         self.config = config = config if config is not None else TrainConfig()
         if not prompts:
             raise ValueError("`prompts` is empty: give at least one training prompt.")
-        self.model, self.tokenizer, self.prompts, self.reward = model, tokenizer, list(prompts), reward
+        self.prompts = list(prompts)
         self.out_dir = Path(out_dir)
-        self.device = model.get_output_embeddings().weight.device
-        state_dim = model.get_output_embeddings().weight.shape[1]
+        self.device = torch.device(device)
         torch.manual_seed(config.seed)
         if agent is None:
             agent = MaraAgent(state_dim, hidden_sizes=config.hidden_sizes, base_model=base_model_name,
@@ -193,43 +216,65 @@ class Trainer:
         self.agent = agent.to(self.device)
         self.sac = DiscreteSAC(self.agent, config.sac)
         self.buffer = ReplayBuffer(config.sac.buffer_size, state_dim, device=self.device)
-        self.rollout_generator = torch.Generator().manual_seed(config.seed)
         self.sample_generator = torch.Generator().manual_seed(config.seed + 1)
         self.iteration = 0
-        self.eos_ids = eos_token_ids(model, tokenizer)
-        if tokenizer.pad_token_id is None and getattr(tokenizer, "eos_token", None) is not None:
-            tokenizer.pad_token = tokenizer.eos_token
+        self.versions: dict[int, dict[str, torch.Tensor]] = {}  # older actors that max_staleness still needs
         self.tensorboard = tensorboard
         self.progress = progress
 
     # ------------------------------------------------------------------ one iteration
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input ids and attention mask, chat-formatted like `mara-hf eval`."""
-        encoded = encode_chat_prompts(self.tokenizer, prompts, self.device)
+        encoded = encode_chat_prompts(self.tokenizer, prompts, hf.execution_device(self.model.get_input_embeddings()))
         return encoded["input_ids"], encoded["attention_mask"]
+
+    def batch_prompts(self, iteration: int) -> list[str]:
+        """The prompts of `iteration`, in the order of the rows of its rollout batch."""
+        indices = prompt_indices(len(self.prompts), iteration, self.config.rollout_batch_size, self.config.seed)
+        return [self.prompts[i] for i in indices]
+
+    def weights_version(self, iteration: int) -> int:
+        """The actor the rollouts of `iteration` use: the one after iteration `max(0, iteration - max_staleness)`."""
+        return max(0, iteration - self.config.max_staleness)
+
+    def actor_weights(self, version: int) -> dict[str, torch.Tensor]:
+        """The actor's weights after iteration `version` (the current ones, or a kept older version)."""
+        if version == self.iteration:
+            return self.agent.state_dict()
+        if version not in self.versions:
+            raise RuntimeError(f"The actor after iteration {version} was not kept (now at {self.iteration}).")
+        return self.versions[version]
+
+    def rollout_actor(self, iteration: int) -> MaraAgent:
+        """The actor that plays the rollouts of `iteration` (see `weights_version`)."""
+        version = self.weights_version(iteration)
+        if version == self.iteration:
+            return self.agent
+        actor = copy.deepcopy(self.agent)
+        actor.load_state_dict(self.actor_weights(version))
+        return actor.eval()
+
+    def collect(self) -> tuple[Batch, dict]:
+        """Roll out this iteration's batch here: its transitions and totals (see [`rollout_transitions`])."""
+        prompts = self.batch_prompts(self.iteration)
+        return rollout_transitions(self.model, self.tokenizer, self.reward, self.rollout_actor(self.iteration),
+                                   prompts, self.config, row_generators(self.config.seed, self.iteration,
+                                                                        range(len(prompts))), self.eos_ids)
 
     def step(self) -> dict:
         """Run one iteration (rollout, transitions, updates) and return its metrics."""
-        config, started = self.config, time.perf_counter()
-        indices = prompt_indices(len(self.prompts), self.iteration, config.rollout_batch_size, config.seed)
-        prompts = [self.prompts[i] for i in indices]
-        input_ids, attention_mask = self.encode(prompts)
-        self.agent.eval()
-        episodes = rollout(
-            self.model, self.agent, input_ids, attention_mask, max_new_tokens=config.max_new_tokens,
-            eos_token_ids=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id, generator=self.rollout_generator,
-            top_k=config.top_k, top_p=config.top_p, fallback=config.fallback, schedule=config.schedule,
-        )
-        lengths = episodes.lengths.tolist()
-        responses = [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
-                     for row, n in zip(episodes.tokens, lengths)]
-        scores = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float32).reshape(-1)
-        if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
-            raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
-        transitions = build_transitions(episodes, scores, config.kl_coef, reject_cost=config.reject_cost)
-        self.buffer.add(*transitions)
-        rollout_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        transitions, totals = self.collect()
+        return self.learn(transitions, totals, started=started, rollout_seconds=time.perf_counter() - started)
 
+    def learn(self, transitions: Batch, totals: dict, *, started: float, rollout_seconds: float, **extra) -> dict:
+        """The learner's half of an iteration: add its transitions to the buffer, run the SAC updates, count the
+        iteration; returns its metrics (`extra` is added to them)."""
+        config = self.config
+        self.buffer.add(*transitions)
+        if config.max_staleness:
+            self.versions[self.iteration] = {k: v.detach().to("cpu", copy=True)
+                                             for k, v in self.agent.state_dict().items()}
         losses: dict[str, float] = {}
         updates = config.updates_per_rollout if len(self.buffer) >= max(config.learning_starts, 1) else 0
         self.agent.train()
@@ -237,17 +282,21 @@ class Trainer:
             for key, value in self.sac.update(self.buffer.sample(config.sac.batch_size, self.sample_generator)).items():
                 losses[key] = losses.get(key, 0.0) + value / updates
         self.agent.eval()
+        version = self.weights_version(self.iteration)
         self.iteration += 1
+        self.versions = {v: w for v, w in self.versions.items() if v >= self.weights_version(self.iteration)}
         return {
             "iteration": self.iteration,
             "episodes": self.iteration * config.rollout_batch_size,
-            "reward": float(scores.mean()),
-            **episodes.metrics(),
+            "reward": totals["reward"] / max(totals["rows"], 1.0),
+            **rollout_metrics(totals),
             "transitions": int(transitions.actions.shape[0]),
             "buffer_size": len(self.buffer),
             "updates": self.sac.num_updates,
             "alpha": self.sac.alpha,
             **losses,
+            **({"weights_version": version} if config.max_staleness else {}),
+            **extra,
             "rollout_seconds": rollout_seconds,
             "seconds": time.perf_counter() - started,
         }
@@ -259,8 +308,8 @@ class Trainer:
             "config": self.config.to_dict(),
             "sac": self.sac.state_dict(),
             "buffer": self.buffer.state_dict(),
-            "rollout_generator": self.rollout_generator.get_state(),
             "sample_generator": self.sample_generator.get_state(),
+            "actor_versions": [[version, weights] for version, weights in sorted(self.versions.items())],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -271,9 +320,10 @@ class Trainer:
                              "the same settings or use another output folder.")
         self.sac.load_state_dict(state["sac"])
         self.buffer.load_state_dict(state["buffer"])
-        self.rollout_generator.set_state(state["rollout_generator"])
         self.sample_generator.set_state(state["sample_generator"])
         self.iteration = state["iteration"]
+        # Older actors that max_staleness still needs (runs of earlier releases have none, and no staleness).
+        self.versions = {int(version): weights for version, weights in state.get("actor_versions", [])}
 
     def save(self) -> Path:
         return save_checkpoint(self.out_dir / CHECKPOINTS, f"step-{self.iteration:07d}", self.agent, self.state_dict())
@@ -345,8 +395,8 @@ class Trainer:
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
                     if writer is not None:
-                        for key, value in metrics.items():
-                            writer.add_scalar(f"train/{key}", value, self.iteration)
+                        for key, value in scalars(metrics, "train"):
+                            writer.add_scalar(key, value, self.iteration)
                     out_of_time = deadline is not None and time.perf_counter() >= deadline
                     if (self.iteration % self.config.checkpoint_every == 0 or out_of_time
                             or self.iteration == self.config.iterations):
@@ -360,8 +410,52 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+            self.stop()
         self.agent.save_pretrained(self.out_dir / FINAL_AGENT)
         return self.agent
+
+    def stop(self) -> None:
+        """Called when `train` returns or fails; rollouts run here, so there is nothing to stop."""
+
+
+def rollout_transitions(model, tokenizer, reward: Callable, actor: MaraAgent, prompts: list[str], config: TrainConfig,
+                        generators: Sequence[torch.Generator], eos_ids: list[int] | None = None) -> tuple[Batch, dict]:
+    """Roll out `prompts` (rows of an iteration's batch) with `actor`, score the answers with `reward` and build
+    the replay transitions. Returns them and the totals the iteration's metrics are made of ([`Rollout.totals`] plus
+    `reward`, the sum of the scores), which add up over the shards of a batch. Ray workers call this too.
+
+    `generators`: one per row ([`row_generators`] of the rows' places in the batch)."""
+    device = hf.execution_device(model.get_input_embeddings())
+    encoded = encode_chat_prompts(tokenizer, prompts, device)
+    if eos_ids is None:
+        eos_ids = eos_token_ids(model, tokenizer)
+    actor.eval()
+    episodes = rollout(
+        model, actor, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=config.max_new_tokens,
+        eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id, generator=list(generators),
+        top_k=config.top_k, top_p=config.top_p, fallback=config.fallback, schedule=config.schedule,
+    )
+    lengths = episodes.lengths.tolist()
+    responses = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+                 for row, n in zip(episodes.tokens, lengths)]
+    scores = torch.as_tensor(reward(prompts, responses), dtype=torch.float32).reshape(-1)
+    if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
+        raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
+    transitions = build_transitions(episodes, scores, config.kl_coef, reject_cost=config.reject_cost)
+    return transitions, {**episodes.totals(), "reward": float(scores.double().sum())}
+
+
+def scalars(metrics: dict, prefix: str):
+    """`(name, value)` of every number in a metrics record, nested ones (the per-worker metrics of a Ray run) named
+    by their path: `train/reward`, `train/workers/0/reward`."""
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            yield from scalars(value, name)
+        elif isinstance(value, list):
+            yield from scalars({str(i): item for i, item in enumerate(value)}, name)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, value
 
 
 def _tensorboard_writer(out_dir: Path):
