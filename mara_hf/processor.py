@@ -47,11 +47,22 @@ def check_agent(agent, model) -> None:
         )
 
 
+_DEVICE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def agent_on_device(agent: MaraAgent, device: torch.device) -> MaraAgent:
-    """The agent on `device` in eval mode; a copy if it lives elsewhere (the caller's agent is not moved)."""
-    if agent.ln.weight.device != device:
-        agent = copy.deepcopy(agent).to(device)
-    return agent.eval()
+    """The agent on `device` in eval mode; a copy if it lives elsewhere (the caller's agent is not moved).
+
+    The copy is kept (weakly, per agent and device) and reused while the agent's parameters are unchanged (same
+    tensors, same in-place version counters), so that repeated calls hand compiled steps the same module."""
+    if agent.ln.weight.device == torch.device(device):
+        return agent.eval()
+    stamp = tuple((p.data_ptr(), p._version) for p in agent.parameters())
+    copies = _DEVICE_COPIES.setdefault(agent, {})
+    kept = copies.get(str(device))
+    if kept is None or kept[0] != stamp:
+        kept = copies[str(device)] = (stamp, copy.deepcopy(agent).to(device).eval())
+    return kept[1]
 
 
 def warn_nonfinite(agent: MaraAgent, count: int) -> None:
