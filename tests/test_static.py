@@ -116,3 +116,16 @@ def test_static_stats_match_dynamic():
     fused(model, agent, ids, mask, mara_stats=b, mara_schedule=(1, 8), cache_implementation="static")
     for key in ("tokens", "agent_decided", "fallbacks", "accepted_index_histogram", "search_length_histogram"):
         assert a.to_dict()[key] == b.to_dict()[key], key
+
+
+def test_a_second_call_replays_the_compiled_step_without_compiling_again():
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=21))
+    kwargs = dict(mara_schedule=(1, 8), cache_implementation="static", compile_config=eager_compile_config())
+    first = fused(model, agent, ids, mask, **kwargs)
+    graphs = counters["stats"]["unique_graphs"]
+    second = fused(model, agent, ids, mask, **kwargs)
+    assert counters["stats"]["unique_graphs"] == graphs and torch.equal(first.sequences, second.sequences)
