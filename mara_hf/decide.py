@@ -142,7 +142,7 @@ def evaluate_step(
         if not any_asked and not for_commit:
             evaluation.decision = _decide(cands, accepted, lone, fallback)
             return evaluation  # every row has a lone candidate: nothing to ask, no forward
-    # Fused steps let lm_head project only the sibling each row may keep (see `_pick`).
+    # Fused steps let lm_head project only the sibling each row may keep (see `Picker`).
     evaluation.picked = picking = for_commit and lazy
     logits_mode = "pick" if picking else ("all" if for_commit else "none")
     start, end = 0, min(first, max_count)
@@ -171,7 +171,10 @@ def evaluate_step(
             # The host read of a chunk: how many rows still need candidates, and how many can there be? (When
             # only some do, `nonzero` below reads which.)
             need = ~decided & (cands.counts > end)
-            needed, max_count = torch.stack([need.sum(), cands.counts.max()]).tolist()
+            if static:  # fixed shapes: chunks are never cut to the largest count
+                needed = int(need.sum())
+            else:
+                needed, max_count = torch.stack([need.sum(), cands.counts.max()]).tolist()
         else:
             needed = 0
         if for_commit:
