@@ -98,7 +98,7 @@ def test_cpu_offload_hooks_decode_and_roll_out_as_the_whole_model():
 TP_SCRIPT = """
 import json, os, sys
 import torch
-from transformers import AutoModelForCausalLM, DistributedConfig
+from transformers import AutoModelForCausalLM
 sys.path.insert(0, {tests!r})
 from conftest import decisive_agent, left_padded, random_prompts
 from mara_hf import MaraLogitsProcessor, mara_generate
@@ -107,8 +107,13 @@ path = sys.argv[1]
 agent = decisive_agent(32, seed=7)
 ids, mask = left_padded(random_prompts(3))
 settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+try:  # newer transformers releases
+    from transformers import DistributedConfig
+    tp = {{"distributed_config": DistributedConfig(tp_plan="auto")}}
+except ImportError:
+    tp = {{"tp_plan": "auto"}}
 out = {{}}
-for name, kwargs in (("whole", {{}}), ("tp", {{"distributed_config": DistributedConfig(tp_plan="auto")}})):
+for name, kwargs in (("whole", {{}}), ("tp", tp)):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     out[name] = {{
         "tp_size": getattr(model, "tp_size", None),

@@ -52,3 +52,13 @@ def test_a_bad_ray_option_names_its_flag(tmp_path, capsys):
     assert main(["eval", "--prompts", "p.json", "--reward", "vader", "--ray-workers", "-2"]) == 2
     assert capsys.readouterr().err.strip() == ("mara-hf eval: error: --ray-workers: `workers` has to be a "
                                               "non-negative integer, but is -2.")
+
+
+@pytest.mark.parametrize("name", ["mara_hf.distributed.config", "mara_hf.distributed.training", "mara_hf.options",
+                                  "mara_hf.train.rollout"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

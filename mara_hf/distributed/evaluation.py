@@ -48,8 +48,8 @@ class RayAnswerer:
                 rows = todo.pop()
                 running.append(self.pool.submit(slot, "answer", rows, [prompts[i] for i in rows]))
 
-        for slot in range(len(self.pool.actors)):
-            for _ in range(QUEUE_DEPTH):
+        for _ in range(QUEUE_DEPTH):  # one batch per worker first, then a second one each
+            for slot in range(len(self.pool.actors)):
                 send(slot)
         while running:
             task = self.pool.wait(running)

@@ -1,7 +1,7 @@
 """Training MARA agents: rollouts of the accept/reject MDP, discrete soft actor-critic, replay buffer, trainer."""
 
 from .buffer import Batch, ReplayBuffer
-from .rollout import Rollout, build_transitions, rollout
+from .rollout import Rollout, build_transitions, rollout, row_generators
 from .sac import (
     Critic,
     DiscreteSAC,
@@ -12,7 +12,7 @@ from .sac import (
     critic_target,
     soft_update,
 )
-from .trainer import Trainer, TrainConfig
+from .trainer import Trainer, TrainConfig, rollout_transitions
 
 __all__ = [
     "Batch",
@@ -29,5 +29,7 @@ __all__ = [
     "critic_loss",
     "critic_target",
     "rollout",
+    "rollout_transitions",
+    "row_generators",
     "soft_update",
 ]
