@@ -81,15 +81,19 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"agent: {args.agent or models.DEFAULT_AGENT}; model: {args.model} (loading...)", file=sys.stderr)
     model, tokenizer = models.load_base_model(args.model, device=device)
     started = time.perf_counter()
-    results = evaluate(
-        model, tokenizer, agent, prompts, rewards,
+    results = evaluate(model, tokenizer, agent, prompts, rewards, **_settings_of(args))
+    print(format_summary(results))
+    print(f"[{time.perf_counter() - started:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def _settings_of(args: argparse.Namespace) -> dict:
+    """The evaluation settings the command's options give (the same for one process and for Ray workers)."""
+    return dict(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
         out_dir=args.out, resume=not args.no_resume, rescore=args.rescore,
         generation_kwargs={"temperature": args.temperature} if args.sample else None,
     )
-    print(format_summary(results))
-    print(f"[{time.perf_counter() - started:.1f} s]", file=sys.stderr)
-    return 0
 
 
 def _run_eval_on_ray(args: argparse.Namespace, ray_config: RayConfig) -> int:
@@ -107,12 +111,7 @@ def _run_eval_on_ray(args: argparse.Namespace, ray_config: RayConfig) -> int:
           f"{args.model} and the rewards...", file=sys.stderr)
     started = time.perf_counter()
     with WorkerPool.from_specs(ray_config, args.model, list(dict.fromkeys(args.reward))) as pool:
-        results = evaluate_on_ray(
-            pool, agent, prompts, args.reward,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
-            out_dir=args.out, resume=not args.no_resume, rescore=args.rescore,
-            generation_kwargs={"temperature": args.temperature} if args.sample else None,
-        )
+        results = evaluate_on_ray(pool, agent, prompts, args.reward, **_settings_of(args))
     print(format_summary(results))
     print(f"[{time.perf_counter() - started:.1f} s]", file=sys.stderr)
     return 0
