@@ -65,28 +65,21 @@ def evaluate_on_ray(
     prompts: Sequence[str],
     rewards: Sequence[str],
     *,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    do_sample: bool = False,
-    seed: int = 0,
     out_dir: str | os.PathLike = "eval-results",
     resume: bool = True,
     rescore: bool = False,
-    generation_kwargs: dict | None = None,
-    mara_kwargs: dict | None = None,
-    tie_tolerance: float = 0.0,
     plots: bool = True,
     progress: bool = True,
+    **settings,
 ) -> dict:
     """[`mara_hf.evaluation.evaluate`] with the answering done by the workers of `pool`; `rewards` names rewards the
-    workers loaded (e.g. the `--reward` specs of `WorkerPool.from_specs`). Same arguments, files and summary."""
+    workers loaded (e.g. the `--reward` specs of `WorkerPool.from_specs`). Same arguments (`settings`: the fields of
+    `EvalSettings`, e.g. `max_new_tokens`, `batch_size`, `do_sample`, `seed`), files and summary."""
     prompts = _check_prompts(prompts)
     rewards = list(dict.fromkeys(rewards))
     if not rewards:
         raise ValueError("`rewards` is empty: name at least one reward the workers loaded.")
-    settings = EvalSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample, seed=seed,
-                            generation_kwargs=generation_kwargs, mara_kwargs=mara_kwargs,
-                            tie_tolerance=tie_tolerance)
+    settings = EvalSettings(**settings)
     answerer = RayAnswerer(pool, agent, rewards, settings)
     return run_evaluation(answerer, prompts, rewards, settings, agent=agent, out_dir=out_dir, resume=resume,
                           rescore=rescore, plots=plots, progress=progress)
