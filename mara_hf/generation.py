@@ -89,12 +89,14 @@ def mara_generate(
 
     ```python
     >>> import torch
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from transformers import AutoModelForCausalLM, Qwen3Config
     >>> from mara_hf import MaraAgent, mara_generate
-    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    >>> config = Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    >>> model = AutoModelForCausalLM.from_config(config)
+    >>> agent = MaraAgent(state_dim=16)
     >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
-    ...     pad_token_id=0, custom_generate=mara_generate, mara_agent=MaraAgent(state_dim=16))
+    ...                      pad_token_id=0, custom_generate=mara_generate, mara_agent=agent)
     >>> out.shape
     torch.Size([1, 8])
 
