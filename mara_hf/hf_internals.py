@@ -144,7 +144,19 @@ def cache_kind(cache) -> str | None:
 
 
 def has_sliding_layers(cache) -> bool:
-    return any(layer.is_sliding for layer in cache.layers)
+    return True in layer_kinds(cache)
+
+
+def layer_kinds(cache) -> set[bool]:
+    """Which kinds of attention layers the cache holds: `True` for sliding-window ones (`CacheLayerMixin.is_sliding`),
+    `False` for full attention."""
+    return {layer.is_sliding for layer in cache.layers}
+
+
+def cache_rows(cache) -> tuple[int, torch.device]:
+    """`(batch rows, device)` of a cache's first layer (its `keys` tensor)."""
+    keys = cache.layers[0].keys
+    return keys.shape[0], keys.device
 
 
 def sliding_window(cache) -> int | None:

@@ -122,7 +122,7 @@ def _library_mask(model, cache, context_mask, past: int, count: int, batch: int,
     # The cache goes by position: transformers renamed that argument (`past_key_values` -> `cache`) in 5.2x.
     args = (model.config, embeds, mask_2d, cache)
     common = dict(and_mask_function=sees_context_or_itself)
-    sliding = {layer.is_sliding for layer in cache.layers}
+    sliding = hf.layer_kinds(cache)
     if False in sliding:
         masks["full_attention"] = create_causal_mask(*args, **common)
     if True in sliding:
@@ -224,7 +224,7 @@ class DynamicSiblings:
             mask = _direct_mask(self.model, context_mask, self.past, 0, count, self.past + count, batch, device)
         out = run_siblings(self.model, cache, tokens, position_ids, mask, logits=logits, pick=pick)
         if keep_kv:
-            full = self.cache.layers[0].keys.shape[0]
+            full = hf.cache_rows(self.cache)[0]
             self.kv_parts.append([(widen(k, rows, full), widen(v, rows, full)) for k, v in hf.appended_kv(cache, count)])
         return out
 
@@ -255,8 +255,7 @@ class StaticSiblings:
         self.kv_parts = []
         if compiled is not None:
             self.length = hf.static_length(cache).clone()  # == past, as a device tensor (no host value in graphs)
-            batch = cache.layers[0].keys.shape[0]
-            device = cache.layers[0].keys.device
+            batch, device = hf.cache_rows(cache)
             self.padding = torch.zeros(batch, self.slots, dtype=torch.bool, device=device)
             if context_mask is None:
                 self.padding[:, :past] = True
