@@ -45,11 +45,10 @@ class MaraStats:
     """
 
     FOLD_EVERY = 256
-    """Pending steps folded into the counters at most, to bound the memory they hold."""
+    """Pending steps (or chunks of probabilities) folded into the counters at most, to bound the memory they hold."""
 
     def __init__(self, top_k: int, device: torch.device | str | None = None):
         self.top_k = top_k
-        self.device = device
         # tokens, asked, fallbacks, nonfinite (device counters); forwards is a host count
         self._counts = torch.zeros(4, dtype=torch.long, device=device)
         self._histogram = torch.zeros(top_k, dtype=torch.long, device=device)
@@ -75,10 +74,15 @@ class MaraStats:
     def add_probabilities(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Keep a step's accept probabilities `(p, valid)` per chunk, to count NaN/inf ones (`nonfinite`)."""
         self._pending_probabilities.extend(parts)
+        if len(self._pending_probabilities) >= self.FOLD_EVERY:
+            self._fold_probabilities()
 
     def _fold(self) -> None:
         """Add the pending steps and probabilities to the counters (vectorised; no host read)."""
         self._fold_decisions()
+        self._fold_probabilities()
+
+    def _fold_probabilities(self) -> None:
         if self._pending_probabilities:
             p = torch.cat([p.flatten() for p, _ in self._pending_probabilities])
             valid = torch.cat([valid.flatten().to(p.device) for p, valid in self._pending_probabilities])

@@ -92,3 +92,21 @@ def test_float32_paths_agree_with_a_decisive_agent_whatever_the_chunks():
                               mara_agent=agent, mara_schedule=schedule) for schedule in ((1,), (1, 8), (40,))]
     dropin = model.generate(ids, **dict(COMMON, max_new_tokens=10), logits_processor=[MaraLogitsProcessor(agent, model)])
     assert all(torch.equal(o, dropin) for o in outputs)
+
+
+def test_pending_statistics_stay_bounded_when_only_search_lengths_are_read():
+    """The auto schedule reads search lengths every few steps; the probabilities kept for the NaN count must not pile
+    up in between (a long generation would hold every chunk's tensors)."""
+    from mara_hf import MaraStats
+    from mara_hf.stats import StepDecision
+
+    stats = MaraStats(top_k=4)
+    step = StepDecision(index=torch.zeros(2, dtype=torch.long), token=torch.zeros(2, dtype=torch.long),
+                        num_candidates=torch.full((2,), 4), asked=torch.ones(2, dtype=torch.bool),
+                        fallback=torch.zeros(2, dtype=torch.bool))
+    for _ in range(3 * MaraStats.FOLD_EVERY):
+        stats.record(step)
+        stats.add_probabilities([(torch.tensor([0.9, float("nan")]), torch.tensor([True, True]))])
+        stats.search_length_histogram  # what the schedule reads
+    assert len(stats._pending_probabilities) < MaraStats.FOLD_EVERY
+    assert stats.nonfinite == 3 * MaraStats.FOLD_EVERY and stats.tokens == 6 * MaraStats.FOLD_EVERY
