@@ -71,6 +71,16 @@ def first_accepted(accepted: torch.BoolTensor) -> tuple[torch.BoolTensor, torch.
     return found.bool(), index
 
 
+def keepable(p_accept: torch.Tensor, thresholds, valid: torch.BoolTensor, target: torch.LongTensor, start: int):
+    """Per row, the sibling of a chunk (candidates `start .. start + n - 1`, accept probabilities `p_accept`
+    `(B, n)`) that the row may keep: its first accepted one; else the fallback candidate `target` (absolute index)
+    when it lies in the chunk; else 0. Pure tensor code, shared by the eager and the compiled step."""
+    count = p_accept.shape[-1]
+    any_accepted, first = first_accepted((p_accept > thresholds) & valid)
+    in_chunk = (target >= start) & (target < start + count)
+    return torch.where(any_accepted | ~in_chunk, first, (target - start).clamp(0, count - 1))
+
+
 def fallback_index(counts: torch.LongTensor, fallback: str) -> torch.LongTensor:
     """Index taken when every candidate is rejected: 0 for `"first"`, the last candidate for `"last"`."""
     if fallback == "first":

@@ -21,7 +21,8 @@ import weakref
 import torch
 
 from . import hf_internals as hf
-from .candidates import first_accepted
+from .candidates import keepable
+from .states import eager_dtype, sibling_mask
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ class CompiledStep:
         self.head = model.get_output_embeddings()
         self.agent = agent
         self.keyword = hf.cache_keyword(self.decoder)
-        self.eager_attention = hf.attention_implementation(model) == "eager"
-        self.dtype = model.dtype
+        self.eager_dtype = eager_dtype(model)
         self.cudagraphs = options.get("mode") == "reduce-overhead"
         self.chunk_fn = torch.compile(self._chunk, **options)
         self.commit_fn = torch.compile(self._commit, **options)
@@ -83,24 +83,13 @@ class CompiledStep:
 
     def _chunk(self, cache, tokens, position_ids, padding, length, start: int, thresholds, valid, target):
         batch, count = tokens.shape
-        slots = padding.shape[1]
         hf.set_static_length(cache, length + start)
-        kv = torch.arange(slots, device=tokens.device)
-        own = kv[None, :] == (length + start + torch.arange(count, device=tokens.device))[:, None]
-        allowed = own[None, None] | (padding & (kv < length)[None, :])[:, None, None, :]
-        if self.eager_attention:
-            mask = torch.zeros((), dtype=self.dtype, device=tokens.device).masked_fill(~allowed,
-                                                                                         torch.finfo(self.dtype).min)
-        else:
-            mask = allowed
+        mask = sibling_mask(padding, length + start, count, self.eager_dtype)
         out = self.decoder(input_ids=tokens, attention_mask=mask, position_ids=position_ids.expand(batch, count),
                            use_cache=True, **{self.keyword: cache})
         states = out.last_hidden_state
         p = self.agent.accept_probability(states)
-        accepted = (p > thresholds) & valid
-        any_accepted, first = first_accepted(accepted)
-        in_chunk = (target >= start) & (target < start + count)
-        pick = torch.where(any_accepted | ~in_chunk, first, (target - start).clamp(0, count - 1))
+        pick = keepable(p, thresholds, valid, target, start)
         chosen = states.gather(1, pick.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
         logits = self.head(chosen)[:, 0].float()
         return states, p, pick, logits

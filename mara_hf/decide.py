@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .candidates import CandidateSet, build_candidates, fallback_index, first_accepted
+from .candidates import CandidateSet, build_candidates, fallback_index, first_accepted, keepable
 from .schedule import LAZY_SCHEDULE
 from .states import DynamicSiblings, StaticSiblings, select_kv, widen
 from .stats import StepDecision
@@ -205,7 +205,7 @@ class Picker:
 
     def __init__(self, agent, cands: CandidateSet, start: int, end: int, fallback: str, thresholds: torch.Tensor,
                  rows=slice(None)):
-        self.agent, self.start, self.end = agent, start, end
+        self.agent, self.start = agent, start
         self.thresholds = 0.5 if thresholds is None else thresholds[rows, start:end]
         self.valid = cands.valid[rows, start:end]
         counts = cands.counts[rows]
@@ -214,11 +214,7 @@ class Picker:
 
     def __call__(self, states: torch.Tensor) -> torch.LongTensor:
         self.p_accept = p = self.agent.accept_probability(states)
-        accepted = (p.to(self.valid.device) > self.thresholds) & self.valid
-        any_accepted, first = first_accepted(accepted)
-        in_chunk = (self.target >= self.start) & (self.target < self.end)
-        target = (self.target - self.start).clamp(0, self.end - self.start - 1)
-        return torch.where(any_accepted | ~in_chunk, first, target).to(states.device)
+        return keepable(p.to(self.valid.device), self.thresholds, self.valid, self.target, self.start).to(states.device)
 
 
 def _decide(cands: CandidateSet, accepted: torch.BoolTensor, lone: torch.BoolTensor, fallback: str) -> StepDecision:

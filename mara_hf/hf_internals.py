@@ -164,11 +164,6 @@ def sliding_window(cache) -> int | None:
     return next((layer.sliding_window for layer in cache.layers if layer.is_sliding), None)
 
 
-def layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the `(keys, values)` tensors `(B, heads, slots, head_dim)` (`CacheLayerMixin.keys/values`)."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
 class DynamicSnapshot:
     """A dynamic cache as it is now, to put back exactly after siblings were appended.
 

@@ -87,22 +87,35 @@ def check_left_padding(attention_mask: torch.Tensor | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ masks
+def sibling_mask(padding: torch.Tensor, first_slot, count: int, eager_dtype: torch.dtype | None = None):
+    """`(B, 1, count, slots)` mask of full-attention layers: sibling `q` (at slot `first_slot + q`; an int or a 0-d
+    tensor, so compiled steps need no host value) sees the context slots open in `padding` `(B, slots)` and its own
+    slot. Boolean (sdpa), or additive with 0 / the dtype's minimum when `eager_dtype` is given (eager attention,
+    as transformers' `eager_mask` builds it)."""
+    kv = torch.arange(padding.shape[1], device=padding.device)
+    own = kv[None, :] == (first_slot + torch.arange(count, device=padding.device))[:, None]  # (count, slots)
+    allowed = own[None, None] | padding[:, None, None, :]
+    if eager_dtype is None:
+        return allowed
+    return torch.zeros((), dtype=eager_dtype, device=padding.device).masked_fill(~allowed, torch.finfo(eager_dtype).min)
+
+
+def context_slots(context_mask: torch.Tensor | None, past: int, slots: int, batch: int, device) -> torch.BoolTensor:
+    """`(B, slots)`: the context slots `< past` that are not padding."""
+    padding = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+    padding[:, :past] = True if context_mask is None else context_mask[:, :past].to(device=device, dtype=torch.bool)
+    return padding
+
+
+def eager_dtype(model) -> torch.dtype | None:
+    """The dtype of an additive mask for eager attention, None for a boolean one (sdpa)."""
+    return model.dtype if hf.attention_implementation(model) == "eager" else None
+
+
 def _direct_mask(model, context_mask, past: int, start: int, count: int, slots: int, batch: int, device):
-    """`(B, 1, count, slots)` mask of full-attention layers: query `q` (the sibling at slot `past + start + q`)
-    sees the unpadded context slots `< past` and its own slot. Boolean for sdpa; additive float (0 / dtype min)
-    for eager attention, as transformers' `eager_mask` builds it."""
-    kv = torch.arange(slots, device=device)
-    own = kv[None, :] == (past + start + torch.arange(count, device=device))[:, None]  # (count, slots)
-    context = kv < past  # (slots,)
-    if context_mask is None:
-        allowed = (own | context[None, :])[None, None].expand(batch, 1, count, slots)
-    else:
-        padding = torch.zeros(batch, slots, dtype=torch.bool, device=device)
-        padding[:, :past] = context_mask[:, :past].to(device=device, dtype=torch.bool)
-        allowed = own[None, None] | padding[:, None, None, :]
-    if hf.attention_implementation(model) == "eager":
-        return torch.zeros((), dtype=model.dtype, device=device).masked_fill(~allowed, torch.finfo(model.dtype).min)
-    return allowed
+    """The sibling mask of full-attention layers for candidates `start ..` at slots `past + start ..`."""
+    return sibling_mask(context_slots(context_mask, past, slots, batch, device), past + start, count,
+                        eager_dtype(model))
 
 
 def _library_mask(model, cache, context_mask, past: int, count: int, batch: int, device):
@@ -196,8 +209,6 @@ class DynamicSiblings:
     A chunk may run for some rows only (`rows`): it then runs on a throwaway copy of those rows' cache, so the
     shared cache is not touched and the other rows pay nothing."""
 
-    kind = "dynamic"
-
     def __init__(self, model, cache, context_mask: torch.Tensor | None):
         self.model, self.cache, self.context_mask = model, cache, context_mask
         self.snapshot = hf.DynamicSnapshot(cache)
@@ -246,21 +257,14 @@ class StaticSiblings:
 
     `compiled` (a `compiled.CompiledStep`): run picking chunks and the commit through compiled functions."""
 
-    kind = "static"
-
     def __init__(self, model, cache, context_mask: torch.Tensor | None, past: int, compiled=None):
         self.model, self.cache, self.context_mask, self.past = model, cache, context_mask, past
         self.slots = hf.static_capacity(cache)
         self.compiled = compiled
-        self.kv_parts = []
         if compiled is not None:
             self.length = hf.static_length(cache).clone()  # == past, as a device tensor (no host value in graphs)
             batch, device = hf.cache_rows(cache)
-            self.padding = torch.zeros(batch, self.slots, dtype=torch.bool, device=device)
-            if context_mask is None:
-                self.padding[:, :past] = True
-            else:
-                self.padding[:, :past] = context_mask[:, :past].to(device=device, dtype=torch.bool)
+            self.padding = context_slots(context_mask, past, self.slots, batch, device)
 
     def forward(self, tokens, position_ids, start: int, rows=None, *, logits: str = "none", pick=None, keep_kv=False):
         if rows is not None:
