@@ -12,7 +12,7 @@ from transformers import LogitsProcessor
 from . import hf_internals as hf
 from .agent import MaraAgent, validate_candidate_settings
 from .decide import evaluate_step
-from .schedule import make_schedule
+from .schedule import DEFAULT_SCHEDULE, make_schedule
 from .states import check_cache, check_left_padding, check_model, next_position_ids
 from .stats import MaraStats
 
@@ -132,7 +132,7 @@ class MaraLogitsProcessor(LogitsProcessor):
         top_k: int | None = None,
         top_p: float | None = None,
         fallback: str | None = None,
-        schedule: str | tuple[int, ...] = "auto",
+        schedule: str | tuple[int, ...] = DEFAULT_SCHEDULE,
     ):
         self.model = unwrap_model(model)
         check_model(self.model)

@@ -217,7 +217,9 @@ class AutoSchedule:
 
     def expected_cost(self, boundaries: tuple[int, ...], counts=None) -> float:
         """Expected cost of one step with `boundaries` (in units of a forward's fixed part)."""
-        costs = self._chunk_costs(self._as_counts(self.counts if counts is None else counts))
+        return self._total(boundaries, self._chunk_costs(self._as_counts(self.counts if counts is None else counts)))
+
+    def _total(self, boundaries: tuple[int, ...], costs: list[list[float]]) -> float:
         total, start = 0.0, 0
         for end in boundaries + ((self.width,) if boundaries[-1] < self.width else ()):
             total += costs[start][end]
@@ -226,10 +228,9 @@ class AutoSchedule:
 
     def plan(self, counts) -> tuple[int, ...]:
         """The cheapest boundaries for `(l, n)` counts (or search-length counts, see `expected_cost`)."""
-        counts = self._as_counts(counts)
+        costs = self._chunk_costs(self._as_counts(counts))
         if self.menu is not None:
-            return min(self.menu, key=lambda bounds: (round(self.expected_cost(bounds, counts), 9), len(bounds)))
-        costs = self._chunk_costs(counts)
+            return min(self.menu, key=lambda bounds: (round(self._total(bounds, costs), 9), len(bounds)))
         width = self.width
         best = [0.0] * (width + 1)
         step = [width] * (width + 1)

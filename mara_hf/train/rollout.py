@@ -36,7 +36,7 @@ import torch
 from transformers import DynamicCache
 
 from ..decide import evaluate_step
-from ..schedule import LAZY_SCHEDULE as DEFAULT_SCHEDULE
+from ..schedule import LAZY_SCHEDULE
 from ..states import cache_keyword, check_cache, check_model, next_position_ids
 from .buffer import Batch
 
@@ -155,7 +155,7 @@ def rollout(
     top_k: int = 40,
     top_p: float = 0.95,
     fallback: str = "last",
-    schedule: tuple[int, ...] = DEFAULT_SCHEDULE,
+    schedule: tuple[int, ...] = LAZY_SCHEDULE,
 ) -> Rollout:
     """Play the MDP on a left-padded batch of prompts; the actor's decisions are sampled with `generator` (CPU): one
     generator for the batch, or one per row (see [`row_generators`]), which makes each row's episode independent of
