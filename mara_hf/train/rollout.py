@@ -183,13 +183,15 @@ def rollout(
     per_step = {key: [] for key in ("tokens", "active", "kl", "taken_index", "asked", "forced")}
     events = {key: [] for key in ("states", "rows", "positions", "candidates", "actions", "penalties")}
     finite = torch.ones(batch, dtype=torch.bool, device=device)
+    if per_row:  # each row's thresholds for the whole episode, drawn once (no loop over rows at every step)
+        episode_thresholds = torch.stack([torch.rand((max_new_tokens, top_k), generator=g) for g in generator], dim=1)
+        episode_thresholds = episode_thresholds.to(device, non_blocking=True)
 
     for position in range(max_new_tokens):
         if per_row:
-            thresholds = torch.stack([torch.rand(top_k, generator=g) for g in generator])
+            thresholds = episode_thresholds[position]
         else:
-            thresholds = torch.rand((batch, top_k), generator=generator)
-        thresholds = thresholds.to(device, non_blocking=True)
+            thresholds = torch.rand((batch, top_k), generator=generator).to(device, non_blocking=True)
         step = evaluate_step(
             model, actor, cache, logits, next_position_ids(None, mask, cache.get_seq_length(), batch, device), mask,
             top_k=top_k, top_p=top_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
