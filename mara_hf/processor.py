@@ -51,12 +51,13 @@ _DEVICE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def agent_on_device(agent: MaraAgent, device: torch.device) -> MaraAgent:
-    """The agent on `device` in eval mode; a copy if it lives elsewhere (the caller's agent is not moved).
+    """The agent on `device`: the caller's own module if it lives there, else a copy (the caller's agent is neither
+    moved nor switched to eval mode: its layers behave alike in both modes, so its `training` flag is left as it is).
 
     The copy is kept (weakly, per agent and device) and reused while the agent's parameters are unchanged (same
     tensors, same in-place version counters), so that repeated calls hand compiled steps the same module."""
     if agent.ln.weight.device == torch.device(device):
-        return agent.eval()
+        return agent
     stamp = tuple((p.data_ptr(), p._version) for p in agent.parameters())
     copies = _DEVICE_COPIES.setdefault(agent, {})
     kept = copies.get(str(device))

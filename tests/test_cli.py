@@ -15,7 +15,7 @@ def real_model(smollm2, monkeypatch):
     model, tokenizer = smollm2
     names = []
 
-    def load(name, device=None, dtype=None):
+    def load(name, **placement):
         names.append(name)
         tokenizer.padding_side = "left"
         return model, tokenizer
@@ -58,3 +58,54 @@ def test_convert_and_export(tmp_path, capsys):
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "native" / "README.md").read_text()
     assert main(["export-custom-generate", str(tmp_path / "native"), "--repo-id", "org/agent"]) == 0
     assert "AGENT_SOURCE = 'org/agent'" in (tmp_path / "native" / "custom_generate" / "generate.py").read_text()
+
+
+@pytest.fixture
+def tiny_model_dir(smollm2, tmp_path):
+    """A tiny random Llama saved with SmolLM2's tokenizer (chat template included), and an agent for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2[1]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    decisive_agent(state_dim=32).save_pretrained(tmp_path / "agent")
+    return tmp_path
+
+
+def test_generate_dtype_and_device_map(tiny_model_dir, capsys, monkeypatch):
+    loaded = []
+    original = mara_hf.models.load_base_model
+
+    def load(name, **placement):
+        model, tokenizer = original(name, **placement)
+        loaded.append((placement, model.dtype))
+        return model, tokenizer
+
+    monkeypatch.setattr(mara_hf.models, "load_base_model", load)
+    common = ["generate", "Hello there", "--model", str(tiny_model_dir / "model"), "--agent",
+              str(tiny_model_dir / "agent"), "--max-new-tokens", "6", "--device", "cpu"]
+    answers = []
+    for extra in ([], ["--dtype", "bfloat16"], ["--dtype", "auto"]):
+        assert main(common + extra) == 0
+        answers.append(capsys.readouterr().out)
+    assert [dtype for _, dtype in loaded] == [torch.float32, torch.bfloat16, torch.float32]  # saved in float32
+    # accelerate's device map: the same answer as the model on one device
+    assert main(common[:-2] + ["--device-map", "cpu"]) == 0
+    assert capsys.readouterr().out == answers[0] and loaded[-1][0] == {"dtype": "float32", "device_map": "cpu"}
+    assert main(common + ["--device-map", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--device and --device-map were both given" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--prompts", "p.json", "--reward", "vader"],
+    ["train", "--prompts", "p.json", "--reward", "vader", "--out", "run"],
+])
+def test_device_map_is_refused_with_ray_workers(command, capsys):
+    pytest.importorskip("ray")
+    assert main(command + ["--ray-workers", "2", "--device-map", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "with --ray-workers each worker loads the model on its own device: drop --device-map" in err

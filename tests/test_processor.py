@@ -211,6 +211,22 @@ def test_one_instance_serves_many_calls_and_leaves_nothing_attached():
     assert_model_untouched(model)
 
 
+
+def test_the_callers_agent_keeps_its_training_flag():
+    # The agent's layers behave alike in train and eval mode, so neither path switches the caller's module (a
+    # training loop that rolls out with its actor would otherwise find it in eval mode).
+    from mara_hf import mara_generate
+
+    model = tiny_model("llama")
+    ids = torch.tensor([random_prompts(1, seed=8)[0]])
+    agent = decisive_agent(**REJECTS_OFTEN).train()
+    mara_greedy(model, agent, ids, n=3)
+    assert agent.training
+    model.generate(ids, max_new_tokens=3, custom_generate=mara_generate, mara_agent=agent, pad_token_id=0)
+    assert agent.training and agent.eval() is agent and not agent.training
+    mara_greedy(model, agent, ids, n=3)
+    assert not agent.training
+
 # ---------------------------------------------------------------- errors
 
 

@@ -69,9 +69,12 @@ class WorkerPool:
             raise
 
     @classmethod
-    def from_specs(cls, config: RayConfig, model: str, rewards: Sequence[str]) -> "WorkerPool":
-        """Workers that load the base model `model` (a `--model` value) and the rewards of the `--reward` specs."""
-        return cls(config, functools.partial(load_model, model), functools.partial(load_rewards, list(rewards)))
+    def from_specs(cls, config: RayConfig, model: str, rewards: Sequence[str], dtype: str | None = None
+                   ) -> "WorkerPool":
+        """Workers that load the base model `model` (a `--model` value, in `dtype`, a `--dtype` value) and the
+        rewards of the `--reward` specs."""
+        return cls(config, functools.partial(load_model, model, dtype=dtype),
+                   functools.partial(load_rewards, list(rewards)))
 
     @property
     def _task_error(self):

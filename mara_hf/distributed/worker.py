@@ -20,12 +20,12 @@ import torch
 from .. import hf_internals as hf
 
 
-def load_model(name: str):
-    """`(model, tokenizer)` of `--model` on this worker: on its GPU when Ray gave it one (CUDA_VISIBLE_DEVICES),
-    else on the CPU."""
+def load_model(name: str, dtype: str | None = None):
+    """`(model, tokenizer)` of `--model` (in `--dtype`) on this worker: on its GPU when Ray gave it one
+    (CUDA_VISIBLE_DEVICES), else on the CPU."""
     from ..models import default_device, load_base_model
 
-    return load_base_model(name, device=default_device())
+    return load_base_model(name, device=default_device(), dtype=dtype)
 
 
 def load_rewards(specs: Sequence[str]) -> dict:

@@ -70,7 +70,8 @@ def run_eval(args: argparse.Namespace) -> int:
     ray_config = config_from_args(RayConfig, args, prefix=RAY_PREFIX)
     if ray_config.enabled:
         return _run_eval_on_ray(args, ray_config)
-    device = models.default_device(args.device)
+    placement = models.model_placement(args)
+    device = models.default_device(args.device)  # the reward models' (a split base model places itself)
     cache: dict = {}
     rewards = {}
     for spec in args.reward:
@@ -79,7 +80,7 @@ def run_eval(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.limit)
     agent = models.load_agent(args.agent, args.agent_file)
     print(f"agent: {args.agent or models.DEFAULT_AGENT}; model: {args.model} (loading...)", file=sys.stderr)
-    model, tokenizer = models.load_base_model(args.model, device=device)
+    model, tokenizer = models.load_base_model(args.model, **placement)
     started = time.perf_counter()
     results = evaluate(model, tokenizer, agent, prompts, rewards, **_settings_of(args))
     print(format_summary(results))
@@ -102,6 +103,9 @@ def _run_eval_on_ray(args: argparse.Namespace, ray_config: RayConfig) -> int:
     from ..distributed.config import import_ray
 
     import_ray()  # a missing extra fails before anything loads
+    if args.device_map is not None:
+        raise ValueError("--device-map places one process's model; with --ray-workers each worker loads the model "
+                         "on its own device: drop --device-map (or --ray-workers).")
     prompts = load_prompts(args.prompts, args.limit)
     agent = models.load_agent(args.agent, args.agent_file)
     from ..distributed.evaluation import evaluate_on_ray
@@ -110,7 +114,7 @@ def _run_eval_on_ray(args: argparse.Namespace, ray_config: RayConfig) -> int:
     print(f"agent: {args.agent or models.DEFAULT_AGENT}; Ray: starting {ray_config.workers} workers, each loading "
           f"{args.model} and the rewards...", file=sys.stderr)
     started = time.perf_counter()
-    with WorkerPool.from_specs(ray_config, args.model, list(dict.fromkeys(args.reward))) as pool:
+    with WorkerPool.from_specs(ray_config, args.model, list(dict.fromkeys(args.reward)), dtype=args.dtype) as pool:
         results = evaluate_on_ray(pool, agent, prompts, args.reward, **_settings_of(args))
     print(format_summary(results))
     print(f"[{time.perf_counter() - started:.1f} s]", file=sys.stderr)

@@ -95,7 +95,11 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         from ..distributed.config import import_ray
 
         import_ray()  # a missing extra fails before anything loads
-    device = models.default_device(args.device)
+        if args.device_map is not None:
+            raise ValueError("--device-map places one process's model; with --ray-workers each worker loads the "
+                             "model on its own device: drop --device-map (or --ray-workers).")
+    placement = models.model_placement(args)
+    device = models.default_device(args.device)  # the learner's and the reward's
     reward = None if ray_config.enabled else parse_reward(args.reward, device=device)  # workers load their own
     prompts = load_prompts(args.prompts, args.limit)
     agent = models.load_agent(args.init_agent) if args.init_agent else None
@@ -111,7 +115,7 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
         print(f"Ray: starting {ray_config.workers} rollout workers, each loading {args.model} and the reward "
               f"(the learner runs here, on {device})...", file=sys.stderr)
-        with WorkerPool.from_specs(ray_config, args.model, [args.reward]) as pool:
+        with WorkerPool.from_specs(ray_config, args.model, [args.reward], dtype=args.dtype) as pool:
             print("Ray workers: " + "; ".join(f"{i['slot']}: {i['host']} pid {i['pid']} on {i['device']}"
                                              for i in pool.info), file=sys.stderr)
             trainer = DistributedTrainer(pool, prompts, args.reward, args.out, config, device=device, **options)
@@ -120,7 +124,7 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
                           time_limit=None if args.time_limit is None else 60 * args.time_limit)
     else:
         print(f"model: {args.model} (loading...)", file=sys.stderr)
-        model, tokenizer = models.load_base_model(args.model, device=device)
+        model, tokenizer = models.load_base_model(args.model, **placement)
         trainer = Trainer(model, tokenizer, prompts, reward, args.out, config, **options)
         _report_buffer(trainer)
         trainer.train(resume=not args.no_resume, time_limit=None if args.time_limit is None else 60 * args.time_limit)
