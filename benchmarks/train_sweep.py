@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 from mara_hf.data import load_prompts
+from mara_hf.options import config_to_argv
 from mara_hf.train import SACConfig, TrainConfig
-from mara_hf.train.command import config_to_argv
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts" / "saferlhf_train.json"
 

@@ -48,12 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--repo-id", default=None,
                         help="the Hub repo the folder will be pushed to (default: the folder's local path)")
 
-    from .evaluation import add_eval_arguments
+    from .commands.eval import add_eval_arguments
 
     add_eval_arguments(commands.add_parser(
         "eval", help="compare MARA with the base model on a prompt file: rewards, preference rate, KL, plots"))
 
-    from .train.command import add_train_arguments
+    from .commands.train import add_train_arguments
 
     add_train_arguments(commands.add_parser(
         "train", help="train an agent with discrete SAC on a prompt file and a reward (resumable)"))
@@ -149,13 +149,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import run_eval
+    from .commands.eval import run_eval
 
     return run_eval(args)
 
 
 def cmd_train(args) -> int:
-    from .train.command import run_train
+    from .commands.train import run_train
 
     return run_train(args, args.argv[1:])
 

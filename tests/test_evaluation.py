@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import mara_hf.models
 from conftest import constant_agent, decisive_agent
 from mara_hf import mara_generate
+from mara_hf.commands.eval import add_eval_arguments, run_eval
 from mara_hf.fluency import FLUENCY_DEFINITION, fluency, is_degenerate
 from mara_hf.data import encode_chat_prompts
 from mara_hf.evaluation import (
@@ -24,10 +25,8 @@ from mara_hf.evaluation import (
     RESPONSES_FILE,
     RESULTS_FILE,
     REWARDS_PLOT,
-    add_eval_arguments,
     evaluate,
     format_summary,
-    run_eval,
     summarize,
     teacher_forced_nll,
     write_plots,

@@ -14,7 +14,7 @@ MESSAGE = ('--ray-workers needs Ray, which is not installed: pip install "mara-h
 
 
 def test_the_single_process_commands_do_not_import_ray():
-    check = ("import sys, mara_hf, mara_hf.cli, mara_hf.train.command, mara_hf.evaluation.command, mara_hf.distributed; "
+    check = ("import sys, mara_hf, mara_hf.cli, mara_hf.commands.train, mara_hf.commands.eval, mara_hf.distributed; "
              "mara_hf.cli.build_parser(); assert 'ray' not in sys.modules, 'ray imported'")
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -355,15 +355,21 @@ def test_cli_train_bad_input_is_one_line(tmp_path, capsys):
 
 def test_training_and_evaluation_do_not_import_each_other():
     """Both build on the data layer and the core: importing one (with everything its command loads) leaves the
-    other unimported."""
+    other unimported. Above them `mara_hf.distributed`, which neither imports, and on top the command layer
+    (`mara_hf.commands`): training, evaluation and the distributed package (all its modules) never import it."""
     import subprocess
     import sys
 
     check = ("import sys, {modules}; "
              "assert not [m for m in sys.modules if m.startswith('{other}')], '{other} imported'")
-    for modules, other in (("mara_hf.train, mara_hf.train.command, mara_hf.models, mara_hf.rewards, mara_hf.data",
+    distributed = ("mara_hf.distributed, mara_hf.distributed.config, mara_hf.distributed.worker, "
+                   "mara_hf.distributed.pool, mara_hf.distributed.training, mara_hf.distributed.evaluation")
+    for modules, other in (("mara_hf.train, mara_hf.commands.train, mara_hf.models, mara_hf.rewards, mara_hf.data",
                             "mara_hf.evaluation"),
-                           ("mara_hf.evaluation, mara_hf.models, mara_hf.rewards", "mara_hf.train")):
+                           ("mara_hf.evaluation, mara_hf.models, mara_hf.rewards", "mara_hf.train"),
+                           ("mara_hf.train, mara_hf.evaluation, mara_hf.models, mara_hf.rewards, mara_hf.data",
+                            "mara_hf.distributed"),
+                           ("mara_hf.train, mara_hf.evaluation, " + distributed, "mara_hf.commands")):
         run = subprocess.run([sys.executable, "-c", check.format(modules=modules, other=other)],
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr

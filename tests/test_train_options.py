@@ -11,14 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from mara_hf.commands.train import SAC_PREFIX, add_train_arguments
+from mara_hf.options import _hyperparameters, config_from_args, config_to_argv
 from mara_hf.train import SACConfig, TrainConfig
-from mara_hf.train.command import (
-    SAC_PREFIX,
-    _hyperparameters,
-    add_train_arguments,
-    config_from_args,
-    config_to_argv,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["--prompts", "p.json", "--reward", "vader", "--out", "run"]

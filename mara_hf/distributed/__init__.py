@@ -14,6 +14,7 @@ One module a job:
 - `evaluation`: `evaluate_on_ray`, `mara-hf eval` with the prompt batches answered by the workers.
 
 This package builds on both `mara_hf.train` and `mara_hf.evaluation`; importing it (or `config`) imports neither.
+The `mara-hf train` / `mara-hf eval` commands (`mara_hf.commands`) build on it; nothing here imports them.
 """
 
 from .config import MissingRayError, RayConfig, import_ray

@@ -17,13 +17,13 @@ Files in `out_dir`: `responses.jsonl` (one line per prompt, appended per finishe
 (with matplotlib).
 
 One module a job: `runner` (answering and scoring, [`evaluate`], [`EvalSettings`]), `store` (`responses.jsonl`
-and the settings fingerprint that keys resuming), `metrics` ([`summarize`]), `report` ([`format_summary`], plots)
-and `command` (`mara-hf eval`). The prompts, their chat encoding and the marking of changed tokens come from
-[`mara_hf.data`], shared with training and the CLI.
+and the settings fingerprint that keys resuming), `metrics` ([`summarize`]) and `report` ([`format_summary`],
+plots). The prompts, their chat encoding and the marking of changed tokens come from [`mara_hf.data`], shared with
+training and the CLI. The `mara-hf eval` command itself (its options, and `--ray-workers` through
+`mara_hf.distributed`) is `mara_hf.commands.eval`, a layer above this package.
 """
 
 from ..data import encode_chat_prompts, eos_token_ids, load_prompts
-from .command import add_eval_arguments, run_eval
 from .metrics import COST_DEFINITION, KL_DEFINITION, summarize
 from .report import INDEX_PLOT, RESULTS_FILE, REWARDS_PLOT, format_summary, write_plots
 from .runner import RESERVED_GENERATE_ARGS, EvalSettings, evaluate, teacher_forced_nll
@@ -39,7 +39,6 @@ __all__ = [
     "REWARDS_PLOT",
     "EvalSettings",
     "ResponseStore",
-    "add_eval_arguments",
     "answer_settings",
     "encode_chat_prompts",
     "eos_token_ids",
@@ -47,7 +46,6 @@ __all__ = [
     "fingerprint",
     "format_summary",
     "load_prompts",
-    "run_eval",
     "summarize",
     "teacher_forced_nll",
     "write_plots",

@@ -159,7 +159,7 @@ class Trainer:
         tensorboard (`bool`): also write TensorBoard scalars to `out_dir/tensorboard` (needs `tensorboard`).
         progress (`bool`): show a progress bar.
 
-    Example: `mara-hf train` (see `mara_hf/cli.py`) builds a Trainer from the command line; in Python,
+    Example: `mara-hf train` (see `mara_hf/commands/train.py`) builds a Trainer from the command line; in Python,
     `Trainer(model, tokenizer, prompts, VaderReward(), "runs/vader", TrainConfig(iterations=200)).train()`.
     """
 

@@ -9,10 +9,10 @@ import time
 
 from ..data import load_prompts
 from ..distributed.config import RAY_PREFIX, RayConfig
+from ..evaluation.report import format_summary
+from ..evaluation.runner import evaluate
 from ..options import add_config_arguments, config_from_args
 from ..rewards import REWARD_HELP
-from .report import format_summary
-from .runner import evaluate
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from ..distributed.config import RAY_PREFIX, RayConfig
-from ..options import _hyperparameters, add_config_arguments, config_from_args, config_to_argv  # noqa: F401
-from .sac import SACConfig
-from .trainer import FINAL_AGENT, METRICS_FILE, Trainer, TrainConfig
+from ..options import add_config_arguments, config_from_args
+from ..train.sac import SACConfig
+from ..train.trainer import FINAL_AGENT, METRICS_FILE, Trainer, TrainConfig
 
 EXAMPLE = """example (from the repository root, which holds data/prompts/; the shipped SmolLM2 agent's exact command is
 in its model card and the README):
