@@ -27,7 +27,7 @@ import mara_hf
 from mara_hf import MaraAgent
 from mara_hf.data import encode_chat_prompts
 from mara_hf.data import load_prompts as read_prompt_file
-from mara_hf.models import load_agent, load_base_model
+from mara_hf.models import DEFAULT_AGENT, load_agent, load_base_model, shipped_agents
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = REPO_ROOT / "data" / "prompts"
@@ -63,7 +63,9 @@ RANDOM_MODEL_SHAPES = {
     ),
 }
 MODELS = ("smollm2", *RANDOM_MODEL_SHAPES)
-AGENTS = ("accept-all", "calibrated", "reject-all", "shipped")
+AGENTS = ("accept-all", "calibrated", "reject-all", "shipped", *shipped_agents())
+"""Benchmark agents: three made for the model, and mara-hf's trained SmolLM2 agents (`shipped`: the default one, or
+any shipped agent by its name)."""
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 logger = logging.getLogger("benchmarks")
@@ -245,18 +247,19 @@ def calibrated_agent(model, inputs: dict, reject_share: float = 0.3, seed: int =
 
 def make_agent(name: str, model, calibration_inputs: dict | None = None, *, reject_share: float = 0.3,
                seed: int = 0, steps: int = 16):
-    """(`MaraAgent` on the model's device, record) for an `AGENTS` name; `shipped` (mara-hf's trained SmolLM2
-    agent) needs SmolLM2's hidden size."""
+    """(`MaraAgent` on the model's device, record) for an `AGENTS` name; `shipped` (mara-hf's default trained
+    SmolLM2 agent) and the shipped agents by name need SmolLM2's hidden size."""
     dim = hidden_size(model)
     device = model.get_output_embeddings().weight.device
     if name == "calibrated":
         return calibrated_agent(model, calibration_inputs, reject_share=reject_share, seed=seed, steps=steps)
-    if name == "shipped":
-        agent = load_agent()
+    if name == "shipped" or name in shipped_agents():
+        shipped = DEFAULT_AGENT if name == "shipped" else name
+        agent = load_agent(shipped)
         if agent.state_dim != dim:
-            raise SystemExit(f"The shipped agent reads states of size {agent.state_dim}, this model's are {dim}: "
-                             "use --model smollm2 with --agents shipped.")
-        return agent.to(device).eval(), {"source": "mara_hf.models.load_agent() (smollm2-vader)"}
+            raise SystemExit(f"The shipped agent {shipped} reads states of size {agent.state_dim}, this model's are "
+                             f"{dim}: use --model smollm2 with --agents {name}.")
+        return agent.to(device).eval(), {"source": f"mara_hf.models.load_agent({shipped!r})"}
     if name == "accept-all":
         return accept_all_agent(dim).to(device), {"output_bias": [-10.0, 10.0], "output_weight": 0.0}
     if name == "reject-all":

@@ -131,3 +131,15 @@ def test_prompts_come_from_the_repository_and_a_missing_file_stops_the_run(scrip
         common.load_prompts(3, path=broken)
     with pytest.raises(SystemExit, match="for CUDA only"):
         common.load_model("llama3-8b-random", "cpu", torch.float32)
+
+
+def test_shipped_agents_are_benchmark_agents_by_name(scripts):
+    from mara_hf.models import DEFAULT_AGENT, shipped_agents
+
+    common = scripts["common"]
+    assert {"shipped", *shipped_agents()} <= set(common.AGENTS)
+    model, _ = common.load_model("tiny-random", "cpu", torch.float32)  # states of size 64, not SmolLM2's 576
+    for name, shown in (("shipped", DEFAULT_AGENT), ("smollm2-demo", "smollm2-demo")):
+        with pytest.raises(SystemExit, match=f"The shipped agent {shown} reads states of size 576, this model's are "
+                                             f"64: use --model smollm2 with --agents {name}."):
+            common.make_agent(name, model)
