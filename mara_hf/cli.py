@@ -80,7 +80,8 @@ def cmd_generate(args) -> int:
 
     from .data import mark_changes
     from .generation import mara_generate
-    from .models import DEFAULT_AGENT, input_device, load_agent, load_base_model, model_placement
+    from .hf_internals import input_device
+    from .models import DEFAULT_AGENT, load_agent, load_base_model, model_placement
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens has to be at least 1.")

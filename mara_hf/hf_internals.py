@@ -269,6 +269,11 @@ def execution_device(module) -> torch.device:
     return next(module.parameters()).device
 
 
+def input_device(model) -> torch.device:
+    """Where the inputs of `model` go: its input embedding's execution device (the first GPU of a split model)."""
+    return execution_device(model.get_input_embeddings())
+
+
 # ------------------------------------------------------------------------------------------------- attention
 def attention_implementation(model) -> str | None:
     """`config._attn_implementation`: the attention function the model's layers call (set by `from_pretrained` /

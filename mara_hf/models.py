@@ -85,13 +85,6 @@ def load_base_model(name: str = "smollm2", *, device: str | None = None, dtype: 
     return model, tokenizer
 
 
-def input_device(model) -> torch.device:
-    """Where the inputs of `model` go: its embedding's execution device (the first GPU of a split model)."""
-    from .hf_internals import execution_device
-
-    return execution_device(model.get_input_embeddings())
-
-
 def add_model_argument(parser) -> None:
     """The `--model`, `--dtype` and `--device-map` options of the commands that load a base model (see
     [`model_placement`])."""

@@ -236,7 +236,7 @@ class BatchRunner:
         self.described = answer_settings(model, tokenizer, agent, settings)
         self.settings_id = fingerprint(self.described)
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.device = hf.execution_device(model.get_input_embeddings())
+        self.device = hf.input_device(model)
         self.generate_args = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                                   pad_token_id=tokenizer.pad_token_id, **settings.generation_kwargs)
         self.mara_args = dict(custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True,

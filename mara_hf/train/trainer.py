@@ -225,7 +225,7 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input ids and attention mask, chat-formatted like `mara-hf eval`."""
-        encoded = encode_chat_prompts(self.tokenizer, prompts, hf.execution_device(self.model.get_input_embeddings()))
+        encoded = encode_chat_prompts(self.tokenizer, prompts, hf.input_device(self.model))
         return encoded["input_ids"], encoded["attention_mask"]
 
     def batch_prompts(self, iteration: int) -> list[str]:
@@ -425,7 +425,7 @@ def rollout_transitions(model, tokenizer, reward: Callable, actor: MaraAgent, pr
     `reward`, the sum of the scores), which add up over the shards of a batch. Ray workers call this too.
 
     `generators`: one per row ([`row_generators`] of the rows' places in the batch)."""
-    device = hf.execution_device(model.get_input_embeddings())
+    device = hf.input_device(model)
     encoded = encode_chat_prompts(tokenizer, prompts, device)
     if eos_ids is None:
         eos_ids = eos_token_ids(model, tokenizer)
