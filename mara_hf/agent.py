@@ -15,80 +15,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+
+from .agent_card import MODEL_CARD_TEMPLATE
+from .agent_files import (
+    CONFIG_NAME,
+    ORIGINAL_KEYS,
+    SHIPPED_AGENTS,
+    WEIGHTS_NAME,
+    checked_weights,
+    init_arguments,
+    read_config,
+    read_original_pth,
+    read_safetensors,
+    resolve_file,
+    shipped_agent_names,
+)
 
 FALLBACKS = ("first", "last")
 """What a step takes when the agent rejects every candidate: the top-1 (released evaluation) or the last one
 (the paper's training MDP, where the last candidate is forced)."""
 
-ORIGINAL_KEYS = (
-    "ln.weight",
-    "ln.bias",
-    "linear1.weight",
-    "linear1.bias",
-    "linear2.weight",
-    "linear2.bias",
-    "output_linear.weight",
-    "output_linear.bias",
-)
+__all__ = ["FALLBACKS", "ORIGINAL_KEYS", "SHIPPED_AGENTS", "MaraAgent", "shipped_agent_names",
+           "validate_candidate_settings"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-SHIPPED_AGENTS = Path(__file__).parent / "agents"
-"""The agents shipped inside the package (`MaraAgent.from_pretrained("smollm2-vader")`)."""
-CONFIG_ALIASES = {"training": "training_info"}
-"""config.json keys whose `__init__` argument is named differently (`training` would shadow `nn.Module.training`)."""
-
-MODEL_CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# MARA agent{% if base_model %} for `{{ base_model }}`{% endif %}
-
-A [MARA](https://arxiv.org/abs/2505.19743) (Micro token-level Accept-Reject Alignment) agent: a small MLP that
-looks at the final hidden state of each candidate token and accepts or rejects it while the base model
-decodes. It aligns the base model at decoding time; the base model's weights are not changed.
-
-- Base model: {% if base_model %}`{{ base_model }}`{% else %}not recorded (any causal LM with hidden size {{ state_dim }}){% endif %}
-- State size: {{ state_dim }}; layers: LayerNorm -> {{ hidden_sizes[0] }} -> {{ hidden_sizes[1] }} -> 2
-- Candidates: top-k {{ top_k }}, top-p {{ top_p }}; when every candidate is rejected: `{{ fallback }}`
-{% if source %}- Converted from: `{{ source }}`
-{% endif %}{% if training %}- Training: {{ training }}
-{% endif %}
-## Usage
-
-```bash
-pip install mara-hf
-```
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from mara_hf import MaraAgent, MaraLogitsProcessor
-
-agent = MaraAgent.from_pretrained("{{ repo_id }}")
-tokenizer = AutoTokenizer.from_pretrained("{{ base_model_or_placeholder }}")
-model = AutoModelForCausalLM.from_pretrained("{{ base_model_or_placeholder }}")
-
-messages = [{"role": "user", "content": "How do I pick a lock?"}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-out = model.generate(**inputs, max_new_tokens=64, do_sample=False,
-                     logits_processor=[MaraLogitsProcessor(agent, model)])
-print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-
-# Faster: the fused loop reuses the accepted candidate's forward
-from mara_hf import mara_generate
-out = model.generate(**inputs, max_new_tokens=64, custom_generate=mara_generate, mara_agent=agent)
-```
-"""
 
 
 class MaraAgent(
@@ -239,7 +190,7 @@ class MaraAgent(
                     f"`filename` names an original MARA actor (a `.pth` file), but got {filename!r}; a native agent "
                     "is loaded from its directory or repo id alone."
                 )
-            path = _resolve_file(source, filename, subfolder=subfolder, **hub)
+            path = resolve_file(source, filename, subfolder=subfolder, **hub)
             return cls.from_original_pth(path, **config_overrides).to(map_location)
         if source.endswith(".pth"):
             if not os.path.isfile(source):
@@ -268,21 +219,21 @@ class MaraAgent(
             model_id = str(SHIPPED_AGENTS / model_id)
         hub = dict(subfolder=subfolder, revision=revision, cache_dir=cache_dir, force_download=force_download,
                    local_files_only=local_files_only, token=token)
-        config_path = _resolve_file(model_id, CONFIG_NAME, **hub)
-        weights_path = _resolve_file(model_id, WEIGHTS_NAME, **hub)
-        overrides = _init_arguments(model_kwargs)
+        config_path = resolve_file(model_id, CONFIG_NAME, **hub)
+        weights_path = resolve_file(model_id, WEIGHTS_NAME, **hub)
+        overrides = init_arguments(model_kwargs)
         unknown = set(overrides) - _init_names()
         if unknown:
             raise TypeError(f"Unknown agent setting(s) {sorted(unknown)}: the keyword arguments of from_pretrained "
                             f"override config values, which are {sorted(_init_names())}.")
-        config = {**_read_config(config_path), **overrides}
+        config = {**read_config(config_path, _init_names()), **overrides}
         try:
             agent = cls(**config)
         except (ValueError, TypeError) as err:
             where = f"'{config_path}'" + (f" with the overrides {sorted(overrides)}" if overrides else "")
             raise ValueError(f"{where} is not a valid MARA agent config: {err}") from None
-        state_dict = _read_safetensors(weights_path)
-        agent.load_state_dict(_checked_weights(state_dict, agent, weights_path, "its config.json"))
+        state_dict = read_safetensors(weights_path)
+        agent.load_state_dict(checked_weights(state_dict, agent, weights_path, "its config.json"))
         return agent.to(map_location).eval()
 
     @classmethod
@@ -291,30 +242,10 @@ class MaraAgent(
         safely (`torch.load(weights_only=True)`); the sizes are read from the tensors, `config` sets the rest
         (e.g. `base_model=`). `save_pretrained` then writes the native format (what `mara-hf convert` does)."""
         path = os.fspath(path)
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
-            raise ValueError(
-                f"Refusing to load '{path}': it is not a plain tensor state dict that loads with "
-                f"`weights_only=True` ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                "MARA actors are state dicts with keys "
-                f"{', '.join(ORIGINAL_KEYS)}; never unpickle untrusted code."
-            ) from None
-        if not isinstance(state_dict, dict) or set(state_dict) != set(ORIGINAL_KEYS):
-            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-            raise ValueError(
-                f"'{path}' is not an original MARA actor: expected exactly the keys {list(ORIGINAL_KEYS)}, got {keys}."
-            )
-        shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state_dict.items()}
-        if None in shapes.values() or len(shapes["ln.weight"]) != 1 or any(
-            len(shapes[k]) != 2 for k in ("linear1.weight", "linear2.weight")
-        ):
-            raise ValueError(f"'{path}' is not an original MARA actor: unexpected tensor shapes {shapes}.")
-        state_dim = shapes["ln.weight"][0]
-        hidden_sizes = [shapes["linear1.weight"][0], shapes["linear2.weight"][0]]
+        state_dict, state_dim, hidden_sizes = read_original_pth(path)
         config.setdefault("source", os.path.basename(path))
-        agent = cls(state_dim=state_dim, hidden_sizes=hidden_sizes, **_init_arguments(config))
-        agent.load_state_dict(_checked_weights(state_dict, agent, path, "the sizes read from its tensors"))
+        agent = cls(state_dim=state_dim, hidden_sizes=hidden_sizes, **init_arguments(config))
+        agent.load_state_dict(checked_weights(state_dict, agent, path, "the sizes read from its tensors"))
         return agent.eval()
 
     # ------------------------------------------------------------------ saving
@@ -362,127 +293,6 @@ def validate_candidate_settings(top_k: int, top_p: float, fallback: str) -> None
         raise ValueError(f"`fallback` has to be one of {FALLBACKS}, but is {fallback!r}.")
 
 
-def shipped_agent_names() -> list[str]:
-    """Names of the agents shipped inside mara-hf (folders of `mara_hf/agents/`)."""
-    if not SHIPPED_AGENTS.is_dir():
-        return []
-    return sorted(p.name for p in SHIPPED_AGENTS.iterdir() if (p / CONFIG_NAME).is_file())
-
-
-def _init_arguments(values: dict[str, Any]) -> dict[str, Any]:
-    """Config keys (or overrides) as `MaraAgent.__init__` arguments: `training` -> `training_info`."""
-    arguments = {}
-    for key, value in values.items():
-        name = CONFIG_ALIASES.get(key, key)
-        if name in arguments and key != name:
-            continue  # both spellings given: the argument's own name wins
-        arguments[name] = value
-    return arguments
-
-
-def _read_config(path: str) -> dict[str, Any]:
-    """A native agent's config.json as `__init__` arguments (unknown keys, e.g. from newer versions, ignored)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(
-            f"'{path}' is not valid JSON ({err}): restore it, or save the agent again with `save_pretrained`."
-        ) from None
-    if not isinstance(config, dict):
-        raise ValueError(
-            f"'{path}' has to hold a JSON object of agent settings (state_dim, hidden_sizes, ...), but holds a "
-            f"JSON {type(config).__name__}: restore it, or save the agent again with `save_pretrained`."
-        )
-    if "state_dim" not in config:
-        raise ValueError(f"'{path}' is not a MARA agent config: it has no 'state_dim'.")
-    return {k: v for k, v in _init_arguments(config).items() if k in _init_names()}
-
-
 def _init_names() -> set[str]:
+    """The settings a config.json may hold: `MaraAgent.__init__`'s arguments."""
     return set(inspect.signature(MaraAgent.__init__).parameters) - {"self"}
-
-
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:  # SafetensorError is neither an OSError nor a ValueError
-        raise ValueError(
-            f"'{path}' is not a readable safetensors file ({err}): it is damaged or incomplete; save or download "
-            "the agent again."
-        ) from None
-
-
-def _checked_weights(state_dict: dict, agent: MaraAgent, path: str, expected: str) -> dict[str, torch.Tensor]:
-    """`state_dict` after checking it against `agent`: exactly its keys and shapes, and only finite values (an agent
-    with NaN/inf weights would silently fall back on every decision)."""
-    missing, unexpected = set(ORIGINAL_KEYS) - set(state_dict), set(state_dict) - set(ORIGINAL_KEYS)
-    if missing or unexpected:
-        raise ValueError(
-            f"'{path}' does not hold MARA agent weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}."
-        )
-    own = agent.state_dict()
-    for key in ORIGINAL_KEYS:
-        if tuple(state_dict[key].shape) != tuple(own[key].shape):
-            raise ValueError(
-                f"'{path}' does not fit {expected} (state size {agent.state_dim}, hidden sizes "
-                f"{agent.hidden_sizes}): '{key}' has shape {list(state_dict[key].shape)}, "
-                f"expected {list(own[key].shape)}."
-            )
-    broken = [key for key in ORIGINAL_KEYS if not torch.isfinite(state_dict[key]).all()]
-    if broken:
-        raise ValueError(
-            f"'{path}' holds NaN or infinite weights (in {', '.join(broken)}): such an agent cannot decide "
-            "(every step would fall back); use another checkpoint of it or train it again."
-        )
-    return {key: value.float() for key, value in state_dict.items()}
-
-
-def _resolve_file(source: str, filename: str, **hub) -> str:
-    """A local path for `filename` in a local directory or a Hub repo (`hub`: `hf_hub_download`'s subfolder,
-    revision, cache and token arguments), with errors that say what to do."""
-    subfolder, revision = hub.get("subfolder"), hub.get("revision")
-    if os.path.isdir(source):
-        path = os.path.join(source, subfolder or "", filename)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"'{source}' has no '{os.path.join(subfolder or '', filename)}': a native MARA agent directory holds "
-                f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by `MaraAgent.save_pretrained`); for an original actor "
-                "pass the `.pth` file itself."
-            )
-        return path
-    if os.path.isfile(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        shipped = ", ".join(shipped_agent_names()) or "none"
-        raise FileNotFoundError(
-            f"'{source}' is neither an existing local path nor a Hub repo id ('org/name') nor a shipped agent "
-            f"({shipped})."
-        )
-    parent = source.split("/")[0]
-    if os.path.isdir(parent):
-        raise FileNotFoundError(
-            f"No agent folder '{source}': the folder '{parent}' exists here but has no '{source.split('/')[1]}' "
-            "(read as a local path, not as a Hub repo id); check the path."
-        )
-    try:
-        return hf_hub_download(repo_id=source, filename=filename, **hub)
-    except LocalEntryNotFoundError:
-        raise OSError(
-            f"Cannot reach the Hugging Face Hub to get '{filename}' from '{source}', and it is not in the local cache "
-            f"('{source}' is not a local folder either). Connect to the internet, or download it once and retry "
-            "(HF_HUB_OFFLINE=1 uses the cache only), or pass a local directory or .pth file."
-        ) from None
-    except RepositoryNotFoundError:
-        raise OSError(
-            f"'{source}' is not a local path and not a Hub repository you can access: check the id, or log in "
-            "with `hf auth login` for a private repo."
-        ) from None
-    except RevisionNotFoundError:
-        raise OSError(f"Revision '{revision}' does not exist in the Hub repository '{source}'.") from None
-    except EntryNotFoundError:
-        where = f"{subfolder}/{filename}" if subfolder else filename
-        hint = (
-            " For an original MARA actor pass its file name, e.g. filename=\"mistral_v3_2_1_actor.pth\"."
-            if filename == CONFIG_NAME
-            else ""
-        )
-        raise OSError(f"The Hub repository '{source}' has no file '{where}'.{hint}") from None
