@@ -412,6 +412,27 @@ def test_run_eval_end_to_end(tmp_path, fake_loading, capsys):
     assert combined == pytest.approx(2 * len(line["mara"]) / 10 - sum(c in "aeiou" for c in line["mara"]), abs=1e-4)
 
 
+def test_run_eval_fallback_overrides_the_agents(tmp_path, model, tokenizer, monkeypatch, capsys):
+    """`--fallback last` with an agent that rejects everything: MARA takes each step's last candidate (answers differ
+    from the base model's), recorded in the settings; without it the agent's own `"first"` gives the base answers."""
+    monkeypatch.setattr(mara_hf.models, "load_base_model", lambda name, device=None, dtype=None: (model, tokenizer))
+    monkeypatch.setattr(mara_hf.models, "load_agent", lambda source=None, filename=None: constant_agent(16, False))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": p} for p in PROMPTS[:2]]))
+    answers = {}
+    for fallback in (None, "last"):
+        out = tmp_path / str(fallback)
+        argv = ["--prompts", str(prompts), "--reward", "py:test_rewards:length_reward", "--max-new-tokens", "4",
+                "--batch-size", "2", "--out", str(out)] + (["--fallback", fallback] if fallback else [])
+        assert run_eval(eval_parser().parse_args(argv)) == 0
+        results = json.loads((out / RESULTS_FILE).read_text())
+        assert results["settings"]["mara_kwargs"] == ({"mara_fallback": fallback} if fallback else {})
+        answers[fallback] = [json.loads(line) for line in (out / RESPONSES_FILE).read_text().splitlines()]
+    assert all(line["mara"] == line["base"] for line in answers[None])
+    assert all(line["mara"] != line["base"] for line in answers["last"])
+    assert eval_parser().parse_args(["--prompts", "p", "--reward", "vader"]).fallback is None
+
+
 def test_run_eval_checks_rewards_before_loading_models(tmp_path, fake_loading):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"instruction": "hi"}]))

@@ -37,6 +37,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "(see below)")
     models.add_model_argument(parser)
     models.add_agent_arguments(parser)
+    parser.add_argument("--fallback", choices=["first", "last"], default=None,
+                        help="token MARA takes when every candidate is rejected (default: the agent's config)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     parser.add_argument("--out", default="eval-results",
@@ -94,6 +96,7 @@ def _settings_of(args: argparse.Namespace) -> dict:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
         out_dir=args.out, resume=not args.no_resume, rescore=args.rescore,
         generation_kwargs={"temperature": args.temperature} if args.sample else None,
+        mara_kwargs={"mara_fallback": args.fallback} if args.fallback else None,
     )
 
 
