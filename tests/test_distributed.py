@@ -141,6 +141,7 @@ def test_workers_transitions_equal_a_single_process_rollout(pool, local):
     assert 0 < (there.actions == 0).sum() < len(there.actions)  # both actions occur
     expected = unpack_transitions([pack_transitions(here)])  # fp16 states: what the replay buffer holds
     assert there.actions.tolist() == expected.actions.tolist() and there.dones.tolist() == expected.dones.tolist()
+    assert there.advances.tolist() == expected.advances.tolist()
     torch.testing.assert_close(there.rewards, expected.rewards)
     torch.testing.assert_close(there.states, expected.states, atol=2e-3, rtol=0)
     torch.testing.assert_close(there.next_states, here.next_states.half(), atol=2e-3, rtol=0)

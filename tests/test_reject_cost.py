@@ -35,7 +35,7 @@ def scripted_rollout(finite=(True, True)) -> Rollout:
 
 
 def assert_same_batch(a, b, skip=()):
-    for name in ("states", "actions", "rewards", "next_states", "dones"):
+    for name in ("states", "actions", "rewards", "next_states", "dones", "advances"):
         if name not in skip:
             assert torch.equal(getattr(a, name), getattr(b, name)), name
 

@@ -9,6 +9,7 @@ import torch
 
 from mara_hf import MaraAgent
 from mara_hf.train import (
+    Batch,
     Critic,
     DiscreteSAC,
     ReplayBuffer,
@@ -245,11 +246,12 @@ def test_buffer_wraps_around():
 def test_buffer_storage_sampling_and_nbytes():
     buf = ReplayBuffer(16, D)
     assert buf.states.dtype == buf.next_states.dtype == torch.float16
-    assert buf.nbytes == 16 * D * 2 * 2 + 16 * 8 + 16 * 4 + 16 * 1
-    assert ReplayBuffer(16, D, state_dtype=torch.float32).nbytes == 16 * D * 4 * 2 + 16 * 13
+    assert buf.nbytes == 16 * D * 2 * 2 + 16 * 8 + 16 * 4 + 16 * 1 + 16 * 1  # ..., dones, advances
+    assert ReplayBuffer(16, D, state_dtype=torch.float32).nbytes == 16 * D * 4 * 2 + 16 * 14
     buf.add(*transitions(0, 10))
     batch = buf.sample(7, generator=torch.Generator().manual_seed(0))
-    states, actions, rewards, next_states, dones = batch
+    states, actions, rewards, next_states, dones, advances = batch
+    assert advances.dtype == torch.bool
     assert states.shape == next_states.shape == (7, D) and actions.shape == rewards.shape == dones.shape == (7,)
     assert states.dtype == next_states.dtype == rewards.dtype == torch.float32
     assert actions.dtype == torch.int64 and dones.dtype == torch.bool
@@ -265,13 +267,26 @@ def test_buffer_state_dict_round_trip():
     other = ReplayBuffer(6, D)
     other.load_state_dict(buf.state_dict())
     assert (len(other), other.pos) == (len(buf), buf.pos)
-    for name in ("states", "actions", "rewards", "next_states", "dones"):
+    for name in ("states", "actions", "rewards", "next_states", "dones", "advances"):
         assert torch.equal(getattr(other, name), getattr(buf, name))
     a = buf.sample(5, generator=torch.Generator().manual_seed(3))
     b = other.sample(5, generator=torch.Generator().manual_seed(3))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="capacity 6 and state size 8, but this buffer has capacity 7"):
         ReplayBuffer(7, D).load_state_dict(buf.state_dict())
+
+
+def test_buffer_keeps_advances_and_reads_checkpoints_without_them():
+    buf = ReplayBuffer(6, D)
+    s, a, r, ns, d = transitions(0, 4)
+    buf.add(s, a, r, ns, d, torch.tensor([False, True, False, True]))
+    assert buf.advances[:4].tolist() == [False, True, False, True]
+    buf.add(*transitions(4, 2))  # no advances given: every transition took a token
+    assert buf.advances[4:6].tolist() == [True, True]
+    old = {k: v for k, v in buf.state_dict().items() if k != "advances"}  # written before the field existed
+    other = ReplayBuffer(6, D)
+    other.load_state_dict(old)
+    assert bool(other.advances.all()) and torch.equal(other.dones, buf.dones)
 
 
 def test_buffer_validation():
@@ -309,3 +324,31 @@ def test_fresh_critics_are_indifferent_and_actor_delay_holds_the_policy():
     sac.update(make_batch())
     assert not torch.equal(actor["output_linear.bias"], sac.actor.output_linear.bias)
     assert sac.log_alpha.item() != log_alpha
+
+
+# ------------------------------------------------------------------ what gamma discounts
+@pytest.mark.parametrize("discount", ["decision", "token"])
+def test_update_discounts_per_decision_or_per_token_taken(discount):
+    """`discount="token"`: gamma only where a token was taken (`advances`); `"decision"`: every transition."""
+    sac = make_sac(discount=discount, gamma=0.5, actor_delay=10)
+    states, actions, rewards, next_states, dones = make_batch()
+    advances = dones | (torch.arange(len(dones)) % 3 == 0)
+    with torch.no_grad():
+        v_next = critic_target(sac.actor.logits(next_states), sac.q1_target(next_states),
+                               sac.q2_target(next_states), torch.zeros(len(rewards)), dones, sac.alpha, 1.0)
+    gammas = torch.where(advances, 0.5, 1.0) if discount == "token" else torch.full_like(rewards, 0.5)
+    expected = rewards + gammas * v_next
+    out = sac.update(Batch(states, actions, rewards, next_states, dones, advances))
+    assert out["target_mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert (~advances).any() and not bool(dones.all())  # some transitions bootstrap without a token taken
+
+
+def test_token_discount_without_advances_discounts_every_transition():
+    batch = make_batch()
+    a, b = make_sac(discount="token", gamma=0.5), make_sac(discount="decision", gamma=0.5)
+    assert a.update(batch)["target_mean"] == pytest.approx(b.update(batch)["target_mean"])
+
+
+def test_discount_is_validated():
+    with pytest.raises(ValueError, match=re.escape("`discount` has to be 'decision' or 'token', but is 'step'.")):
+        SACConfig(discount="step")

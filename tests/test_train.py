@@ -3,6 +3,7 @@ checkpoints and exact resume, an end-to-end run that raises a scripted reward, a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -85,6 +86,18 @@ def test_transitions_terminal_reward_once_and_kl_on_the_choosing_event():
     assert batch.next_states[:, 0].tolist() == [1.0, 2.0, 0.0, 4.0, 0.0]
     # the sum of rewards of an episode is the terminal reward minus the KL penalties: nothing counted twice
     assert batch.rewards[:3].sum().item() == pytest.approx(2.0 - 0.07)
+    # a token is taken across an accept, the last reject before a forced token, and at the end; not across a
+    # reject that moves on to the next candidate
+    assert batch.advances.tolist() == [False, True, True, False, True]
+
+
+def test_transitions_mark_a_fallback_token_as_taken():
+    """Row 1 rejects both candidates of position 0 (fallback "first": the top-1 is taken), then accepts at 1."""
+    episodes = dataclasses.replace(scripted_rollout(), rows=torch.tensor([0, 1, 1, 1, 1]),
+                                   positions=torch.tensor([0, 0, 0, 1, 1]), actions=torch.tensor([1, 0, 0, 0, 1]))
+    batch = build_transitions(episodes, torch.tensor([2.0, -1.0]), kl_coef=0.1)
+    assert batch.dones.tolist() == [True, False, False, False, True]
+    assert batch.advances.tolist() == [True, False, True, False, True]
 
 
 def test_transitions_drop_a_row_with_nan_states_whole():

@@ -49,6 +49,7 @@ def test_every_flag_of_earlier_releases_keeps_its_name_and_meaning():
     assert config.initial_accept is None
     assert parse(["--actor-lr", "5e-4"]).sac.actor_lr == 5e-4 and parse(["--actor-lr", "5e-4"]).sac.critic_lr == 3e-4
     assert parse(["--reject-cost", "0.01"]).reject_cost == 0.01
+    assert parse(["--discount", "token"]).sac.discount == "token" and parse([]).sac.discount == "decision"
 
 
 def test_the_readme_training_command_still_parses():

@@ -39,11 +39,13 @@ def load_rewards(specs: Sequence[str]) -> dict:
 
 def pack_transitions(batch) -> dict[str, torch.Tensor]:
     """The transfer form of a shard's transitions (a `mara_hf.train.Batch` whose rows end with a `done`, as
-    `build_transitions` gives them): fp16 states, int8 actions, float32 rewards, bool dones, on the CPU."""
+    `build_transitions` gives them): fp16 states, int8 actions, float32 rewards, bool dones and advances, on the
+    CPU."""
     if batch.dones.numel() and not bool(batch.dones[-1]):
         raise ValueError("Transitions travel in whole episodes: the last one has to be done.")
     return {"states": batch.states.detach().to("cpu", torch.float16), "actions": batch.actions.to("cpu", torch.int8),
-            "rewards": batch.rewards.detach().to("cpu", torch.float32), "dones": batch.dones.to("cpu", torch.bool)}
+            "rewards": batch.rewards.detach().to("cpu", torch.float32), "dones": batch.dones.to("cpu", torch.bool),
+            "advances": batch.advances.to("cpu", torch.bool)}
 
 
 def unpack_transitions(parts: Sequence[dict[str, torch.Tensor]]):
@@ -56,7 +58,8 @@ def unpack_transitions(parts: Sequence[dict[str, torch.Tensor]]):
     next_states = torch.roll(states, shifts=-1, dims=0)
     next_states[dones] = 0
     return Batch(states=states, actions=torch.cat([p["actions"] for p in parts]).long(),
-                 rewards=torch.cat([p["rewards"] for p in parts]), next_states=next_states, dones=dones)
+                 rewards=torch.cat([p["rewards"] for p in parts]), next_states=next_states, dones=dones,
+                 advances=torch.cat([p["advances"] for p in parts]))
 
 
 def packed_bytes(parts: dict[str, torch.Tensor]) -> int:

@@ -1,4 +1,4 @@
-"""A preallocated ring replay buffer of (state, action, reward, next_state, done) transitions.
+"""A preallocated ring replay buffer of (state, action, reward, next_state, done, advances) transitions.
 
 States are LLM hidden states (thousands of floats each), so they are stored in float16 by default: one transition
 of a 4096-d model costs about 16 KiB, and `nbytes` reports what the buffer actually holds in memory. Everything is
@@ -13,13 +13,18 @@ import torch
 
 
 class Batch(NamedTuple):
-    """A batch of transitions; unpacks as `states, actions, rewards, next_states, dones`."""
+    """A batch of transitions; unpacks as `states, actions, rewards, next_states, dones, advances`.
+
+    `advances`: a token was taken between the state and the next one (an accept, a forced or fallback token, or
+    the episode's end), as opposed to a reject that moves to the next candidate of the same position. It tells
+    `SACConfig.discount="token"` which transitions gamma discounts; None: every transition does."""
 
     states: torch.Tensor  # [B, state_dim] float32
     actions: torch.Tensor  # [B] int64, 0 = reject, 1 = accept
     rewards: torch.Tensor  # [B] float32
     next_states: torch.Tensor  # [B, state_dim] float32
     dones: torch.Tensor  # [B] bool
+    advances: torch.Tensor | None = None  # [B] bool
 
 
 class ReplayBuffer:
@@ -54,6 +59,7 @@ class ReplayBuffer:
         self.actions = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         self.rewards = torch.zeros(capacity, dtype=torch.float32, device=self.device)
         self.dones = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self.advances = torch.ones(capacity, dtype=torch.bool, device=self.device)
         self.pos = 0  # where the next transition is written
         self.size = 0  # how many slots hold a transition
 
@@ -72,6 +78,7 @@ class ReplayBuffer:
             "rewards": self.rewards,
             "next_states": self.next_states,
             "dones": self.dones,
+            "advances": self.advances,
         }
 
     def add(
@@ -81,10 +88,12 @@ class ReplayBuffer:
         rewards: torch.Tensor,
         next_states: torch.Tensor,
         dones: torch.Tensor,
+        advances: torch.Tensor | None = None,
     ) -> None:
         """Add `n` transitions at once: states and next states `[n, state_dim]`, the rest `[n]`.
 
-        Actions are 0 (reject) or 1 (accept). If `n` exceeds the capacity only the last `capacity` are kept.
+        Actions are 0 (reject) or 1 (accept); `advances` None means every transition took a token. If `n` exceeds
+        the capacity only the last `capacity` are kept.
         """
         if states.ndim != 2 or states.shape[1] != self.state_dim:
             raise ValueError(f"`states` has to have shape [n, {self.state_dim}], but has {list(states.shape)}.")
@@ -94,7 +103,9 @@ class ReplayBuffer:
                 f"`next_states` has to have the shape of `states` {list(states.shape)}, "
                 f"but has {list(next_states.shape)}."
             )
-        for name, value in (("actions", actions), ("rewards", rewards), ("dones", dones)):
+        if advances is None:
+            advances = torch.ones(n, dtype=torch.bool, device=dones.device)
+        for name, value in (("actions", actions), ("rewards", rewards), ("dones", dones), ("advances", advances)):
             if value.shape != (n,):
                 raise ValueError(f"`{name}` has to have shape [{n}], but has {list(value.shape)}.")
         if actions.is_floating_point() or actions.is_complex():
@@ -107,7 +118,7 @@ class ReplayBuffer:
             skip = n - self.capacity
             self.pos = (self.pos + skip) % self.capacity
             states, actions, rewards = states[skip:], actions[skip:], rewards[skip:]
-            next_states, dones = next_states[skip:], dones[skip:]
+            next_states, dones, advances = next_states[skip:], dones[skip:], advances[skip:]
             n = self.capacity
         idx = (self.pos + torch.arange(n, device=self.device)) % self.capacity
         self.states[idx] = states.to(device=self.device, dtype=self.state_dtype)
@@ -115,6 +126,7 @@ class ReplayBuffer:
         self.actions[idx] = actions.to(device=self.device, dtype=torch.int64)
         self.rewards[idx] = rewards.to(device=self.device, dtype=torch.float32)
         self.dones[idx] = dones.to(device=self.device, dtype=torch.bool)
+        self.advances[idx] = advances.to(device=self.device, dtype=torch.bool)
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
 
@@ -134,6 +146,7 @@ class ReplayBuffer:
             rewards=self.rewards[idx],
             next_states=self.next_states[idx].float(),
             dones=self.dones[idx],
+            advances=self.advances[idx],
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -152,6 +165,9 @@ class ReplayBuffer:
             )
         size, pos = state["size"], state["pos"]
         for name, t in self._tensors().items():
+            if name == "advances" and name not in state:  # checkpoints written before the field existed
+                t.fill_(True)
+                continue
             t.zero_()
             t[:size] = state[name].to(device=self.device, dtype=t.dtype)
         self.size, self.pos = size, pos

@@ -16,6 +16,8 @@ Every decision is an *event* with its state and action. `build_transitions` turn
 replay transitions `(s, a, r, s', done)`:
 
 - `s'` is the state of the row's next event; the row's last event has `done = True` (and `s' = 0`);
+- `advances` marks the transitions across which a token was taken (an accept, the last reject before a forced or
+  fallback token, the row's last event), for `SACConfig.discount="token"`;
 - the terminal (sentence-level) reward is added once, to the row's last event, and is never bootstrapped past it;
 - the token-level KL penalty of a position, `kl_coef * (log p_base(t_1) - log p_base(taken))`, is added to the
   event that chose the token (the accept, or the last reject before a forced / fallback token);
@@ -282,4 +284,8 @@ def build_transitions(rollout: Rollout, terminal_rewards: torch.Tensor, kl_coef:
         rewards = rewards - reject_cost * (rollout.actions[keep] == 0).float()
     next_states = torch.roll(states, shifts=-1, dims=0)
     next_states[last] = 0
-    return Batch(states=states, actions=rollout.actions[keep], rewards=rewards, next_states=next_states, dones=last)
+    positions = rollout.positions[keep]
+    advances = last.clone()
+    advances[:-1] |= positions[1:] != positions[:-1]  # the next event is at a later position: a token was taken
+    return Batch(states=states, actions=rollout.actions[keep], rewards=rewards, next_states=next_states, dones=last,
+                 advances=advances)

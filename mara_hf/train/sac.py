@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,12 @@ class SACConfig:
     alpha_lr: float = field(default=3e-4, metadata={"help": "temperature (alpha) learning rate",
                                                     "same_as": "critic_lr"})
     batch_size: int = field(default=1024, metadata={"help": "transitions per SAC update", "flag": "--sac-batch-size"})
-    gamma: float = field(default=0.99, metadata={"help": "discount per decision"})
+    gamma: float = field(default=0.99, metadata={"help": "discount per decision (see --discount)"})
+    discount: Literal["decision", "token"] = field(default="decision", metadata={
+        "help": "what gamma discounts: every decision (the paper's MDP) or every token taken (a reject that moves "
+                "to the next candidate is not discounted, so it does not postpone the answer's reward: under "
+                "'decision' rejecting every candidate of a position delays a negative reward, which rewards "
+                "all-reject cascades)"})
     tau: float = field(default=0.005, metadata={"help": "Polyak averaging rate of the target critics, in (0, 1]"})
     buffer_size: int = field(default=1_000_000, metadata={
         "help": "replay buffer capacity in transitions (fp16 states, allocated once: 1e6 x 576-d = 2.2 GiB)"})
@@ -90,6 +95,8 @@ class SACConfig:
                 raise ValueError(f"`{name}` has to be a positive integer, but is {value!r}.")
         if not _is_real(self.gamma) or not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"`gamma` has to be a float in [0, 1], but is {self.gamma!r}.")
+        if self.discount not in ("decision", "token"):
+            raise ValueError(f"`discount` has to be 'decision' or 'token', but is {self.discount!r}.")
         if not _is_real(self.tau) or not 0.0 < self.tau <= 1.0:
             raise ValueError(f"`tau` has to be a float in (0, 1], but is {self.tau!r}.")
         if not _is_real(self.target_entropy) or not 0.0 <= self.target_entropy <= math.log(2):
@@ -114,14 +121,34 @@ def critic_target(
     rewards: torch.Tensor,
     dones: torch.Tensor,
     alpha: float | torch.Tensor,
-    gamma: float,
+    gamma: float | torch.Tensor,
 ) -> torch.Tensor:
-    """Soft Bellman target `[B]` from the actor's next-state logits and the target critics' next Q-values `[B, 2]`."""
+    """Soft Bellman target `[B]` from the actor's next-state logits and the target critics' next Q-values `[B, 2]`;
+    `gamma` is a float or one discount per transition `[B]`."""
     next_probs = torch.softmax(next_logits, dim=-1)
     next_logp = torch.log_softmax(next_logits, dim=-1)
     min_q = torch.min(next_q1_target, next_q2_target)
     v_next = (next_probs * (min_q - alpha * next_logp)).sum(-1)
     return rewards + gamma * (1.0 - dones.float()) * v_next
+
+
+def transition_discounts(advances: torch.Tensor | None, gamma: float, discount: str = "decision"):
+    """The discount of each transition: `gamma` for all (`"decision"`), or, with `"token"`, `gamma` where a token
+    was taken (`advances`, see `Batch`) and 1 for a reject that moves to the next candidate of the same position
+    (the return then discounts per token, however many candidates were rejected on the way). `advances=None`:
+    every transition took a token.
+
+    ```python
+    >>> import torch
+    >>> from mara_hf.train.sac import transition_discounts
+    >>> transition_discounts(torch.tensor([True, False, False, True]), 0.5, "token").tolist()
+    [0.5, 1.0, 1.0, 0.5]
+
+    ```
+    """
+    if discount == "decision" or advances is None:
+        return gamma
+    return torch.where(advances.bool(), torch.tensor(gamma, dtype=torch.float32, device=advances.device), 1.0)
 
 
 def critic_loss(
@@ -207,8 +234,11 @@ class DiscreteSAC:
         return float(nn.utils.clip_grad_norm_(params, max_norm))
 
     def update(self, batch: Sequence[torch.Tensor]) -> dict[str, float]:
-        """One SAC step on `batch = (states, actions, rewards, next_states, dones)` (e.g. a `ReplayBuffer.sample`)."""
-        states, actions, rewards, next_states, dones = (t.to(self.device) for t in batch)
+        """One SAC step on `batch = (states, actions, rewards, next_states, dones[, advances])` (e.g. a
+        `ReplayBuffer.sample`; without `advances` every transition counts as taking a token)."""
+        states, actions, rewards, next_states, dones = (t.to(self.device) for t in batch[:5])
+        advances = batch[5] if len(batch) > 5 else None
+        advances = None if advances is None else advances.to(self.device)
         states, next_states, rewards = states.float(), next_states.float(), rewards.float()
         alpha = self.log_alpha.exp().detach()
 
@@ -221,7 +251,7 @@ class DiscreteSAC:
                 rewards,
                 dones,
                 alpha,
-                self.config.gamma,
+                transition_discounts(advances, self.config.gamma, self.config.discount),
             )
         q1, q2 = self.q1(states), self.q2(states)
         q1_loss, q2_loss = critic_loss(q1, q2, actions, target)
