@@ -29,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true", help="sample among accepted tokens instead of greedy")
     gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (with --sample)")
-    gen.add_argument("--fallback", choices=["first", "last"], default=None,
-                     help="token taken when every candidate is rejected (default: the agent's config)")
     gen.add_argument("--compare", action="store_true",
                      help="also answer with the base model alone; show both, with the tokens MARA changed marked")
     gen.add_argument("--device", default=None,

@@ -110,13 +110,16 @@ def model_placement(args) -> dict:
 
 
 def add_agent_arguments(parser) -> None:
-    """The `--agent` / `--agent-file` options of the commands that decode with an agent (see `load_agent`)."""
+    """The `--agent` / `--agent-file` options of the commands that decode with an agent (see `load_agent`), and
+    `--fallback`, which overrides the agent's rule for a position whose candidates are all rejected."""
     parser.add_argument("--agent", default=None,
                         help=f"agent: a shipped name (default: {DEFAULT_AGENT}; also "
                              f"{', '.join(a for a in shipped_agents() if a != DEFAULT_AGENT) or 'none'}), a native "
                              "folder, a .pth actor, or a Hub id")
     parser.add_argument("--agent-file", default=None,
                         help="file name of an original actor inside a Hub repo, e.g. mistral_v3_2_1_actor.pth")
+    parser.add_argument("--fallback", choices=["first", "last"], default=None,
+                        help="token MARA takes when every candidate is rejected (default: the agent's config)")
 
 
 def shipped_agents() -> list[str]:

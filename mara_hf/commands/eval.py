@@ -37,8 +37,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "(see below)")
     models.add_model_argument(parser)
     models.add_agent_arguments(parser)
-    parser.add_argument("--fallback", choices=["first", "last"], default=None,
-                        help="token MARA takes when every candidate is rejected (default: the agent's config)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     parser.add_argument("--out", default="eval-results",
