@@ -148,7 +148,7 @@ def transition_discounts(advances: torch.Tensor | None, gamma: float, discount: 
     """
     if discount == "decision" or advances is None:
         return gamma
-    return torch.where(advances.bool(), torch.tensor(gamma, dtype=torch.float32, device=advances.device), 1.0)
+    return torch.where(advances.bool(), gamma, 1.0)
 
 
 def critic_loss(
