@@ -57,11 +57,14 @@ CONFIGS: dict[str, tuple[str, TrainConfig]] = {
     "k40-first-fluency": (FLUENT_TONE, SHIPPED),
     "k40-first-rc01": (TONE, dataclasses.replace(SHIPPED, reject_cost=0.01)),
     "k40-first-fluency-rc01": (FLUENT_TONE, dataclasses.replace(SHIPPED, reject_cost=0.01)),
-    # gamma per token taken (a reject does not postpone the reward), reject costs around the entropy bonus
+    # gamma per token taken (a reject does not postpone the reward), reject costs around the entropy bonus; a
+    # checkpoint every 20 rollouts, each with the greedy fallback rate of 64 prompts (`--greedy-probe`)
     "k40-first-fluency-token-rc03": (FLUENT_TONE, dataclasses.replace(
-        SHIPPED, reject_cost=0.03, sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
+        SHIPPED, reject_cost=0.03, checkpoint_every=20, greedy_probe=64,
+        sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
     "k40-first-fluency-token-rc10": (FLUENT_TONE, dataclasses.replace(
-        SHIPPED, reject_cost=0.1, sac=dataclasses.replace(SHIPPED.sac, discount="token", actor_delay=1000))),
+        SHIPPED, reject_cost=0.1, checkpoint_every=20, greedy_probe=64,
+        sac=dataclasses.replace(SHIPPED.sac, discount="token", actor_delay=1000))),
 }
 DEFAULT_CONFIGS = ["k10-last", "k40-last", "k40-last-kl05", "k40-first"]
 """The sweep the shipped agent was chosen from."""

@@ -61,6 +61,9 @@ class MaraAgent(
         top_p (`float`, *optional*, defaults to 0.95): nucleus mass of the candidate set.
         fallback (`str`, *optional*, defaults to `"first"`): token taken when every candidate is rejected,
             `"first"` (the top-1, as in the released evaluation) or `"last"` (the paper's training MDP).
+        accept_threshold (`float`, *optional*, defaults to 0.5): a candidate is accepted when p(accept) exceeds
+            it. 0.5 takes the agent's own greedy decision (the paper's); an actor trained as a stochastic policy
+            can be calibrated to a lower one (its sampled walk accepts far more often than p > 0.5 does).
         source (`str`, *optional*): where the weights came from (e.g. the original `.pth` file name).
         training_info (`str`, *optional*): free-text description of how the agent was trained (the key
             `training` in config.json; the attribute cannot be `training`, which is `nn.Module`'s train/eval flag).
@@ -85,6 +88,7 @@ class MaraAgent(
         top_k: int = 40,
         top_p: float = 0.95,
         fallback: str = "first",
+        accept_threshold: float = 0.5,
         source: str | None = None,
         training_info: str | None = None,
     ):
@@ -94,13 +98,14 @@ class MaraAgent(
         hidden_sizes = list(hidden_sizes)
         if len(hidden_sizes) != 2 or not all(isinstance(h, int) and h > 0 for h in hidden_sizes):
             raise ValueError(f"`hidden_sizes` has to be two positive integers, but is {hidden_sizes!r}.")
-        validate_candidate_settings(top_k, top_p, fallback)
+        validate_candidate_settings(top_k, top_p, fallback, accept_threshold)
         self.state_dim = state_dim
         self.hidden_sizes = hidden_sizes
         self.base_model = base_model
         self.top_k = top_k
         self.top_p = top_p
         self.fallback = fallback
+        self.accept_threshold = accept_threshold
         self.source = source
         self.training_info = training_info
 
@@ -119,6 +124,7 @@ class MaraAgent(
             "top_k": self.top_k,
             "top_p": self.top_p,
             "fallback": self.fallback,
+            "accept_threshold": self.accept_threshold,
             "source": self.source,
             "training": self.training_info,
         }
@@ -280,10 +286,11 @@ class MaraAgent(
         return card
 
     def extra_repr(self) -> str:
-        return f"base_model={self.base_model!r}, top_k={self.top_k}, top_p={self.top_p}, fallback={self.fallback!r}"
+        return (f"base_model={self.base_model!r}, top_k={self.top_k}, top_p={self.top_p}, fallback={self.fallback!r}, "
+                f"accept_threshold={self.accept_threshold}")
 
 
-def validate_candidate_settings(top_k: int, top_p: float, fallback: str) -> None:
+def validate_candidate_settings(top_k: int, top_p: float, fallback: str, accept_threshold: float = 0.5) -> None:
     """Eager checks shared by the agent config, the processor and the fused loop."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"`top_k` has to be a strictly positive integer, but is {top_k!r}.")
@@ -291,6 +298,10 @@ def validate_candidate_settings(top_k: int, top_p: float, fallback: str) -> None
         raise ValueError(f"`top_p` has to be a float in (0, 1], but is {top_p!r}.")
     if fallback not in FALLBACKS:
         raise ValueError(f"`fallback` has to be one of {FALLBACKS}, but is {fallback!r}.")
+    if (not isinstance(accept_threshold, (int, float)) or isinstance(accept_threshold, bool)
+            or not 0.0 < accept_threshold < 1.0):
+        raise ValueError(f"`accept_threshold` has to be a float in (0, 1) (0.5: the agent's greedy decision), but "
+                         f"is {accept_threshold!r}.")
 
 
 def _init_names() -> set[str]:

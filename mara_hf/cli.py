@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .models import add_agent_arguments, add_model_argument
+from .models import add_agent_arguments, add_model_argument, agent_overrides
 
 DESCRIPTION = """MARA (Micro token-level Accept-Reject Alignment) for Hugging Face transformers.
 
@@ -107,7 +107,7 @@ def cmd_generate(args) -> int:
     streamer = None if args.compare else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(args.seed)
     out = model.generate(**inputs, **settings, custom_generate=mara_generate, mara_agent=agent,
-                         mara_fallback=args.fallback, streamer=streamer, return_dict_in_generate=True)
+                         **agent_overrides(args), streamer=streamer, return_dict_in_generate=True)
     if args.compare:
         answer, top1 = out.sequences[0, prompt_length:].tolist(), out.mara_steps["top1"][0].tolist()
         print(mark_changes(tokenizer, answer, top1).text)

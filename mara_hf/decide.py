@@ -99,6 +99,7 @@ def evaluate_step(
     lazy: bool = True,
     for_commit: bool = False,
     thresholds: torch.Tensor | None = None,
+    threshold: float = 0.5,
     keep_states: bool = False,
     static_length: int | None = None,
     compiled=None,
@@ -113,9 +114,10 @@ def evaluate_step(
     `static_length`: the cache is a static cache filled up to this length (siblings go to scratch slots);
     `compiled` (a `compiled.CompiledStep`) then runs its picking chunks and commit compiled.
 
-    A candidate is accepted when its p(accept) exceeds its threshold: 0.5 (the agent's greedy decision) unless
-    `thresholds` `(B, >= width)` are given; uniform random thresholds *sample* the agent's policy (training
-    rollouts). `keep_states=True` keeps the evaluated candidates' states (`StepEvaluation.states`).
+    A candidate is accepted when its p(accept) exceeds its threshold: `threshold` (0.5: the agent's greedy
+    decision; an agent may be calibrated to another, `MaraAgent.accept_threshold`) unless `thresholds`
+    `(B, >= width)` are given; uniform random thresholds *sample* the agent's policy (training rollouts).
+    `keep_states=True` keeps the evaluated candidates' states (`StepEvaluation.states`).
     """
     cands = build_candidates(scores, top_k, top_p)
     batch, width = cands.counts.shape[0], cands.width
@@ -149,7 +151,7 @@ def evaluate_step(
     rows = None  # the rows a chunk runs for (None: all)
     while True:
         at = slice(None) if rows is None else rows
-        pick = Picker(agent, cands, start, end, fallback, thresholds, at) if picking else None
+        pick = Picker(agent, cands, start, end, fallback, thresholds, at, threshold=threshold) if picking else None
         out = siblings.forward(cands.tokens[at, start:end], position_ids[at], start, rows, logits=logits_mode,
                                pick=pick, keep_kv=for_commit and not static)
         evaluation.forwards += 1
@@ -161,20 +163,21 @@ def evaluate_step(
         evaluation.probabilities.append((p, valid))  # for MaraStats.nonfinite, counted when read
         if keep_states:
             evaluation.states_parts.append(widen(out.states, rows, batch))
-        chunk_accepted = (p > (0.5 if thresholds is None else thresholds[at, start:end])) & valid
+        chunk_accepted = (p > (threshold if thresholds is None else thresholds[at, start:end])) & valid
         accepted[at, start:end] = chunk_accepted
         if rows is None:
             decided = decided | chunk_accepted.any(dim=-1)
         else:
             decided = decided.index_put((rows,), decided[rows] | chunk_accepted.any(dim=-1))
         if lazy and end < max_count:
-            # The host read of a chunk: how many rows still need candidates, and how many can there be? (When
-            # only some do, `nonzero` below reads which.)
+            # The host read of a chunk: how many rows still need candidates, and how many can those rows have
+            # (the next chunk is cut to that, not to the widest row of the batch)? (When only some rows need more,
+            # `nonzero` below reads which.)
             need = ~decided & (cands.counts > end)
             if static:  # fixed shapes: chunks are never cut to the largest count
                 needed = int(need.sum())
             else:
-                needed, max_count = torch.stack([need.sum(), cands.counts.max()]).tolist()
+                needed, max_count = torch.stack([need.sum(), torch.where(need, cands.counts, 0).max()]).tolist()
         else:
             needed = 0
         if for_commit:
@@ -204,9 +207,9 @@ class Picker:
     `"last"`) if it lies in this chunk and none was accepted. Keeps p(accept) for the caller (`p_accept`)."""
 
     def __init__(self, agent, cands: CandidateSet, start: int, end: int, fallback: str, thresholds: torch.Tensor,
-                 rows=slice(None)):
+                 rows=slice(None), threshold: float = 0.5):
         self.agent, self.start = agent, start
-        self.thresholds = 0.5 if thresholds is None else thresholds[rows, start:end]
+        self.thresholds = threshold if thresholds is None else thresholds[rows, start:end]
         self.valid = cands.valid[rows, start:end]
         counts = cands.counts[rows]
         self.target = counts - 1 if fallback == "last" else torch.zeros_like(counts)

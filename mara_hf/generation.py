@@ -67,6 +67,7 @@ def mara_generate(
     mara_top_k: int | None = None,
     mara_top_p: float | None = None,
     mara_fallback: str | None = None,
+    mara_accept_threshold: float | None = None,
     mara_schedule=DEFAULT_SCHEDULE,
     mara_stats: MaraStats | None = None,
     **model_kwargs,
@@ -81,8 +82,9 @@ def mara_generate(
     `cache_implementation="static"` (siblings in scratch slots of the static cache; compiled where `generate`
     compiles, see the README).
 
-    MARA arguments (all optional but `mara_agent`): `mara_top_k`, `mara_top_p`, `mara_fallback` (default: the
-    agent's config), `mara_schedule` (`"auto"`, the default: chunks chosen by cost; or boundaries such as `(1, 8)`
+    MARA arguments (all optional but `mara_agent`): `mara_top_k`, `mara_top_p`, `mara_fallback`,
+    `mara_accept_threshold` (default: the agent's config), `mara_schedule` (`"auto"`, the default: chunks chosen
+    by cost; or boundaries such as `(1, 8)`
     or `(40,)`, see `mara_hf.schedule`), `mara_stats` (a [`MaraStats`] to accumulate into).
 
     Example:
@@ -123,7 +125,8 @@ def mara_generate(
     top_k = mara_agent.top_k if mara_top_k is None else mara_top_k
     top_p = mara_agent.top_p if mara_top_p is None else mara_top_p
     fallback = mara_agent.fallback if mara_fallback is None else mara_fallback
-    validate_candidate_settings(top_k, top_p, fallback)
+    threshold = mara_agent.accept_threshold if mara_accept_threshold is None else mara_accept_threshold
+    validate_candidate_settings(top_k, top_p, fallback, threshold)
     if not model_kwargs.get("use_cache", True):
         check_cache(None)
     check_left_padding(model_kwargs.get("attention_mask"))
@@ -184,6 +187,7 @@ def mara_generate(
             top_k=top_k,
             top_p=top_p,
             fallback=fallback,
+            threshold=threshold,
             schedule=schedule.current(),
             lazy=not do_sample,
             for_commit=True,

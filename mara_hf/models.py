@@ -3,7 +3,9 @@ and the agents shipped inside mara-hf."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import math
 import os
 
 import torch
@@ -13,7 +15,7 @@ from .agent import SHIPPED_AGENTS, shipped_agent_names
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct-Q4_1-GGUF")
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_AGENT = "smollm2-vader"
+DEFAULT_AGENT = "smollm2-fluent"
 
 
 def default_device(device: str | None = None) -> str:
@@ -111,7 +113,8 @@ def model_placement(args) -> dict:
 
 def add_agent_arguments(parser) -> None:
     """The `--agent` / `--agent-file` options of the commands that decode with an agent (see `load_agent`), and
-    `--fallback`, which overrides the agent's rule for a position whose candidates are all rejected."""
+    `--fallback` and `--accept-threshold`, which override the agent's rule for a position whose candidates are all
+    rejected and its decision threshold."""
     parser.add_argument("--agent", default=None,
                         help=f"agent: a shipped name (default: {DEFAULT_AGENT}; also "
                              f"{', '.join(a for a in shipped_agents() if a != DEFAULT_AGENT) or 'none'}), a native "
@@ -120,6 +123,25 @@ def add_agent_arguments(parser) -> None:
                         help="file name of an original actor inside a Hub repo, e.g. mistral_v3_2_1_actor.pth")
     parser.add_argument("--fallback", choices=["first", "last"], default=None,
                         help="token MARA takes when every candidate is rejected (default: the agent's config)")
+    parser.add_argument("--accept-threshold", type=_open_unit_interval, default=None, metavar="P",
+                        help="accept a candidate when p(accept) exceeds P, in (0, 1) (default: the agent's config, "
+                             "0.5 unless it was calibrated)")
+
+
+def _open_unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"has to be a number in (0, 1) (0.5: the agent's greedy decision), not {text!r}")
+    return value
+
+
+def agent_overrides(args) -> dict:
+    """The `mara_*` arguments of `generate` that `add_agent_arguments`' overrides give (those set only)."""
+    values = {"mara_fallback": args.fallback, "mara_accept_threshold": args.accept_threshold}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def shipped_agents() -> list[str]:
@@ -129,7 +151,7 @@ def shipped_agents() -> list[str]:
 
 def load_agent(source: str | None = None, filename: str | None = None, **kwargs):
     """A `MaraAgent` from a shipped name, a native folder, a `.pth`, or a Hub id (with `filename=` for original
-    actors); by default the trained SmolLM2 agent `smollm2-vader` shipped with mara-hf (even when the current folder
+    actors); by default the trained SmolLM2 agent `DEFAULT_AGENT` shipped with mara-hf (even when the current folder
     holds a folder of that name)."""
     from .agent import MaraAgent
 

@@ -99,6 +99,8 @@ class MaraLogitsProcessor(LogitsProcessor):
         top_k (`int`, *optional*): candidate set size; defaults to the agent's config (40 for released agents).
         top_p (`float`, *optional*): nucleus mass of the candidate set; defaults to the agent's config (0.95).
         fallback (`str`, *optional*): `"first"` or `"last"`; defaults to the agent's config (`"first"`).
+        accept_threshold (`float`, *optional*): a candidate is accepted when p(accept) exceeds it; defaults to the
+            agent's config (0.5, the agent's greedy decision).
         schedule (`str` or `tuple[int]`, *optional*, defaults to `"auto"`): in which chunks candidates are
             evaluated in greedy mode: `"auto"` (chosen by cost for the device, batch and the agent's observed
             behaviour, see `mara_hf.schedule`), or boundaries such as `(1, 8)` (the top-1 first, then candidates
@@ -133,6 +135,7 @@ class MaraLogitsProcessor(LogitsProcessor):
         top_k: int | None = None,
         top_p: float | None = None,
         fallback: str | None = None,
+        accept_threshold: float | None = None,
         schedule: str | tuple[int, ...] = DEFAULT_SCHEDULE,
     ):
         self.model = unwrap_model(model)
@@ -141,7 +144,8 @@ class MaraLogitsProcessor(LogitsProcessor):
         self.top_k = agent.top_k if top_k is None else top_k
         self.top_p = agent.top_p if top_p is None else top_p
         self.fallback = agent.fallback if fallback is None else fallback
-        validate_candidate_settings(self.top_k, self.top_p, self.fallback)
+        self.accept_threshold = agent.accept_threshold if accept_threshold is None else accept_threshold
+        validate_candidate_settings(self.top_k, self.top_p, self.fallback, self.accept_threshold)
         self.device = hf.execution_device(self.model.get_output_embeddings())
         self.schedule = schedule
         make_schedule(schedule, device=self.device, batch_size=1, width=self.top_k)  # validate now
@@ -182,6 +186,7 @@ class MaraLogitsProcessor(LogitsProcessor):
             top_k=self.top_k,
             top_p=self.top_p,
             fallback=self.fallback,
+            threshold=self.accept_threshold,
             schedule=schedule.current(),
             lazy=state["greedy"],
         )

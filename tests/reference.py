@@ -48,8 +48,9 @@ def naive_next_logits(model, context: list[int]) -> torch.Tensor:
 
 
 def naive_mara_greedy(model, agent, prompt: list[int], max_new_tokens: int, *, top_k=40, top_p=0.95,
-                      fallback="first", eos_token_id=None) -> tuple[list[int], list[dict]]:
-    """MARA greedy decoding ("top1" rule) of one unpadded prompt; returns new tokens and per-step records."""
+                      fallback="first", eos_token_id=None, threshold=0.5) -> tuple[list[int], list[dict]]:
+    """MARA greedy decoding ("top1" rule: the first candidate with p(accept) > `threshold`) of one unpadded prompt;
+    returns new tokens and per-step records."""
     ids = list(prompt)
     records = []
     for _ in range(max_new_tokens):
@@ -64,7 +65,7 @@ def naive_mara_greedy(model, agent, prompt: list[int], max_new_tokens: int, *, t
                 with torch.no_grad():
                     p_accept = agent(naive_states(model, ids, [candidate]).float())[0, 1].item()
                 record["p_accept"].append(p_accept)
-                if p_accept > 0.5:
+                if p_accept > threshold:
                     choice = i
                     break
             if choice is None:

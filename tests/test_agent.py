@@ -147,5 +147,21 @@ def test_bad_agent_config_values():
         MaraAgent(state_dim=8, hidden_sizes=[16])
     with pytest.raises(ValueError, match="`fallback` has to be one of"):
         MaraAgent(state_dim=8, fallback="middle")
+    with pytest.raises(ValueError, match=r"`accept_threshold` has to be a float in \(0, 1\)"):
+        MaraAgent(state_dim=8, accept_threshold=1.5)
     with pytest.raises(ValueError, match="states of size 8, but got states of size 5"):
         MaraAgent(state_dim=8).accept_probability(torch.zeros(5))
+
+
+def test_accept_threshold_is_saved_and_older_configs_load_with_the_greedy_one(tmp_path):
+    MaraAgent(state_dim=8, hidden_sizes=(4, 4), accept_threshold=0.2).save_pretrained(tmp_path / "calibrated")
+    assert json.loads((tmp_path / "calibrated" / "config.json").read_text())["accept_threshold"] == 0.2
+    assert MaraAgent.from_pretrained(tmp_path / "calibrated").accept_threshold == 0.2
+    assert "accept a candidate when p(accept) > 0.2" in (tmp_path / "calibrated" / "README.md").read_text()
+    MaraAgent(state_dim=8, hidden_sizes=(4, 4)).save_pretrained(tmp_path / "older")
+    config = json.loads((tmp_path / "older" / "config.json").read_text())
+    del config["accept_threshold"]  # written before the threshold existed
+    (tmp_path / "older" / "config.json").write_text(json.dumps(config))
+    assert MaraAgent.from_pretrained(tmp_path / "older").accept_threshold == 0.5
+    assert "p(accept) >" not in (tmp_path / "older" / "README.md").read_text()
+    assert MaraAgent.from_pretrained("smollm2-vader").accept_threshold == 0.5

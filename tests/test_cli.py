@@ -28,7 +28,7 @@ def test_generate_default_runs_the_shipped_agent_on_smollm2(real_model, capsys):
     assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "12"]) == 0
     out, err = capsys.readouterr()
     assert real_model == ["smollm2"]
-    assert "agent: smollm2-vader" in err and "discrete SAC, reward 10*vader" in err
+    assert "agent: smollm2-fluent" in err and "discrete SAC, reward 10*vader+10*fluency" in err
     assert len(out.strip()) > 0 and "[12 tokens; agent asked on" in err
 
 
@@ -37,6 +37,16 @@ def test_generate_compare_marks_rejected_tokens(real_model, capsys):
     out, _ = capsys.readouterr()
     assert "=== base model ===" in out and "=== MARA ===" in out
     assert "⟦" in out and "→" in out  # the demo agent rejects some top-1 tokens on this prompt
+
+
+def test_generate_accept_threshold_overrides_the_agents(real_model, capsys):
+    """A threshold below every accept probability takes each top-1: nothing changed, nothing fell back."""
+    assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "8", "--agent", "smollm2-demo",
+                 "--accept-threshold", "1e-30"]) == 0
+    assert "took a lower-ranked candidate on 0, fell back on 0]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "hi", "--accept-threshold", "1"])
+    assert "argument --accept-threshold: has to be a number in (0, 1)" in capsys.readouterr().err
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -60,3 +60,28 @@ def test_later_chunks_run_for_undecided_rows_only(arch, for_commit):
         for a, b in zip(lazy_cache.layers, whole_cache.layers):
             torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
+def test_a_later_chunk_is_cut_to_the_candidates_its_rows_have():
+    """Row 0 has 8 candidates and takes its top-1; rows 1-3 have 3 and reject them all: the second chunk of the
+    schedule (1, 8) runs for rows 1-3 only and ends at their 3 candidates, not at row 0's 8."""
+    model = tiny_model()
+    cache, scores, mask = prefill(model, random_prompts(4, lengths=(12, 5, 14, 9), seed=1))
+    kept = scores.topk(3, dim=-1).indices
+    scores[1:] = torch.full_like(scores[1:], -float("inf")).scatter(-1, kept[1:], scores[1:].gather(-1, kept[1:]))
+    thresholds = torch.full((4, WIDTH), 2.0)
+    thresholds[0, 0] = -1.0
+    shapes = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        with torch.no_grad():
+            evaluation = evaluate_step(
+                model, constant_agent(), cache, scores, next_position_ids(None, mask, cache.get_seq_length(), 4, "cpu"),
+                mask, top_k=WIDTH, top_p=1.0, fallback="first", schedule=(1, 8), thresholds=thresholds,
+            )
+    finally:
+        handle.remove()
+    assert evaluation.decision.num_candidates.tolist() == [8, 3, 3, 3]
+    assert shapes == [(4, 1), (3, 2)] and evaluation.bounds == [(0, 1), (1, 3)]
+    assert evaluation.decision.fallback.tolist() == [False, True, True, True]

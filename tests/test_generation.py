@@ -55,6 +55,35 @@ def test_chunk_schedule_changes_cost_not_decisions(schedule, fallback):
     assert got[: len(expected)] == expected
 
 
+def test_accept_threshold_moves_the_decision_boundary_on_every_path():
+    """An agent with accept probabilities of 0.1-0.5 (like an actor trained to keep entropy) falls back on every
+    decision at the greedy 0.5; at a threshold of 0.45 it accepts a candidate on some. The fused loop (dynamic and
+    static cache) and the processor decide as the naive serial walk does with that threshold, whether it comes
+    from the call or from the agent's config."""
+    model = tiny_model("llama")
+    agent = decisive_agent(sharpness=5.0, reject_bias=2.0)
+    prompt = random_prompts(1, lengths=(10,), seed=5)[0]
+    greedy, records = naive_mara_greedy(model, agent, prompt, 10)
+    assert all(r["fallback"] for r in records if r["asked"])
+    expected, records = naive_mara_greedy(model, agent, prompt, 10, threshold=0.45)
+    assert any(r["fallback"] for r in records) and any(not r["fallback"] and r["index"] > 0 for r in records)
+    assert expected != greedy
+    ids = torch.tensor([prompt])
+    dropin, fused, processor = both_paths(model, agent, ids, n=10, mara_accept_threshold=0.45)
+    assert dropin[0, len(prompt):].tolist() == expected == fused.sequences[0, len(prompt):].tolist()
+    static = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, cache_implementation="static",
+                            custom_generate=mara_generate, mara_agent=agent, mara_accept_threshold=0.45)
+    assert static[0, len(prompt):].tolist() == expected
+    calibrated = decisive_agent(sharpness=5.0, reject_bias=2.0)
+    calibrated.accept_threshold = 0.45
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, custom_generate=mara_generate,
+                         mara_agent=calibrated)
+    assert out[0, len(prompt):].tolist() == expected
+    with pytest.raises(ValueError, match=r"`accept_threshold` has to be a float in \(0, 1\)"):
+        model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, mara_agent=agent,
+                       mara_accept_threshold=0.0)
+
+
 def test_accept_all_agent_is_plain_greedy_with_one_forward_per_token():
     model = tiny_model("qwen2")
     ids, mask = left_padded(random_prompts(2, seed=3))

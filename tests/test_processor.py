@@ -244,6 +244,7 @@ def test_agent_of_other_hidden_size_is_refused():
         (dict(top_k=0), "`top_k` has to be a strictly positive integer"),
         (dict(top_p=1.5), r"`top_p` has to be a float in \(0, 1\]"),
         (dict(fallback="random"), "`fallback` has to be one of"),
+        (dict(accept_threshold=1.0), r"`accept_threshold` has to be a float in \(0, 1\) \(0.5: the agent's greedy"),
         (dict(schedule=(8, 2)), "`schedule` is \"auto\" or increasing chunk boundaries"),
         (dict(schedule="fast"), "`schedule` is \"auto\" or a tuple of chunk boundaries, but is 'fast'"),
     ],

@@ -16,7 +16,9 @@ from conftest import constant_agent, decisive_agent, left_padded, random_prompts
 from mara_hf import MaraAgent, mara_generate
 from mara_hf.candidates import build_candidates
 from mara_hf.train import Rollout, SACConfig, Trainer, TrainConfig, build_transitions, rollout
+from mara_hf.stats import MaraStats
 from mara_hf.train.checkpoint import flatten, latest_checkpoint, load_checkpoint, save_checkpoint, unflatten
+from mara_hf.train.probe import PROBE_METRICS, greedy_probe
 from mara_hf.train.rollout import step_events
 from mara_hf.train.trainer import prompt_indices
 from reference import naive_candidates, naive_next_logits, naive_states
@@ -293,6 +295,55 @@ def test_resume_refuses_other_settings(tmp_path):
         make_trainer(tmp_path, small_config(iterations=4, kl_coef=0.5)).train()
     with pytest.raises(ValueError, match="already holds checkpoints"):
         make_trainer(tmp_path, small_config(iterations=4)).train(resume=False)
+
+
+def test_greedy_probe_reports_what_inference_costs():
+    """The probe decodes greedily through the fused loop: an agent that rejects everything falls back on every
+    decision (a sampled walk would force the last candidate instead), one that accepts everything takes the top-1
+    at one forward per token; the numbers equal `mara_generate`'s own statistics."""
+    model, tokenizer, prompts = tiny_model(), word_tokenizer(), word_prompts(5)
+    config = small_config(rollout_batch_size=2, max_new_tokens=5, fallback="first")
+    reject = greedy_probe(model, tokenizer, constant_agent(accept=False), prompts, config, [2])
+    assert reject["fallback_rate"] == 1.0 and reject["top1_accept_rate"] == 0.0 and reject["prompts"] == 5
+    low = greedy_probe(model, tokenizer, constant_agent(accept=False), prompts, config, [2], threshold=1e-9)
+    assert low["fallback_rate"] == 0.0 and low["top1_accept_rate"] == 1.0  # p(accept) ~2e-9 passes 1e-9
+    accept = greedy_probe(model, tokenizer, constant_agent(accept=True), prompts, config, [2])
+    assert accept["fallback_rate"] == 0.0 and accept["top1_accept_rate"] == 1.0
+    assert accept["mean_search_length"] <= 1.0 < reject["mean_search_length"]
+
+    agent = decisive_agent(reject_bias=10.0).train()  # falls back on some decisions only
+    probe = greedy_probe(model, tokenizer, agent, prompts, config, [2])
+    assert agent.training  # the actor's mode is restored
+    stats = MaraStats(config.top_k)
+    for start in (0, 2, 4):
+        encoded = tokenizer(prompts[start:start + 2], return_tensors="pt", padding=True, padding_side="left")
+        model.generate(**encoded, max_new_tokens=5, do_sample=False, eos_token_id=[2], pad_token_id=0,
+                       custom_generate=mara_generate, mara_agent=agent.eval(), mara_fallback="first", mara_stats=stats)
+    expected = stats.to_dict()
+    assert 0 < probe["fallback_rate"] < 1
+    # forwards aside: the auto schedule remembers what it learned of this agent and model, so a second decoding of
+    # the same prompts may plan other chunks (the same decisions, fewer forwards)
+    assert probe == {**{name: expected[name] for name in PROBE_METRICS}, "prompts": 5,
+                     "forwards_per_token": probe["forwards_per_token"]}
+    with pytest.raises(ValueError, match="`prompts` is empty"):
+        greedy_probe(model, tokenizer, agent, [], config, [2])
+
+
+def test_greedy_probe_is_logged_at_checkpoints_and_changes_nothing_learned(tmp_path):
+    plain = make_trainer(tmp_path / "plain", small_config(iterations=4)).train()
+    trainer = make_trainer(tmp_path / "probed", small_config(iterations=4, greedy_probe=3))
+    probed = trainer.train()
+    for (name, a), (_, b) in zip(plain.state_dict().items(), probed.state_dict().items()):
+        assert torch.equal(a, b), name
+    lines = [json.loads(l) for l in (tmp_path / "probed" / "metrics.jsonl").read_text().splitlines()]
+    assert ["greedy" in line for line in lines] == [False, True, False, True]  # checkpoint_every=2
+    again = greedy_probe(trainer.model, trainer.tokenizer, probed, trainer.prompts[:3], trainer.config,
+                         trainer.eos_ids)
+    assert {**lines[-1]["greedy"], "forwards_per_token": None} == {**again, "forwards_per_token": None}
+    # the probe does not change what a run learns, so a resumed run may switch it
+    make_trainer(tmp_path / "plain", small_config(iterations=6, greedy_probe=2)).train()
+    with pytest.raises(ValueError, match="`greedy_probe` has to be a non-negative integer"):
+        small_config(greedy_probe=-1)
 
 
 def test_prompt_order_is_a_seeded_shuffle_per_epoch():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mara_hf import MaraAgent
 from mara_hf.commands.train import SAC_PREFIX, add_train_arguments
 from mara_hf.options import _hyperparameters, config_from_args, config_to_argv
 from mara_hf.train import SACConfig, TrainConfig
@@ -52,18 +53,31 @@ def test_every_flag_of_earlier_releases_keeps_its_name_and_meaning():
     assert parse(["--discount", "token"]).sac.discount == "token" and parse([]).sac.discount == "decision"
 
 
-def test_the_readme_training_command_still_parses():
-    """The shipped agent's training command in the README gives the config the sweep script declares for it."""
-    readme = (ROOT / "README.md").read_text()
-    command = re.search(r"```bash\n(mara-hf train --prompts [^\n]*--limit 25000[^`]*?)\n```", readme, re.S)[1]
+def parsed_train_command(command: str) -> tuple[argparse.Namespace, TrainConfig]:
     argv = shlex.split(command.replace("\\\n", " "))[2:]
     args = add_train_arguments(argparse.ArgumentParser()).parse_args(argv)
-    config = config_from_args(TrainConfig, args, sac=config_from_args(SACConfig, args, prefix=SAC_PREFIX))
+    return args, config_from_args(TrainConfig, args, sac=config_from_args(SACConfig, args, prefix=SAC_PREFIX))
+
+
+def test_the_readme_training_commands_still_parse():
+    """The shipped agents' training commands in the README: `smollm2-vader`'s gives the config the sweep script
+    declares for it, `smollm2-fluent`'s the one its config.json records."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(mara-hf train --prompts [^\n]*--limit 25000[^`]*?)\n```", readme, re.S)
+    by_out = {command.split("--out ")[1].split()[0]: command for command in commands}
+
+    args, config = parsed_train_command(by_out["runs/k40-first"])
     sweep = load_sweep()
     reward, declared = sweep.CONFIGS["k40-first"]
     assert args.reward == reward
     assert dataclasses.replace(config, iterations=declared.iterations,
                                checkpoint_every=declared.checkpoint_every) == declared
+
+    args, config = parsed_train_command(by_out["runs/k40-first-fluency-kl02-rc01-token"])
+    recorded = MaraAgent.from_pretrained("smollm2-fluent").training_info.split("`")[1]
+    recorded_args, recorded_config = parsed_train_command(recorded.replace("saferlhf_train.json",
+                                                                           "data/prompts/saferlhf_train.json"))
+    assert (args.reward, config) == (recorded_args.reward, recorded_config) and args.reward == "10*vader+10*fluency"
 
 
 def load_sweep():

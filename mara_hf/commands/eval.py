@@ -90,11 +90,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _settings_of(args: argparse.Namespace) -> dict:
     """The evaluation settings the command's options give (the same for one process and for Ray workers)."""
+    from .. import models
+
     return dict(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
         out_dir=args.out, resume=not args.no_resume, rescore=args.rescore,
         generation_kwargs={"temperature": args.temperature} if args.sample else None,
-        mara_kwargs={"mara_fallback": args.fallback} if args.fallback else None,
+        mara_kwargs=models.agent_overrides(args) or None,
     )
 
 

@@ -148,6 +148,12 @@ class DistributedTrainer(Trainer):
         self.published = {v: ref for v, ref in self.published.items() if v >= oldest}
         return metrics
 
+    def probe(self) -> dict[str, float]:
+        """The greedy probe of the current actor, run on the first worker (it holds the base model)."""
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.agent.state_dict().items()}
+        return self.pool.result(self.pool.submit(0, "probe", self.probe_prompts(), self.config, weights,
+                                                 self.agent.accept_threshold))
+
     def stop(self) -> None:
         """Forget the rollouts still in flight (iterations past a time limit or an error; a resumed run submits them
         again). They are not cancelled: cancelling queued actor calls can stall a Ray actor's call order, and at

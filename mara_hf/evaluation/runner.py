@@ -59,7 +59,7 @@ class EvalSettings:
         bad = sorted(k for k in self.mara_kwargs if not k.startswith("mara_") or k in ("mara_agent", "mara_stats"))
         if bad:
             raise ValueError(f"`mara_kwargs` takes MARA options (mara_top_k, mara_top_p, mara_fallback, "
-                             f"mara_schedule), not {', '.join(bad)}.")
+                             f"mara_accept_threshold, mara_schedule), not {', '.join(bad)}.")
 
 
 def evaluate(

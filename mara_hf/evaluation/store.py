@@ -39,6 +39,8 @@ def answer_settings(model, tokenizer, agent, settings) -> dict:
         "agent_top_k": agent.top_k,
         "agent_top_p": agent.top_p,
         "agent_fallback": agent.fallback,
+        # only where the agent was calibrated: evaluations written before the threshold existed still resume
+        **({"agent_accept_threshold": agent.accept_threshold} if agent.accept_threshold != 0.5 else {}),
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "max_new_tokens": settings.max_new_tokens,
         "do_sample": settings.do_sample,

@@ -1,6 +1,7 @@
 """Training MARA agents: rollouts of the accept/reject MDP, discrete soft actor-critic, replay buffer, trainer."""
 
 from .buffer import Batch, ReplayBuffer
+from .probe import greedy_probe
 from .rollout import Rollout, build_transitions, rollout, row_generators
 from .sac import (
     Critic,
@@ -28,6 +29,7 @@ __all__ = [
     "build_transitions",
     "critic_loss",
     "critic_target",
+    "greedy_probe",
     "rollout",
     "rollout_transitions",
     "row_generators",

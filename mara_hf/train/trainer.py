@@ -10,7 +10,8 @@ One iteration:
 4. add them to the fp16 replay buffer and, once it holds `learning_starts` transitions, run
    `updates_per_rollout` SAC updates on batches sampled from it;
 5. log one JSON line of metrics (and TensorBoard scalars if asked); every `checkpoint_every` iterations write
-   an atomic checkpoint.
+   an atomic checkpoint (and, with `greedy_probe`, first decode a few prompts greedily to log what the actor
+   costs at inference, `mara_hf.train.probe`).
 
 The rollout decisions of row r of iteration i are sampled with a generator seeded by `(seed, i, r)` alone
 ([`row_generators`]), so an iteration's episodes do not depend on how its batch is split: Ray workers rolling out
@@ -46,6 +47,7 @@ from ..progress import progress_bar
 from ..schedule import validate_schedule
 from .buffer import Batch, ReplayBuffer
 from .checkpoint import damaged, latest_checkpoint, load_checkpoint, save_checkpoint
+from .probe import greedy_probe
 from .rollout import build_transitions, rollout, rollout_metrics, row_generators
 from .sac import DiscreteSAC, SACConfig
 
@@ -85,6 +87,10 @@ class TrainConfig:
     learning_starts: int = field(default=2048, metadata={
         "help": "transitions in the buffer before updates start"})
     checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints"})
+    greedy_probe: int = field(default=0, metadata={
+        "help": "at every checkpoint, decode this many training prompts (the first ones) greedily with the actor, "
+                "as inference does, and log its fallback rate and cost under `greedy` in metrics.jsonl (0: off); the rollouts' "
+                "sampled forced rate says little about the greedy fallback rate"})
     seed: int = field(default=0, metadata={"help": "seed of the actor's initialisation, prompt order and sampling"})
     hidden_sizes: tuple[int, int] = field(default=(1024, 256), metadata={"help": "the agent's two hidden layers"})
     initial_accept: float | None = field(default=0.9, metadata={
@@ -100,7 +106,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` has to be a positive integer, but is {value!r}.")
-        for name in ("updates_per_rollout", "learning_starts", "seed", "max_staleness"):
+        for name in ("updates_per_rollout", "learning_starts", "seed", "max_staleness", "greedy_probe"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"`{name}` has to be a non-negative integer, but is {value!r}.")
@@ -314,7 +320,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         saved, current = TrainConfig.from_dict(state["config"]).to_dict(), self.config.to_dict()
-        differs = sorted(k for k in saved if k != "iterations" and saved[k] != current[k])
+        # Neither the length of a run nor its probe changes what it learns: a resumed run may change both.
+        differs = sorted(k for k in saved if k not in ("iterations", "greedy_probe") and saved[k] != current[k])
         if differs:
             raise ValueError(f"The checkpoint was written with other settings ({', '.join(differs)}); resume with "
                              "the same settings or use another output folder.")
@@ -392,14 +399,17 @@ class Trainer:
             with open(self.out_dir / METRICS_FILE, "a") as metrics_file:
                 while self.iteration < self.config.iterations:
                     metrics = self.step()
+                    out_of_time = deadline is not None and time.perf_counter() >= deadline
+                    checkpoint = (self.iteration % self.config.checkpoint_every == 0 or out_of_time
+                                  or self.iteration == self.config.iterations)
+                    if checkpoint and self.config.greedy_probe:
+                        metrics["greedy"] = self.probe()
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
                     if writer is not None:
                         for key, value in scalars(metrics, "train"):
                             writer.add_scalar(key, value, self.iteration)
-                    out_of_time = deadline is not None and time.perf_counter() >= deadline
-                    if (self.iteration % self.config.checkpoint_every == 0 or out_of_time
-                            or self.iteration == self.config.iterations):
+                    if checkpoint:
                         self.save()
                     bar.set_postfix(reward=f"{metrics['reward']:.3f}", accept=f"{metrics['accept_rate']:.2f}",
                                     kl=f"{metrics['kl_per_token']:.3f}", refresh=False)
@@ -413,6 +423,16 @@ class Trainer:
             self.stop()
         self.agent.save_pretrained(self.out_dir / FINAL_AGENT)
         return self.agent
+
+    def probe_prompts(self) -> list[str]:
+        """The prompts of the greedy probe: the first `greedy_probe` training prompts."""
+        return self.prompts[:self.config.greedy_probe]
+
+    def probe(self) -> dict[str, float]:
+        """Decode the probe prompts greedily with the current actor ([`greedy_probe`], at the agent's threshold):
+        its inference statistics."""
+        return greedy_probe(self.model, self.tokenizer, self.agent, self.probe_prompts(), self.config, self.eos_ids,
+                            self.agent.accept_threshold)
 
     def stop(self) -> None:
         """Called when `train` returns or fails; rollouts run here, so there is nothing to stop."""
