@@ -98,8 +98,7 @@ def evaluate_step(
     schedule: tuple[int, ...] = LAZY_SCHEDULE,
     lazy: bool = True,
     for_commit: bool = False,
-    thresholds: torch.Tensor | None = None,
-    threshold: float = 0.5,
+    thresholds: torch.Tensor | float = 0.5,
     keep_states: bool = False,
     static_length: int | None = None,
     compiled=None,
@@ -114,15 +113,15 @@ def evaluate_step(
     `static_length`: the cache is a static cache filled up to this length (siblings go to scratch slots);
     `compiled` (a `compiled.CompiledStep`) then runs its picking chunks and commit compiled.
 
-    A candidate is accepted when its p(accept) exceeds its threshold: `threshold` (0.5: the agent's greedy
-    decision; an agent may be calibrated to another, `MaraAgent.accept_threshold`) unless `thresholds`
-    `(B, >= width)` are given; uniform random thresholds *sample* the agent's policy (training rollouts).
+    A candidate is accepted when its p(accept) exceeds its threshold: `thresholds`, one number for all (0.5: the
+    agent's greedy decision; an agent may be calibrated to another, `MaraAgent.accept_threshold`) or one per
+    candidate `(B, >= width)`: uniform random ones *sample* the agent's policy (training rollouts).
     `keep_states=True` keeps the evaluated candidates' states (`StepEvaluation.states`).
     """
     cands = build_candidates(scores, top_k, top_p)
     batch, width = cands.counts.shape[0], cands.width
     device = cands.tokens.device
-    if thresholds is not None:
+    if isinstance(thresholds, torch.Tensor):
         thresholds = thresholds.expand(batch, -1)
     static = static_length is not None
     lone = cands.counts == 1
@@ -151,7 +150,7 @@ def evaluate_step(
     rows = None  # the rows a chunk runs for (None: all)
     while True:
         at = slice(None) if rows is None else rows
-        pick = Picker(agent, cands, start, end, fallback, thresholds, at, threshold=threshold) if picking else None
+        pick = Picker(agent, cands, start, end, fallback, thresholds, at) if picking else None
         out = siblings.forward(cands.tokens[at, start:end], position_ids[at], start, rows, logits=logits_mode,
                                pick=pick, keep_kv=for_commit and not static)
         evaluation.forwards += 1
@@ -163,7 +162,7 @@ def evaluate_step(
         evaluation.probabilities.append((p, valid))  # for MaraStats.nonfinite, counted when read
         if keep_states:
             evaluation.states_parts.append(widen(out.states, rows, batch))
-        chunk_accepted = (p > (threshold if thresholds is None else thresholds[at, start:end])) & valid
+        chunk_accepted = (p > _chunk_thresholds(thresholds, at, start, end)) & valid
         accepted[at, start:end] = chunk_accepted
         if rows is None:
             decided = decided | chunk_accepted.any(dim=-1)
@@ -206,10 +205,10 @@ class Picker:
     projects: its first accepted one; the fallback candidate (`target`: the top-1, or the row's last with
     `"last"`) if it lies in this chunk and none was accepted. Keeps p(accept) for the caller (`p_accept`)."""
 
-    def __init__(self, agent, cands: CandidateSet, start: int, end: int, fallback: str, thresholds: torch.Tensor,
-                 rows=slice(None), threshold: float = 0.5):
+    def __init__(self, agent, cands: CandidateSet, start: int, end: int, fallback: str,
+                 thresholds: torch.Tensor | float, rows=slice(None)):
         self.agent, self.start = agent, start
-        self.thresholds = threshold if thresholds is None else thresholds[rows, start:end]
+        self.thresholds = _chunk_thresholds(thresholds, rows, start, end)
         self.valid = cands.valid[rows, start:end]
         counts = cands.counts[rows]
         self.target = counts - 1 if fallback == "last" else torch.zeros_like(counts)
@@ -218,6 +217,11 @@ class Picker:
     def __call__(self, states: torch.Tensor) -> torch.LongTensor:
         self.p_accept = p = self.agent.accept_probability(states)
         return keepable(p.to(self.valid.device), self.thresholds, self.valid, self.target, self.start).to(states.device)
+
+
+def _chunk_thresholds(thresholds: torch.Tensor | float, rows, start: int, end: int):
+    """The thresholds of chunk `[start, end)` of `rows`: the one number, or that part of the per-candidate ones."""
+    return thresholds[rows, start:end] if isinstance(thresholds, torch.Tensor) else thresholds
 
 
 def _decide(cands: CandidateSet, accepted: torch.BoolTensor, lone: torch.BoolTensor, fallback: str) -> StepDecision:

@@ -187,7 +187,7 @@ def mara_generate(
             top_k=top_k,
             top_p=top_p,
             fallback=fallback,
-            threshold=threshold,
+            thresholds=threshold,
             schedule=schedule.current(),
             lazy=not do_sample,
             for_commit=True,

@@ -186,7 +186,7 @@ class MaraLogitsProcessor(LogitsProcessor):
             top_k=self.top_k,
             top_p=self.top_p,
             fallback=self.fallback,
-            threshold=self.accept_threshold,
+            thresholds=self.accept_threshold,
             schedule=schedule.current(),
             lazy=state["greedy"],
         )

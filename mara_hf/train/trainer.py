@@ -89,8 +89,8 @@ class TrainConfig:
     checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints"})
     greedy_probe: int = field(default=0, metadata={
         "help": "at every checkpoint, decode this many training prompts (the first ones) greedily with the actor, "
-                "as inference does, and log its fallback rate and cost under `greedy` in metrics.jsonl (0: off); the rollouts' "
-                "sampled forced rate says little about the greedy fallback rate"})
+                "as inference does, and log its fallback rate and cost under `greedy` in metrics.jsonl (0: off); "
+                "the rollouts' sampled forced rate says little about the greedy fallback rate"})
     seed: int = field(default=0, metadata={"help": "seed of the actor's initialisation, prompt order and sampling"})
     hidden_sizes: tuple[int, int] = field(default=(1024, 256), metadata={"help": "the agent's two hidden layers"})
     initial_accept: float | None = field(default=0.9, metadata={
