@@ -89,6 +89,7 @@ class DistributedTrainer(Trainer):
         self.in_flight: dict[int, list] = {}  # iteration -> its shards' tasks
         self.published: dict[int, tuple] = {}  # weights version -> (object reference, bytes)
         self.next_submit = 0
+        self._sent_bytes = 0  # weights put since the last metrics (a probe's count towards the next iteration's)
 
     # ------------------------------------------------------------------ rollouts on the workers
     def publish(self, version: int):
@@ -114,7 +115,6 @@ class DistributedTrainer(Trainer):
     def step(self) -> dict:
         """One iteration: keep the next `max_staleness` iterations in flight, wait for this one's shards, learn."""
         started = time.perf_counter()
-        self._sent_bytes = 0
         restarts_before = sum(self.pool.restarts)
         last = min(self.iteration + self.config.max_staleness, self.config.iterations - 1)
         for iteration in range(max(self.next_submit, self.iteration), last + 1):
@@ -138,10 +138,11 @@ class DistributedTrainer(Trainer):
                 "tokens_per_second": shard["tokens"] / max(result["seconds"], 1e-9),
             })
         received = sum(packed_bytes(r["transitions"]) for r in results)
+        sent, self._sent_bytes = self._sent_bytes, 0
         metrics = self.learn(
             transitions, totals, started=started, rollout_seconds=waited,
             worker_restarts=sum(self.pool.restarts) - restarts_before,
-            transfer_mib=(received + self._sent_bytes) / 2**20,
+            transfer_mib=(received + sent) / 2**20,
             workers=workers,
         )
         oldest = self.weights_version(self.iteration)
@@ -149,10 +150,10 @@ class DistributedTrainer(Trainer):
         return metrics
 
     def probe(self) -> dict[str, float]:
-        """The greedy probe of the current actor, run on the first worker (it holds the base model)."""
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.agent.state_dict().items()}
-        return self.pool.result(self.pool.submit(0, "probe", self.probe_prompts(), self.config, weights,
-                                                 self.agent.accept_threshold))
+        """The greedy probe of the current actor, run on the first worker (it holds the base model), with the
+        weights the next rollouts get (`publish`: put into the object store once)."""
+        return self.pool.result(self.pool.submit(0, "probe", self.probe_prompts(), self.config,
+                                                 self.publish(self.iteration), self.agent.accept_threshold))
 
     def stop(self) -> None:
         """Forget the rollouts still in flight (iterations past a time limit or an error; a resumed run submits them
