@@ -428,8 +428,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=common.default_device(), help="torch device (default: cuda if available)")
     parser.add_argument("--model", choices=common.MODELS, default=None,
-                        help="llama3-8b-random (random Llama-3-8B shape; default on CUDA, CUDA only), smollm2 "
-                             "(SmolLM2-135M-Instruct; default on CPU) or tiny-random (smoke test)")
+                        help="llama3-8b-random (random Llama-3-8B shape; default on CUDA, CUDA only), "
+                             "llama3-8b-4layers-random (its widths, 4 layers: quick to compile, for --identity), "
+                             "smollm2 (SmolLM2-135M-Instruct; default on CPU) or tiny-random (smoke test)")
     parser.add_argument("--dtype", choices=common.DTYPES, default=None,
                         help="model dtype (default: bfloat16 for random models on CUDA, else float32; --identity "
                              "always float32)")

@@ -9,8 +9,8 @@ On a cache holding a random prompt, per batch size it times (median, min and max
   no projection, as the processor does), the cache put back afterwards.
 
 Then it records `--profile-iters` more calls of each case under `torch.profiler` and writes the top operators
-(by self device time on CUDA, by self CPU time on CPU) to `profile_b<batch>_<case>.txt`, next to `profile.json` and
-`profile.log` in `--out`.
+(by self device time on CUDA, by self CPU time on CPU) to `profile_tables.txt`, one section per batch size and case,
+next to `profile.json` and `profile.log` in `--out`.
 
     python benchmarks/profile_step.py --out benchmarks/gpu/h100-profile            # CUDA: random Llama-3-8B shape
     python benchmarks/profile_step.py --model tiny-random --out runs/profile        # smoke test on CPU, seconds
@@ -126,6 +126,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     log_path = common.open_log(out, "profile")
+    (out / "profile_tables.txt").write_text("", encoding="utf-8")  # one section per case is appended below
     try:
         return run(args, argv, out, log_path)
     finally:
@@ -169,11 +170,11 @@ def run(args, argv, out: Path, log_path: Path) -> dict:
                     with record_function(name):
                         call()
                 common.synchronize(device)
-            table_name = f"profile_b{batch_size}_{name}.txt"
-            (out / table_name).write_text(
-                f"{name}, batch {batch_size}, context {args.prompt_tokens}, {args.profile_iters} calls, sorted by "
-                f"{sort_by}\n" + prof.key_averages().table(sort_by=sort_by, row_limit=args.rows) + "\n",
-                encoding="utf-8")
+            table_name = "profile_tables.txt"
+            with open(out / table_name, "a", encoding="utf-8") as tables:
+                tables.write(f"== {name}, batch {batch_size}, context {args.prompt_tokens}, {args.profile_iters} calls, "
+                             f"sorted by {sort_by}\n"
+                             + prof.key_averages().table(sort_by=sort_by, row_limit=args.rows) + "\n\n")
             record = {
                 "batch_size": batch_size,
                 "case": name,

@@ -129,8 +129,9 @@ def test_prompts_come_from_the_repository_and_a_missing_file_stops_the_run(scrip
     broken.write_text('[{"text": "no instruction"}]')
     with pytest.raises(SystemExit, match="broken.json' has no 'instruction'.* restore the file with"):
         common.load_prompts(3, path=broken)
-    with pytest.raises(SystemExit, match="for CUDA only"):
-        common.load_model("llama3-8b-random", "cpu", torch.float32)
+    for name in ("llama3-8b-random", "llama3-8b-4layers-random"):
+        with pytest.raises(SystemExit, match=f"{name} is for CUDA only"):
+            common.load_model(name, "cpu", torch.float32)
 
 
 def test_shipped_agents_are_benchmark_agents_by_name(scripts):
