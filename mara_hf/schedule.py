@@ -195,9 +195,9 @@ class AutoSchedule:
         self.seen = counts
         self.counts = self.counts + new
         if self.memory is not None:
-            for length, row in enumerate(new.tolist()):
-                for count, value in enumerate(row):
-                    self.memory[length][count] += value
+            cells = new.nonzero()
+            for (length, count), value in zip(cells.tolist(), new[cells[:, 0], cells[:, 1]].tolist()):
+                self.memory[length][count] += value
         self.boundaries = self.plan(self.counts)
 
     def _read(self, stats) -> torch.Tensor:
@@ -235,9 +235,15 @@ class AutoSchedule:
         best = [0.0] * (width + 1)
         step = [width] * (width + 1)
         for start in range(width - 1, -1, -1):
-            # Ties (chunks no row ever needs cost nothing) go to the larger chunk: fewer boundaries.
-            cost, neg_end = min((round(costs[start][end] + best[end], 9), -end) for end in range(start + 1, width + 1))
-            best[start], step[start] = cost, -neg_end
+            # Ties (within 1e-9; chunks no row ever needs cost nothing) go to the larger chunk: fewer boundaries.
+            # (A plain loop: this runs at every re-plan of a decoding call, on the host.)
+            row = costs[start]
+            cost, end_at = row[width] + best[width], width
+            for end in range(width - 1, start, -1):
+                candidate = row[end] + best[end]
+                if candidate < cost - 1e-9:
+                    cost, end_at = candidate, end
+            best[start], step[start] = cost, end_at
         bounds, start = [], 0
         while start < width:
             start = step[start]

@@ -129,3 +129,26 @@ def test_a_second_call_replays_the_compiled_step_without_compiling_again():
     graphs = counters["stats"]["unique_graphs"]
     second = fused(model, agent, ids, mask, **kwargs)
     assert counters["stats"]["unique_graphs"] == graphs and torch.equal(first.sequences, second.sequences)
+
+
+def test_compiled_step_inputs_keep_their_shapes_and_strides_from_step_to_step():
+    """With `mode="reduce-overhead"` a CUDA graph is recorded for every distinct input stride the compiled step
+    sees: an input whose stride grows with the sequence (a slice of generate's position ids) would record a new
+    graph at every step. Dynamo without automatic dynamic shapes shows the same as recompilations: the graphs
+    compiled must not depend on how many steps are decoded."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=21))
+    graphs = {}
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+        for steps in (3, 12):
+            torch._dynamo.reset()
+            before = counters["stats"]["unique_graphs"]
+            out = fused(model, agent, ids, mask, n=steps, mara_schedule=(1, 8), cache_implementation="static",
+                        compile_config=eager_compile_config())
+            graphs[steps] = counters["stats"]["unique_graphs"] - before
+            assert (out.mara_steps["forwards"] > 1).any()
+    torch._dynamo.reset()
+    assert graphs[12] == graphs[3], graphs
