@@ -5,9 +5,10 @@
 #             batch sizes $STATIC_BATCHES; on an H100 compiling the 8B model takes about a minute per graph
 #   identity  greedy identity in float32, TF32 off, every method (static ones compiled), on Llama-3-8B's widths with
 #             4 layers (the same kernels per layer; compiling 32 layers in float32 would not fit)
-#   speed     dynamic-cache methods (plain, processor, fused with accept-all / calibrated / reject-all), bf16
+#   speed     dynamic-cache methods (plain, processor, fused with accept-all / calibrated / reject-all under "auto"
+#             and one-shot (40,): on a host-bound GPU a forward costs about the same whatever its width), bf16
 #   profile   decode vs sibling forwards, timed and under torch.profiler (one tables file), packed as profile.tar.gz
-# PARTS picks them, in order (default: static identity, about 9.5 minutes; speed and profile take about 3.5 and 1).
+# PARTS picks them, in order (default: static identity, about 9.5 minutes; speed and profile take about 5 and 1).
 # Results: environment.txt and two files per part, so a device that returns few files returns them all.
 #
 #   bash benchmarks/gpu_check.sh benchmarks/gpu/h100                              # on the GPU machine
@@ -41,8 +42,8 @@ for name in $PARTS; do
               --methods plain plain-static fused-static --batch-sizes $STATIC_BATCHES --out "$OUT/static" ;;
     identity) part identity 140 python benchmarks/bench_generate.py --identity --model "$IDENTITY_MODEL" \
               "${SMOKE_ARGS[@]}" --out "$OUT/identity" ;;
-    speed) part speed 210 python benchmarks/bench_generate.py --model "$MODEL" "${SMOKE_ARGS[@]}" \
-              --methods plain processor fused --out "$OUT/speed" ;;
+    speed) part speed 330 python benchmarks/bench_generate.py --model "$MODEL" "${SMOKE_ARGS[@]}" \
+              --methods plain processor fused --schedules auto 40 --out "$OUT/speed" ;;
     profile) part profile 60 python benchmarks/profile_step.py --model "$MODEL" --iters 10 --profile-iters 2 \
               --out "$OUT/profile"
              tar -czf "$OUT/profile.tar.gz" -C "$OUT" profile && rm -r "$OUT/profile" ;;
