@@ -73,10 +73,11 @@ class CompiledStep:
         """Run siblings `tokens` `(B, n)` (candidates `start ..`) at slots `length + start ..`; returns
         `(states (B, n, d), p_accept (B, n), pick (B,), logits of the picked sibling (B, vocab))`."""
         self._mark()
-        # Fixed strides, as generate's `prepare_inputs_for_generation` clones its position ids "to avoid
-        # recapturing cuda graphs": `position_ids` is a slice of generate's growing ids (its row stride changes
-        # at every step) and candidate slices keep the candidate width's stride; a compiled function guards on
-        # strides, and with CUDA graphs each new one would record the step again.
+        # Fixed strides, as generate's `prepare_inputs_for_generation` clones its sliced inputs with
+        # `memory_format=torch.contiguous_format` ("to ensure a consistent stride", transformers #32227):
+        # `position_ids` is a slice of generate's growing ids (its row stride changes at every step) and candidate
+        # slices keep the candidate width's stride; a compiled function guards on strides, and with CUDA graphs
+        # each new one would record the step again.
         tokens, position_ids, valid = (t.clone(memory_format=torch.contiguous_format)
                                        for t in (tokens, position_ids, valid))
         states, p, pick, logits = self.chunk_fn(cache, tokens, position_ids, padding, length, start, thresholds,
