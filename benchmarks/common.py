@@ -33,36 +33,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = REPO_ROOT / "data" / "prompts"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
+LLAMA3_8B_SHAPE = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    pad_token_id=128001,
+)
 RANDOM_MODEL_SHAPES = {
     # Llama-3-8B: only the shape; weights are random (the timing does not depend on them).
-    "llama3-8b-random": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        bos_token_id=128000,
-        eos_token_id=128001,
-        pad_token_id=128001,
-    ),
+    "llama3-8b-random": LLAMA3_8B_SHAPE,
     # Llama-3-8B's widths with 4 of its 32 layers: the same kernels per layer, compiled in a fraction of the time
     # (for the float32 identity check of the device run, where compiling the full depth would eat the budget).
-    "llama3-8b-4layers-random": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=4,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        bos_token_id=128000,
-        eos_token_id=128001,
-        pad_token_id=128001,
-    ),
+    "llama3-8b-4layers-random": {**LLAMA3_8B_SHAPE, "num_hidden_layers": 4},
     # A tiny model with the same code path, to smoke-test the benchmarks on a CPU in seconds.
     "tiny-random": dict(
         vocab_size=512,

@@ -32,6 +32,8 @@ from common import logger
 from mara_hf.hf_internals import DynamicSnapshot, cache_keyword
 from mara_hf.states import DynamicSiblings
 
+TABLES_FILE = "profile_tables.txt"  # one torch.profiler table per batch size and case
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     log_path = common.open_log(out, "profile")
-    (out / "profile_tables.txt").write_text("", encoding="utf-8")  # one section per case is appended below
+    (out / TABLES_FILE).write_text("", encoding="utf-8")  # one section per case is appended below
     try:
         return run(args, argv, out, log_path)
     finally:
@@ -170,8 +172,7 @@ def run(args, argv, out: Path, log_path: Path) -> dict:
                     with record_function(name):
                         call()
                 common.synchronize(device)
-            table_name = "profile_tables.txt"
-            with open(out / table_name, "a", encoding="utf-8") as tables:
+            with open(out / TABLES_FILE, "a", encoding="utf-8") as tables:
                 tables.write(f"== {name}, batch {batch_size}, context {args.prompt_tokens}, {args.profile_iters} calls, "
                              f"sorted by {sort_by}\n"
                              + prof.key_averages().table(sort_by=sort_by, row_limit=args.rows) + "\n\n")
@@ -183,7 +184,7 @@ def run(args, argv, out: Path, log_path: Path) -> dict:
                 "iters": args.iters,
                 "ms": {"median": 1000 * median, "min": 1000 * min(seconds), "max": 1000 * max(seconds)},
                 "ratio_vs_decode": median / decode_median if decode_median else None,
-                "profile_table": table_name,
+                "profile_table": TABLES_FILE,
             }
             payload["results"].append(record)
             logger.info(f"  batch {batch_size:>3}  {name:<12} {1000 * median:9.3f} ms  (min {1000 * min(seconds):.3f}, "

@@ -290,6 +290,11 @@ class MaraAgent(
                 f"accept_threshold={self.accept_threshold}")
 
 
+def is_accept_threshold(value) -> bool:
+    """Whether `value` can be a decision threshold: a number strictly between 0 and 1."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0
+
+
 def validate_candidate_settings(top_k: int, top_p: float, fallback: str, accept_threshold: float = 0.5) -> None:
     """Eager checks shared by the agent config, the processor and the fused loop."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -298,8 +303,7 @@ def validate_candidate_settings(top_k: int, top_p: float, fallback: str, accept_
         raise ValueError(f"`top_p` has to be a float in (0, 1], but is {top_p!r}.")
     if fallback not in FALLBACKS:
         raise ValueError(f"`fallback` has to be one of {FALLBACKS}, but is {fallback!r}.")
-    if (not isinstance(accept_threshold, (int, float)) or isinstance(accept_threshold, bool)
-            or not 0.0 < accept_threshold < 1.0):
+    if not is_accept_threshold(accept_threshold):
         raise ValueError(f"`accept_threshold` has to be a float in (0, 1) (0.5: the agent's greedy decision), but "
                          f"is {accept_threshold!r}.")
 

@@ -73,13 +73,12 @@ class CompiledStep:
         """Run siblings `tokens` `(B, n)` (candidates `start ..`) at slots `length + start ..`; returns
         `(states (B, n, d), p_accept (B, n), pick (B,), logits of the picked sibling (B, vocab))`."""
         self._mark()
-        # Fixed strides, as generate's `prepare_inputs_for_generation` clones its sliced inputs with
+        # A fixed stride, as generate's `prepare_inputs_for_generation` clones its sliced inputs with
         # `memory_format=torch.contiguous_format` ("to ensure a consistent stride", transformers #32227):
-        # `position_ids` is a slice of generate's growing ids (its row stride changes at every step) and candidate
-        # slices keep the candidate width's stride; a compiled function guards on strides, and with CUDA graphs
-        # each new one would record the step again.
-        tokens, position_ids, valid = (t.clone(memory_format=torch.contiguous_format)
-                                       for t in (tokens, position_ids, valid))
+        # `position_ids` is a slice of generate's growing ids, whose row stride changes at every step; a compiled
+        # function guards on strides, and with CUDA graphs each new one would record the step again. (The
+        # candidate slices keep the candidate width's stride, the same at every step.)
+        position_ids = position_ids.clone(memory_format=torch.contiguous_format)
         states, p, pick, logits = self.chunk_fn(cache, tokens, position_ids, padding, length, start, thresholds,
                                                 valid, target)
         return states.clone(), p.clone(), pick.clone(), logits.clone()

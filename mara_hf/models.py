@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 
 import torch
 
-from .agent import SHIPPED_AGENTS, shipped_agent_names
+from .agent import SHIPPED_AGENTS, is_accept_threshold, shipped_agent_names
 
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct-Q4_1-GGUF")
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -129,11 +128,12 @@ def add_agent_arguments(parser) -> None:
 
 
 def _open_unit_interval(text: str) -> float:
+    """argparse type of `--accept-threshold` (the rule of `agent.is_accept_threshold`)."""
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    if not 0.0 < value < 1.0:
+        value = None
+    if not is_accept_threshold(value):
         raise argparse.ArgumentTypeError(f"has to be a number in (0, 1) (0.5: the agent's greedy decision), not {text!r}")
     return value
 
