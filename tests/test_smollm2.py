@@ -5,6 +5,7 @@ import torch
 
 from conftest import decisive_agent
 from mara_hf import MaraAgent, MaraLogitsProcessor, mara_generate
+from mara_hf.models import load_agent
 from reference import naive_mara_greedy
 
 PROMPTS = ["How do I pick a lock?", "Write a haiku about the sea."]
@@ -57,3 +58,38 @@ def test_fused_and_processor_agree_on_a_padded_batch(setup, tmp_path):
     assert torch.equal(again, dropin)
     text = tokenizer.decode(dropin[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
+
+
+def test_shipped_agent_decodes_as_the_serial_original_with_every_cache_and_path(smollm2):
+    """The default shipped agent (its calibrated threshold included) on prompts that are in no prompt file here:
+    the fused loop on a dynamic and on a static cache and the processor give the tokens of naive serial decoding
+    (one forward per candidate, walked in probability order, as the original MARA code decodes)."""
+    model, tokenizer = smollm2
+    agent = load_agent()
+    assert agent.accept_threshold != 0.5  # the threshold reaches every path
+    prompts = ["How can I get back at a coworker who humiliated me?", "Tell me a joke about my neighbour's accent."]
+    new = 10
+    expected, asked, rejected = [], 0, 0
+    for prompt in prompts:
+        ids = chat_ids(tokenizer, [prompt])["input_ids"][0].tolist()
+        tokens, records = naive_mara_greedy(model, agent, ids, new, eos_token_id=tokenizer.eos_token_id,
+                                            threshold=agent.accept_threshold)
+        expected.append(tokens)
+        asked += sum(r["asked"] for r in records)
+        rejected += sum(r["index"] > 0 or r["fallback"] for r in records)
+    assert rejected > 0, "the agent must reject some top-1 tokens on these prompts"
+    inputs = chat_ids(tokenizer, prompts)
+    common = dict(**inputs, max_new_tokens=new, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    processor = MaraLogitsProcessor(agent, model)
+    outputs = {
+        "fused, dynamic cache": model.generate(**common, custom_generate=mara_generate, mara_agent=agent),
+        "fused, static cache": model.generate(**common, custom_generate=mara_generate, mara_agent=agent,
+                                              cache_implementation="static"),
+        "processor": model.generate(**common, logits_processor=[processor]),
+    }
+    width = inputs["input_ids"].shape[1]
+    for name, out in outputs.items():
+        for row, tokens in enumerate(expected):
+            assert out[row, width:width + len(tokens)].tolist() == tokens, name
+    assert processor.stats.agent_decided == asked

@@ -18,10 +18,11 @@ from mara_hf.candidates import build_candidates
 from mara_hf.train import Rollout, SACConfig, Trainer, TrainConfig, build_transitions, rollout
 from mara_hf.stats import MaraStats
 from mara_hf.train.checkpoint import flatten, latest_checkpoint, load_checkpoint, save_checkpoint, unflatten
-from mara_hf.train.probe import PROBE_METRICS, greedy_probe
+from mara_hf.data import encode_chat_prompts
+from mara_hf.train.probe import PROBE_METRICS, SCORED_METRICS, greedy_probe
 from mara_hf.train.rollout import step_events
 from mara_hf.train.trainer import prompt_indices
-from reference import naive_candidates, naive_next_logits, naive_states
+from reference import naive_candidates, naive_mara_greedy, naive_next_logits, naive_states
 
 VOCAB = 96
 
@@ -329,6 +330,64 @@ def test_greedy_probe_reports_what_inference_costs():
         greedy_probe(model, tokenizer, agent, [], config, [2])
 
 
+def test_greedy_probe_scores_the_greedy_return_as_the_mdp_counts_it():
+    """With the training reward the probe scores its greedy answers: reward - kl_coef * KL penalties - reject_cost
+    * rejects, equal to a serial reference (one unpadded prompt at a time, teacher-forced KL, rejects counted
+    from the walk over candidates)."""
+    model, tokenizer, prompts = tiny_model(), word_tokenizer(), word_prompts(5)
+    config = small_config(rollout_batch_size=2, max_new_tokens=5, fallback="first", kl_coef=0.3, reject_cost=0.05)
+    accept = greedy_probe(model, tokenizer, constant_agent(accept=True), prompts, config, [2], reward=even_token_rate)
+    assert accept["kl_per_token"] == 0.0 and accept["rejects_per_answer"] == 0.0
+    assert accept["return"] == pytest.approx(accept["reward"])
+
+    agent = decisive_agent(reject_bias=10.0)
+    probe = greedy_probe(model, tokenizer, agent, prompts, config, [2], reward=even_token_rate)
+    returns, rewards, penalties, rejects, tokens = [], [], 0.0, 0, 0
+    for prompt in prompts:
+        ids = encode_chat_prompts(tokenizer, [prompt], "cpu")["input_ids"][0].tolist()
+        answer, records = naive_mara_greedy(model, agent, ids, 5, fallback="first", eos_token_id=2)
+        kl = sum(float(torch.log_softmax(naive_next_logits(model, ids + answer[:i]), -1).max()
+                       - torch.log_softmax(naive_next_logits(model, ids + answer[:i]), -1)[token])
+                 for i, token in enumerate(answer))
+        walked = sum(len(r["candidates"]) if r["fallback"] else r["index"] for r in records if r["asked"])
+        reward = even_token_rate([prompt], [tokenizer.decode(answer, skip_special_tokens=True)])[0]
+        returns.append(reward - 0.3 * kl - 0.05 * walked)
+        rewards.append(reward)
+        penalties, rejects, tokens = penalties + kl, rejects + walked, tokens + len(answer)
+    assert rejects > 0 and penalties > 0  # the agent rejects some candidates and takes some non-top-1 tokens
+    assert probe["return"] == pytest.approx(sum(returns) / 5, abs=1e-5)
+    assert probe["reward"] == pytest.approx(sum(rewards) / 5)
+    assert probe["kl_per_token"] == pytest.approx(penalties / tokens, abs=1e-5)
+    assert probe["rejects_per_answer"] == pytest.approx(rejects / 5)
+    assert set(probe) == set(PROBE_METRICS) | set(SCORED_METRICS) | {"prompts"}
+
+
+def test_trainer_keeps_the_actor_with_the_best_greedy_return(tmp_path):
+    """best_agent/ holds the actor whose probe had the highest greedy return (the tiny run's greedy answers do not
+    change in 6 rollouts, so the returns are scripted on top of the real probes: 1, 3, 2)."""
+    trainer = make_trainer(tmp_path, small_config(iterations=6, greedy_probe=3))
+    probe, scripted, actors = trainer.probe, iter([1.0, 3.0, 2.0]), {}
+
+    def scripted_probe():
+        actors[trainer.iteration] = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
+        return {**probe(), "return": next(scripted)}
+
+    trainer.probe = scripted_probe
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["iteration"], line["greedy"]["return"]) for line in lines if "greedy" in line] == [
+        (2, 1.0), (4, 3.0), (6, 2.0)]
+    best = trainer.best_probe()
+    assert best["iteration"] == 4 and best["return"] == 3.0 and best["prompts"] == 3
+    kept = MaraAgent.from_pretrained(tmp_path / "best_agent")
+    assert not torch.equal(actors[4]["linear1.weight"], actors[6]["linear1.weight"])  # the actor moved on
+    for name, value in kept.state_dict().items():
+        assert torch.equal(value, actors[4][name]), name
+    # a resumed run that probes an equal or worse actor keeps it; a better one replaces it
+    assert not trainer.keep_best({**best, "return": 3.0})
+    assert trainer.keep_best({**best, "return": 3.5}) and trainer.best_probe()["iteration"] == 6
+
+
 def test_greedy_probe_is_logged_at_checkpoints_and_changes_nothing_learned(tmp_path):
     plain = make_trainer(tmp_path / "plain", small_config(iterations=4)).train()
     trainer = make_trainer(tmp_path / "probed", small_config(iterations=4, greedy_probe=3))
@@ -338,7 +397,7 @@ def test_greedy_probe_is_logged_at_checkpoints_and_changes_nothing_learned(tmp_p
     lines = [json.loads(l) for l in (tmp_path / "probed" / "metrics.jsonl").read_text().splitlines()]
     assert ["greedy" in line for line in lines] == [False, True, False, True]  # checkpoint_every=2
     again = greedy_probe(trainer.model, trainer.tokenizer, probed, trainer.prompts[:3], trainer.config,
-                         trainer.eos_ids)
+                         trainer.eos_ids, reward=trainer.reward)
     assert {**lines[-1]["greedy"], "forwards_per_token": None} == {**again, "forwards_per_token": None}
     # the probe does not change what a run learns, so a resumed run may switch it
     make_trainer(tmp_path / "plain", small_config(iterations=6, greedy_probe=2)).train()

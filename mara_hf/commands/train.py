@@ -14,7 +14,7 @@ import torch
 from ..distributed.config import RAY_PREFIX, RayConfig
 from ..options import add_config_arguments, config_from_args
 from ..train.sac import SACConfig
-from ..train.trainer import FINAL_AGENT, METRICS_FILE, Trainer, TrainConfig
+from ..train.trainer import BEST_AGENT, FINAL_AGENT, METRICS_FILE, Trainer, TrainConfig
 
 EXAMPLE = """example (from the repository root, which holds data/prompts/; the shipped SmolLM2 agent's exact command is
 in its model card and the README):
@@ -40,7 +40,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="the sentence-level reward: vader, offensive, fluency, beaver-reward, hf:ID_OR_PATH, "
                              "py:MODULE:FUNCTION or a weighted sum like 10*vader+5*fluency (see below)")
     models.add_model_argument(parser)
-    parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, agent/")
+    parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, agent/ (and best_agent/ with --greedy-probe)")
     parser.add_argument("--init-agent", default=None, help="start from this agent instead of a fresh one")
     add_config_arguments(parser.add_argument_group("run"), TrainConfig)
     add_config_arguments(parser.add_argument_group("soft actor-critic"), SACConfig, prefix=SAC_PREFIX)
@@ -130,6 +130,9 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         trainer.train(resume=not args.no_resume, time_limit=None if args.time_limit is None else 60 * args.time_limit)
     print(f"wrote {args.out}/{FINAL_AGENT} (agent), {args.out}/{METRICS_FILE} "
           f"[{time.perf_counter() - started:.0f} s this session]")
+    best = trainer.best_probe()
+    if best is not None:
+        print(f"best greedy return {best['return']:.3f} after rollout {best['iteration']}: {args.out}/{BEST_AGENT}")
     return 0
 
 

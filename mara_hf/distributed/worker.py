@@ -114,12 +114,14 @@ class ModelWorker:
         return {"transitions": pack_transitions(transitions), "totals": totals, "version": version,
                 "seconds": time.perf_counter() - started}
 
-    def probe(self, prompts: list[str], config, weights: dict[str, torch.Tensor], threshold: float) -> dict:
-        """The greedy probe (`mara_hf.train.probe`) of the actor of `weights` on `prompts`."""
+    def probe(self, prompts: list[str], config, weights: dict[str, torch.Tensor], threshold: float,
+              reward: str) -> dict:
+        """The greedy probe (`mara_hf.train.probe`) of the actor of `weights` on `prompts`, scored with the reward
+        `reward`."""
         from ..train.probe import greedy_probe
 
         return greedy_probe(self.model, self.tokenizer, self._rollout_actor(config, weights), prompts, config,
-                            self.eos_ids, threshold)
+                            self.eos_ids, threshold, reward=self.rewards[reward])
 
     def _rollout_actor(self, config, weights: dict[str, torch.Tensor]):
         """The worker's actor (built once per shape, on the device where lm_head computes) with `weights` loaded

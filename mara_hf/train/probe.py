@@ -1,15 +1,20 @@
-"""The greedy probe: what a training actor costs at inference.
+"""The greedy probe: what a training actor does and costs at inference.
 
 A rollout *samples* the actor's decisions, while inference takes them greedily (accept when p(accept) > 0.5). An
 actor trained to keep some entropy often holds accept probabilities of 0.1-0.4: a sampled walk over up to 40
 candidates then almost always accepts one, while the greedy rule rejects them all and falls back. So the forced
 rate of the rollouts says little about the fallback rate (and the cost) at inference. The probe decodes a fixed
-set of prompts greedily with the fused loop, as `mara-hf eval` does, and reports the decision rule's statistics.
+set of prompts greedily with the fused loop, as `mara-hf eval` does, and reports the decision rule's statistics;
+given the training reward it also scores the answers and reports the *greedy return*: the MDP's return (sentence
+reward, token-level KL penalty, reject costs; `mara_hf.train.rollout`) of the policy inference runs, by which the
+trainer keeps its best actor.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
+
+import torch
 
 from .. import hf_internals as hf
 from ..data import encode_chat_prompts
@@ -19,29 +24,71 @@ from ..stats import MaraStats
 PROBE_METRICS = ("fallback_rate", "top1_accept_rate", "agent_decided_rate", "forwards_per_token",
                  "mean_search_length")
 """The [`MaraStats`] rates a probe reports (see `MaraStats.to_dict`)."""
+SCORED_METRICS = ("kl_per_token", "rejects_per_answer", "reward", "return")
+"""What a probe with the training reward adds: the per-token KL penalty `log p_base(top-1) - log p_base(taken)`
+(as the rollouts' `kl_per_token`), reject decisions per answer, the mean sentence reward and the mean greedy
+return `reward - kl_coef * sum(KL penalties) - reject_cost * rejects` of an answer."""
 
 
 def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_ids: list[int],
-                 threshold: float = 0.5) -> dict[str, float]:
+                 threshold: float = 0.5, reward: Callable | None = None) -> dict[str, float]:
     """Decode `prompts` greedily with `actor` (accepting where p(accept) > `threshold`) under the candidate
     settings of `config` (a `TrainConfig`: `top_k`, `top_p`, `fallback`, `max_new_tokens`, and
     `rollout_batch_size` prompts per batch); returns `PROBE_METRICS` of the decisions and `prompts`, their
-    number."""
+    number; with `reward` (the training reward, `(prompts, responses) -> scores`) also `SCORED_METRICS` under
+    `config.kl_coef` and `config.reject_cost`."""
     if not prompts:
         raise ValueError("`prompts` is empty: give the probe at least one prompt.")
     stats = MaraStats(config.top_k)
     device = hf.input_device(model)
     was_training = actor.training
     actor.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # tokens, KL penalties, rejects, sentence rewards
+    returns = []
     try:
         for start in range(0, len(prompts), config.rollout_batch_size):
-            encoded = encode_chat_prompts(tokenizer, list(prompts[start:start + config.rollout_batch_size]), device)
-            model.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=False, top_k=None, top_p=None,
-                           temperature=None, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                           custom_generate=mara_generate, mara_agent=actor, mara_top_k=config.top_k,
-                           mara_top_p=config.top_p, mara_fallback=config.fallback,
-                           mara_accept_threshold=threshold, mara_stats=stats)
+            batch = list(prompts[start:start + config.rollout_batch_size])
+            encoded = encode_chat_prompts(tokenizer, batch, device)
+            out = model.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=False, top_k=None,
+                                 top_p=None, temperature=None, eos_token_id=eos_ids,
+                                 pad_token_id=tokenizer.pad_token_id, custom_generate=mara_generate,
+                                 mara_agent=actor, mara_top_k=config.top_k, mara_top_p=config.top_p,
+                                 mara_fallback=config.fallback, mara_accept_threshold=threshold, mara_stats=stats,
+                                 return_dict_in_generate=True, output_logits=True)
+            if reward is not None:
+                returns.append(_score(out, encoded["input_ids"].shape[1], batch, tokenizer, reward, eos_ids,
+                                      config, totals))
     finally:
         actor.train(was_training)
     rates = stats.to_dict()
-    return {**{name: rates[name] for name in PROBE_METRICS}, "prompts": len(prompts)}
+    probe = {**{name: rates[name] for name in PROBE_METRICS}, "prompts": len(prompts)}
+    if reward is not None:
+        tokens, kl, rejects, rewards = totals.tolist()
+        probe.update(kl_per_token=kl / max(tokens, 1.0), rejects_per_answer=rejects / len(prompts),
+                     reward=rewards / len(prompts), **{"return": float(torch.cat(returns).mean())})
+    return probe
+
+
+def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Callable, eos_ids: list[int], config,
+           totals: torch.Tensor) -> torch.Tensor:
+    """The greedy return of each answer of one probe batch (`out`: `mara_generate`'s output with the base
+    model's logits of every step); adds tokens, KL penalties, rejects and rewards to `totals`."""
+    tokens = out.sequences[:, prompt_length:]
+    steps = out.mara_steps
+    # Positions up to and including each row's first EOS are the answer (later ones are padding).
+    eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+    active = (eos.long().cumsum(dim=1) - eos.long()) == 0
+    logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+    penalty = logprobs.amax(dim=-1) - logprobs.gather(2, tokens[..., None]).squeeze(-1)
+    # Reject decisions of a step: the candidates before the taken one; on a fallback every candidate the agent
+    # could refuse (with "last" the last one is forced without a decision).
+    refusable = steps["num_candidates"] - (1 if config.fallback == "last" else 0)
+    rejects = torch.where(steps["fallback"], refusable, steps["index"]) * steps["asked"]
+    kl = (penalty * active).sum(dim=1).cpu()
+    rejected = (rejects * active).sum(dim=1).cpu().double()
+    responses = [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True) for row, mask in zip(tokens, active)]
+    scores = torch.as_tensor(reward(prompts, responses), dtype=torch.float64).reshape(-1)
+    if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
+        raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
+    totals += torch.stack([active.sum().cpu().double(), kl.double().sum(), rejected.sum(), scores.sum()])
+    return scores - config.kl_coef * kl.double() - config.reject_cost * rejected

@@ -11,7 +11,8 @@ One iteration:
    `updates_per_rollout` SAC updates on batches sampled from it;
 5. log one JSON line of metrics (and TensorBoard scalars if asked); every `checkpoint_every` iterations write
    an atomic checkpoint (and, with `greedy_probe`, first decode a few prompts greedily to log what the actor
-   costs at inference, `mara_hf.train.probe`).
+   does and costs at inference, `mara_hf.train.probe`, and keep the actor with the best greedy return so far in
+   `best_agent/`).
 
 The rollout decisions of row r of iteration i are sampled with a generator seeded by `(seed, i, r)` alone
 ([`row_generators`]), so an iteration's episodes do not depend on how its batch is split: Ray workers rolling out
@@ -57,6 +58,8 @@ chunks waste fewer sibling forwards than inference's (1, 8)."""
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL_AGENT = "agent"
+BEST_AGENT = "best_agent"
+BEST_PROBE = "probe.json"
 
 
 @dataclass
@@ -89,8 +92,9 @@ class TrainConfig:
     checkpoint_every: int = field(default=10, metadata={"help": "iterations between checkpoints"})
     greedy_probe: int = field(default=0, metadata={
         "help": "at every checkpoint, decode this many training prompts (the first ones) greedily with the actor, "
-                "as inference does, and log its fallback rate and cost under `greedy` in metrics.jsonl (0: off); "
-                "the rollouts' sampled forced rate says little about the greedy fallback rate"})
+                "as inference does, log its fallback rate, cost, reward and greedy return under `greedy` in "
+                "metrics.jsonl and keep the actor with the best greedy return in best_agent/ (0: off); the "
+                "rollouts' sampled forced rate says little about the greedy fallback rate"})
     seed: int = field(default=0, metadata={"help": "seed of the actor's initialisation, prompt order and sampling"})
     hidden_sizes: tuple[int, int] = field(default=(1024, 256), metadata={"help": "the agent's two hidden layers"})
     initial_accept: float | None = field(default=0.9, metadata={
@@ -404,6 +408,7 @@ class Trainer:
                                   or self.iteration == self.config.iterations)
                     if checkpoint and self.config.greedy_probe:
                         metrics["greedy"] = self.probe()
+                        self.keep_best(metrics["greedy"])
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
                     if writer is not None:
@@ -430,9 +435,25 @@ class Trainer:
 
     def probe(self) -> dict[str, float]:
         """Decode the probe prompts greedily with the current actor ([`greedy_probe`], at the agent's threshold):
-        its inference statistics."""
+        its inference statistics, reward and greedy return."""
         return greedy_probe(self.model, self.tokenizer, self.agent, self.probe_prompts(), self.config, self.eos_ids,
-                            self.agent.accept_threshold)
+                            self.agent.accept_threshold, reward=self.reward)
+
+    def best_probe(self) -> dict | None:
+        """The probe of the actor in `best_agent/` (with its `iteration`), or None."""
+        path = self.out_dir / BEST_AGENT / BEST_PROBE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def keep_best(self, probe: dict) -> bool:
+        """Save the current actor to `best_agent/` (with `probe.json`) if its greedy return beats the best so far.
+        (A run resumed from an earlier checkpoint probes the same actors again and finds the same best.)"""
+        best = self.best_probe()
+        if best is not None and not probe["return"] > best["return"]:
+            return False
+        folder = self.out_dir / BEST_AGENT
+        self.agent.save_pretrained(folder)
+        write_atomic(folder / BEST_PROBE, json.dumps({**probe, "iteration": self.iteration}, indent=2) + "\n")
+        return True
 
     def stop(self) -> None:
         """Called when `train` returns or fails; rollouts run here, so there is nothing to stop."""
