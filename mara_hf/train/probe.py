@@ -78,8 +78,9 @@ def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Calla
     # Positions up to and including each row's first EOS are the answer (later ones are padding).
     eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
     active = (eos.long().cumsum(dim=1) - eos.long()) == 0
-    logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
-    penalty = logprobs.amax(dim=-1) - logprobs.gather(2, tokens[..., None]).squeeze(-1)
+    # log p(top-1) - log p(taken) = logit(top-1) - logit(taken): no softmax, and one step's logits at a time.
+    penalty = torch.stack([logits.float().amax(dim=-1) - logits.float().gather(1, tokens[:, i, None]).squeeze(1)
+                           for i, logits in enumerate(out.logits)], dim=1)
     # Reject decisions of a step: the candidates before the taken one; on a fallback every candidate the agent
     # could refuse (with "last" the last one is forced without a decision).
     refusable = steps["num_candidates"] - (1 if config.fallback == "last" else 0)
