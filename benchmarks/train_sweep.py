@@ -18,9 +18,9 @@ run starts.
 
 Every configuration is a `TrainConfig` (hyperparameters declared once, in `mara_hf/train/trainer.py` and
 `mara_hf/train/sac.py`) plus a reward spec; its `mara-hf train` options are generated from it. Writes
-OUT/runs/NAME/ (metrics.jsonl, agent/, checkpoints/), OUT/evals/NAME/ (results.json, responses.jsonl) and prints
-one summary line per configuration: validation gain, KL, degenerate answers (the `fluency` screen), fallback rate
-and forwards per decode step.
+OUT/runs/NAME/ (metrics.jsonl, agent/, checkpoints/; best_agent/ with a greedy probe), OUT/evals/NAME/ (results.json,
+responses.jsonl; OUT/evals/NAME-best/ for best_agent/) and prints one summary line per validated agent: validation
+gain, KL, degenerate answers (the `fluency` screen), fallback rate and forwards per decode step.
 """
 
 from __future__ import annotations
@@ -136,28 +136,49 @@ def main(argv=None) -> None:
         if process.wait() != 0:
             print(f"{name}: training failed, see {out / 'runs' / f'{name}.log'}")
     print(f"training: {time.time() - started:.0f} s")
+    agents = validated_agents(out, args.configs)
     evals = {
-        name: start(cli + ["eval", "--prompts", str(validation), "--reward", "vader", "--agent",
-                           str(out / "runs" / name / "agent"), "--batch-size", "50", "--out",
-                           str(out / "evals" / name), *device], out / "evals" / f"{name}.log")
-        for name in args.configs if (out / "runs" / name / "agent").is_dir()
+        label: start(cli + ["eval", "--prompts", str(validation), "--reward", "vader", "--agent", str(folder),
+                            "--batch-size", "50", "--out", str(out / "evals" / label), *device],
+                     out / "evals" / f"{label}.log")
+        for label, (_, folder) in agents.items()
     }
-    for name, process in evals.items():
+    for label, process in evals.items():
         process.wait()
+        name = agents[label][0]
         metrics = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-        results_path = out / "evals" / name / "results.json"
+        results_path = out / "evals" / label / "results.json"
         if not results_path.exists():
-            print(f"{name}: evaluation failed, see {out / 'evals' / f'{name}.log'}")
+            print(f"{label}: evaluation failed, see {out / 'evals' / f'{label}.log'}")
             continue
         results = json.loads(results_path.read_text())
         vader, kl = results["rewards"]["vader"], results["kl_per_token"]
         degenerate, agent = results["fluency"]["degenerate"], results["agent"]
-        print(f"{name}: {len(metrics)} rollouts, {metrics[-1]['updates']} updates; validation gain "
+        if label == name:
+            head = f"{name}: {len(metrics)} rollouts, {metrics[-1]['updates']} updates"
+        else:
+            best = json.loads((out / "runs" / name / "best_agent" / "probe.json").read_text())
+            head = (f"{label}: the actor after rollout {best['iteration']} (the best greedy return of the probes, "
+                    f"{best['return']:.3f})")
+        print(f"{head}; validation gain "
               f"{vader['gain']:+.1f} ({vader['wins']}/{vader['ties']}/{vader['losses']}), VADER "
               f"{vader['mean_base']:.3f} -> {vader['mean_mara']:.3f}, KL/token {kl['mara']:.2f} "
               f"(base {kl['base_reference']:.2f}), degenerate answers {degenerate['mara']} (base "
               f"{degenerate['base']}), fallback rate {agent['fallback_rate']:.1%}, "
               f"{agent['forwards_per_step']:.2f} forwards per step")
+
+
+def validated_agents(out: Path, configs) -> dict[str, tuple[str, Path]]:
+    """`{label: (run name, agent folder)}` to validate: each run's last actor (`agent/`) under its name, and the
+    actor with the best greedy return of its probes (`best_agent/`, runs with `greedy_probe`) under `NAME-best`."""
+    agents = {}
+    for name in configs:
+        run = out / "runs" / name
+        if (run / "agent").is_dir():
+            agents[name] = (name, run / "agent")
+        if (run / "best_agent").is_dir():
+            agents[name + "-best"] = (name, run / "best_agent")
+    return agents
 
 
 if __name__ == "__main__":

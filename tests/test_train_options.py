@@ -138,3 +138,12 @@ def test_sweep_lists_its_configurations(capsys):
     assert len(lines) == len(load_sweep().CONFIGS)
     fluent = next(line for line in lines if line.startswith("k40-first-fluency-rc01:"))
     assert "--reward '10*vader+5*fluency'" in fluent and "--reject-cost 0.01" in fluent
+
+
+def test_sweep_validates_the_last_and_the_best_probed_actor_of_each_run(tmp_path):
+    for folder in ("runs/probed/agent", "runs/probed/best_agent", "runs/plain/agent", "runs/failed"):
+        (tmp_path / folder).mkdir(parents=True)
+    agents = load_sweep().validated_agents(tmp_path, ["probed", "plain", "failed"])
+    assert agents == {"probed": ("probed", tmp_path / "runs/probed/agent"),
+                      "probed-best": ("probed", tmp_path / "runs/probed/best_agent"),
+                      "plain": ("plain", tmp_path / "runs/plain/agent")}
