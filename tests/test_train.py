@@ -362,8 +362,8 @@ def test_greedy_probe_scores_the_greedy_return_as_the_mdp_counts_it():
     assert set(probe) == set(PROBE_METRICS) | set(SCORED_METRICS) | {"prompts"}
 
 
-def test_trainer_keeps_the_actor_with_the_best_greedy_return(tmp_path):
-    """best_agent/ holds the actor whose probe had the highest greedy return (the tiny run's greedy answers do not
+def test_trainer_keeps_the_probed_actors_and_the_one_with_the_best_greedy_return(tmp_path):
+    """probed/step-N/ holds every probed actor, best_agent/ the one whose probe had the highest greedy return (the tiny run's greedy answers do not
     change in 6 rollouts, so the returns are scripted on top of the real probes: 1, 3, 2)."""
     trainer = make_trainer(tmp_path, small_config(iterations=6, greedy_probe=3))
     probe, scripted, actors = trainer.probe, iter([1.0, 3.0, 2.0]), {}
@@ -383,6 +383,11 @@ def test_trainer_keeps_the_actor_with_the_best_greedy_return(tmp_path):
     assert not torch.equal(actors[4]["linear1.weight"], actors[6]["linear1.weight"])  # the actor moved on
     for name, value in kept.state_dict().items():
         assert torch.equal(value, actors[4][name]), name
+    for iteration, value in zip((2, 4, 6), (1.0, 3.0, 2.0)):  # every probed actor is kept, with its probe
+        folder = tmp_path / "probed" / f"step-{iteration:07d}"
+        assert json.loads((folder / "probe.json").read_text())["return"] == value
+        for name, weights in MaraAgent.from_pretrained(folder).state_dict().items():
+            assert torch.equal(weights, actors[iteration][name]), name
     # a resumed run that probes an equal or worse actor keeps it; a better one replaces it
     assert not trainer.keep_best({**best, "return": 3.0})
     assert trainer.keep_best({**best, "return": 3.5}) and trainer.best_probe()["iteration"] == 6

@@ -11,8 +11,8 @@ One iteration:
    `updates_per_rollout` SAC updates on batches sampled from it;
 5. log one JSON line of metrics (and TensorBoard scalars if asked); every `checkpoint_every` iterations write
    an atomic checkpoint (and, with `greedy_probe`, first decode a few prompts greedily to log what the actor
-   does and costs at inference, `mara_hf.train.probe`, and keep the actor with the best greedy return so far in
-   `best_agent/`).
+   does and costs at inference, `mara_hf.train.probe`; the probed actor is kept in `probed/step-N/`, and the one
+   with the best greedy return so far in `best_agent/`).
 
 The rollout decisions of row r of iteration i are sampled with a generator seeded by `(seed, i, r)` alone
 ([`row_generators`]), so an iteration's episodes do not depend on how its batch is split: Ray workers rolling out
@@ -59,7 +59,8 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL_AGENT = "agent"
 BEST_AGENT = "best_agent"
-BEST_PROBE = "probe.json"
+PROBED_AGENTS = "probed"
+PROBE_FILE = "probe.json"
 
 
 @dataclass
@@ -93,8 +94,8 @@ class TrainConfig:
     greedy_probe: int = field(default=0, metadata={
         "help": "at every checkpoint, decode this many training prompts (the first ones) greedily with the actor, "
                 "as inference does, log its fallback rate, cost, reward and greedy return under `greedy` in "
-                "metrics.jsonl and keep the actor with the best greedy return in best_agent/ (0: off); the "
-                "rollouts' sampled forced rate says little about the greedy fallback rate"})
+                "metrics.jsonl, keep the actor in probed/step-N/ and the one with the best greedy return in "
+                "best_agent/ (0: off); the rollouts' sampled forced rate says little about the greedy fallback rate"})
     seed: int = field(default=0, metadata={"help": "seed of the actor's initialisation, prompt order and sampling"})
     hidden_sizes: tuple[int, int] = field(default=(1024, 256), metadata={"help": "the agent's two hidden layers"})
     initial_accept: float | None = field(default=0.9, metadata={
@@ -408,6 +409,7 @@ class Trainer:
                                   or self.iteration == self.config.iterations)
                     if checkpoint and self.config.greedy_probe:
                         metrics["greedy"] = self.probe()
+                        self.keep_probed(metrics["greedy"])
                         self.keep_best(metrics["greedy"])
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
@@ -441,19 +443,29 @@ class Trainer:
 
     def best_probe(self) -> dict | None:
         """The probe of the actor in `best_agent/` (with its `iteration`), or None."""
-        path = self.out_dir / BEST_AGENT / BEST_PROBE
+        path = self.out_dir / BEST_AGENT / PROBE_FILE
         return json.loads(path.read_text()) if path.exists() else None
+
+    def keep_probed(self, probe: dict) -> Path:
+        """Save the probed actor with its probe to `probed/step-N/` (a few MB): a run's last actor is not always its
+        best, and the trainer keeps only its two newest checkpoints."""
+        return self._save_actor(self.out_dir / PROBED_AGENTS / f"step-{self.iteration:07d}", probe)
 
     def keep_best(self, probe: dict) -> bool:
         """Save the current actor to `best_agent/` (with `probe.json`) if its greedy return beats the best so far.
-        (A run resumed from an earlier checkpoint probes the same actors again and finds the same best.)"""
+        (A run resumed from an earlier checkpoint probes the same actors again, as far as it replays them bit for
+        bit, and finds the same best.)"""
         best = self.best_probe()
         if best is not None and not probe["return"] > best["return"]:
             return False
-        folder = self.out_dir / BEST_AGENT
-        self.agent.save_pretrained(folder)
-        write_atomic(folder / BEST_PROBE, json.dumps({**probe, "iteration": self.iteration}, indent=2) + "\n")
+        self._save_actor(self.out_dir / BEST_AGENT, probe)
         return True
+
+    def _save_actor(self, folder: Path, probe: dict) -> Path:
+        """The current actor as a native agent in `folder`, its probe (and iteration) in `probe.json`."""
+        self.agent.save_pretrained(folder)
+        write_atomic(folder / PROBE_FILE, json.dumps({**probe, "iteration": self.iteration}, indent=2) + "\n")
+        return folder
 
     def stop(self) -> None:
         """Called when `train` returns or fails; rollouts run here, so there is nothing to stop."""
