@@ -37,6 +37,7 @@ from pathlib import Path
 from mara_hf.data import load_prompts
 from mara_hf.options import config_to_argv
 from mara_hf.train import SACConfig, TrainConfig
+from mara_hf.train.trainer import BEST_AGENT, FINAL_AGENT, PROBE_FILE
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts" / "saferlhf_train.json"
 
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
         if label == name:
             head = f"{name}: {len(metrics)} rollouts, {metrics[-1]['updates']} updates"
         else:
-            best = json.loads((out / "runs" / name / "best_agent" / "probe.json").read_text())
+            best = json.loads((out / "runs" / name / BEST_AGENT / PROBE_FILE).read_text())
             head = (f"{label}: the actor after rollout {best['iteration']} (the best greedy return of the probes, "
                     f"{best['return']:.3f})")
         print(f"{head}; validation gain "
@@ -174,10 +175,10 @@ def validated_agents(out: Path, configs) -> dict[str, tuple[str, Path]]:
     agents = {}
     for name in configs:
         run = out / "runs" / name
-        if (run / "agent").is_dir():
-            agents[name] = (name, run / "agent")
-        if (run / "best_agent").is_dir():
-            agents[name + "-best"] = (name, run / "best_agent")
+        if (run / FINAL_AGENT).is_dir():
+            agents[name] = (name, run / FINAL_AGENT)
+        if (run / BEST_AGENT).is_dir():
+            agents[name + "-best"] = (name, run / BEST_AGENT)
     return agents
 
 

@@ -44,7 +44,6 @@ def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_id
     was_training = actor.training
     actor.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # tokens, KL penalties, rejects, sentence rewards
-    returns = []
     try:
         for start in range(0, len(prompts), config.rollout_batch_size):
             batch = list(prompts[start:start + config.rollout_batch_size])
@@ -56,23 +55,24 @@ def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_id
                                  mara_fallback=config.fallback, mara_accept_threshold=threshold, mara_stats=stats,
                                  return_dict_in_generate=True, output_logits=True)
             if reward is not None:
-                returns.append(_score(out, encoded["input_ids"].shape[1], batch, tokenizer, reward, eos_ids,
-                                      config, totals))
+                totals += _score(out, encoded["input_ids"].shape[1], batch, tokenizer, reward, eos_ids, config)
     finally:
         actor.train(was_training)
     rates = stats.to_dict()
     probe = {**{name: rates[name] for name in PROBE_METRICS}, "prompts": len(prompts)}
     if reward is not None:
         tokens, kl, rejects, rewards = totals.tolist()
-        probe.update(kl_per_token=kl / max(tokens, 1.0), rejects_per_answer=rejects / len(prompts),
-                     reward=rewards / len(prompts), **{"return": float(torch.cat(returns).mean())})
+        count = len(prompts)
+        # The return is linear in its parts, so its mean over answers is made of their means.
+        probe.update(kl_per_token=kl / max(tokens, 1.0), rejects_per_answer=rejects / count, reward=rewards / count,
+                     **{"return": (rewards - config.kl_coef * kl - config.reject_cost * rejects) / count})
     return probe
 
 
-def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Callable, eos_ids: list[int], config,
-           totals: torch.Tensor) -> torch.Tensor:
-    """The greedy return of each answer of one probe batch (`out`: `mara_generate`'s output with the base
-    model's logits of every step); adds tokens, KL penalties, rejects and rewards to `totals`."""
+def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Callable, eos_ids: list[int],
+           config) -> torch.Tensor:
+    """One probe batch's sums `(tokens, KL penalties, rejects, sentence rewards)` (float64), from `out`:
+    `mara_generate`'s output with the base model's logits of every step."""
     tokens = out.sequences[:, prompt_length:]
     steps = out.mara_steps
     # Positions up to and including each row's first EOS are the answer (later ones are padding).
@@ -85,11 +85,9 @@ def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Calla
     # could refuse (with "last" the last one is forced without a decision).
     refusable = steps["num_candidates"] - (1 if config.fallback == "last" else 0)
     rejects = torch.where(steps["fallback"], refusable, steps["index"]) * steps["asked"]
-    kl = (penalty * active).sum(dim=1).cpu()
-    rejected = (rejects * active).sum(dim=1).cpu().double()
     responses = [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True) for row, mask in zip(tokens, active)]
     scores = torch.as_tensor(reward(prompts, responses), dtype=torch.float64).reshape(-1)
     if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
         raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
-    totals += torch.stack([active.sum().cpu().double(), kl.double().sum(), rejected.sum(), scores.sum()])
-    return scores - config.kl_coef * kl.double() - config.reject_cost * rejected
+    sums = torch.stack([active.sum(), (penalty * active).sum(), (rejects * active).sum()]).to("cpu", torch.float64)
+    return torch.cat([sums, scores.sum()[None]])
