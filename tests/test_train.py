@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -408,6 +409,34 @@ def test_greedy_probe_is_logged_at_checkpoints_and_changes_nothing_learned(tmp_p
     make_trainer(tmp_path / "plain", small_config(iterations=6, greedy_probe=2)).train()
     with pytest.raises(ValueError, match="`greedy_probe` has to be a non-negative integer"):
         small_config(greedy_probe=-1)
+
+
+def test_probe_decodes_at_probe_threshold_and_saves_the_probed_actors_with_it(tmp_path):
+    """`probe_threshold` is the threshold the probe decodes with (not the training actor's 0.5), and the probed and
+    best actors carry it, ready to be used as they were probed; the last actor and what a run learns are unchanged."""
+    # a fresh actor accepts with about 0.4: every top-1 at 0.3, none at 0.5
+    trainer = make_trainer(tmp_path / "run", small_config(iterations=2, greedy_probe=3, probe_threshold=0.3,
+                                                          initial_accept=0.4))
+    agent = trainer.train()
+    assert agent.accept_threshold == 0.5
+    assert MaraAgent.from_pretrained(tmp_path / "run" / "agent").accept_threshold == 0.5
+    logged = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]["greedy"]
+    at = {threshold: greedy_probe(trainer.model, trainer.tokenizer, agent, trainer.prompts[:3], trainer.config,
+                                  trainer.eos_ids, threshold, reward=trainer.reward) for threshold in (0.3, 0.5)}
+    assert {**logged, "forwards_per_token": None} == {**at[0.3], "forwards_per_token": None}
+    assert at[0.3]["top1_accept_rate"] > at[0.5]["top1_accept_rate"]  # the threshold made a difference here
+    for folder in ("probed/step-0000002", "best_agent"):
+        probed = MaraAgent.from_pretrained(tmp_path / "run" / folder)
+        assert probed.accept_threshold == 0.3
+        assert all(torch.equal(a, b) for a, b in zip(probed.state_dict().values(), agent.state_dict().values()))
+    # a resumed run may change it, like the probe's size
+    make_trainer(tmp_path / "run", small_config(iterations=4, greedy_probe=3, probe_threshold=0.2,
+                                                initial_accept=0.4)).train()
+    assert MaraAgent.from_pretrained(tmp_path / "run" / "probed" / "step-0000004").accept_threshold == 0.2
+    for bad in (0, 1.0, "0.2", True):
+        message = f"`probe_threshold` has to be a float in (0, 1), but is {bad!r}."
+        with pytest.raises(ValueError, match=re.escape(message)):
+            small_config(probe_threshold=bad)
 
 
 def test_prompt_order_is_a_seeded_shuffle_per_epoch():

@@ -153,7 +153,7 @@ class DistributedTrainer(Trainer):
         """The greedy probe of the current actor, run on the first worker (it holds the base model), with the
         weights the next rollouts get (`publish`: put into the object store once)."""
         return self.pool.result(self.pool.submit(0, "probe", self.probe_prompts(), self.config,
-                                                 self.publish(self.iteration), self.agent.accept_threshold,
+                                                 self.publish(self.iteration), self.config.probe_threshold,
                                                  self.reward_name))
 
     def stop(self) -> None:

@@ -41,7 +41,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from .. import hf_internals as hf
-from ..agent import MaraAgent, validate_candidate_settings
+from ..agent import MaraAgent, is_accept_threshold, validate_candidate_settings
 from ..data import encode_chat_prompts, eos_token_ids
 from ..files import write_atomic
 from ..progress import progress_bar
@@ -96,6 +96,10 @@ class TrainConfig:
                 "as inference does, log its fallback rate, cost, reward and greedy return under `greedy` in "
                 "metrics.jsonl, keep the actor in probed/step-N/ and the one with the best greedy return in "
                 "best_agent/ (0: off); the rollouts' sampled forced rate says little about the greedy fallback rate"})
+    probe_threshold: float = field(default=0.5, metadata={
+        "help": "the accept threshold the greedy probe decodes with, and that probed/ and best_agent/ are saved "
+                "with: probe at the threshold the agent will be used with (an actor trained as a stochastic "
+                "policy often needs one below 0.5; the shipped SmolLM2 agents use 0.2)"})
     seed: int = field(default=0, metadata={"help": "seed of the actor's initialisation, prompt order and sampling"})
     hidden_sizes: tuple[int, int] = field(default=(1024, 256), metadata={"help": "the agent's two hidden layers"})
     initial_accept: float | None = field(default=0.9, metadata={
@@ -119,6 +123,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"`{name}` has to be a non-negative number, but is {value!r}.")
+        if not is_accept_threshold(self.probe_threshold):
+            raise ValueError(f"`probe_threshold` has to be a float in (0, 1), but is {self.probe_threshold!r}.")
         if self.initial_accept is not None and not (
             isinstance(self.initial_accept, float) and 0.0 < self.initial_accept < 1.0
         ):
@@ -326,7 +332,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         saved, current = TrainConfig.from_dict(state["config"]).to_dict(), self.config.to_dict()
         # Neither the length of a run nor its probe changes what it learns: a resumed run may change both.
-        differs = sorted(k for k in saved if k not in ("iterations", "greedy_probe") and saved[k] != current[k])
+        differs = sorted(k for k in saved if k not in ("iterations", "greedy_probe", "probe_threshold")
+                         and saved[k] != current[k])
         if differs:
             raise ValueError(f"The checkpoint was written with other settings ({', '.join(differs)}); resume with "
                              "the same settings or use another output folder.")
@@ -436,10 +443,10 @@ class Trainer:
         return self.prompts[:self.config.greedy_probe]
 
     def probe(self) -> dict[str, float]:
-        """Decode the probe prompts greedily with the current actor ([`greedy_probe`], at the agent's threshold):
-        its inference statistics, reward and greedy return."""
+        """Decode the probe prompts greedily with the current actor ([`greedy_probe`], at `probe_threshold`): its
+        inference statistics, reward and greedy return."""
         return greedy_probe(self.model, self.tokenizer, self.agent, self.probe_prompts(), self.config, self.eos_ids,
-                            self.agent.accept_threshold, reward=self.reward)
+                            self.config.probe_threshold, reward=self.reward)
 
     def best_probe(self) -> dict | None:
         """The probe of the actor in `best_agent/` (with its `iteration`), or None."""
@@ -462,8 +469,11 @@ class Trainer:
         return True
 
     def _save_actor(self, folder: Path, probe: dict) -> Path:
-        """The current actor as a native agent in `folder`, its probe (and iteration) in `probe.json`."""
-        self.agent.save_pretrained(folder)
+        """The current actor as a native agent in `folder`, with the threshold it was probed at, and its probe (and
+        iteration) in `probe.json`."""
+        probed = copy.deepcopy(self.agent)  # a few MB; the training actor keeps its own threshold
+        probed.accept_threshold = self.config.probe_threshold
+        probed.save_pretrained(folder)
         write_atomic(folder / PROBE_FILE, json.dumps({**probe, "iteration": self.iteration}, indent=2) + "\n")
         return folder
 
