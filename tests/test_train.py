@@ -413,7 +413,7 @@ def test_greedy_probe_is_logged_at_checkpoints_and_changes_nothing_learned(tmp_p
 
 def test_probe_decodes_at_probe_threshold_and_saves_the_probed_actors_with_it(tmp_path):
     """`probe_threshold` is the threshold the probe decodes with (not the training actor's 0.5), and the probed and
-    best actors carry it, ready to be used as they were probed; the last actor and what a run learns are unchanged."""
+    best actors carry it, ready to be used as they were probed; the last actor keeps the greedy rule's 0.5."""
     # a fresh actor accepts with about 0.4: every top-1 at 0.3, none at 0.5
     trainer = make_trainer(tmp_path / "run", small_config(iterations=2, greedy_probe=3, probe_threshold=0.3,
                                                           initial_accept=0.4))
