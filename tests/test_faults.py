@@ -207,6 +207,9 @@ def test_shipped_cards_examples_run_as_written(smollm2, monkeypatch, capsys):
         card = (SHIPPED_AGENTS / name / "README.md").read_text()
         codes[name] = re.search(r"```python\n(.+?)```", card, re.S).group(1)
         assert f'MaraAgent.from_pretrained("{name}")' in codes[name] and "mara_hf/agents" not in card
+        # a card's evaluation commands evaluate its own agent, not whichever is the default
+        evals = [line for line in card.splitlines() if line.startswith("mara-hf eval ")]
+        assert all(f"--agent {name} " in line for line in evals), name
     for name in ("smollm2-fluent", "smollm2-demo"):
         assert codes[name] == codes["smollm2-vader"].replace("smollm2-vader", name)
     code = codes["smollm2-vader"]

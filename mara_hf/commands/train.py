@@ -41,7 +41,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "py:MODULE:FUNCTION or a weighted sum like 10*vader+5*fluency (see below)")
     models.add_model_argument(parser)
     parser.add_argument("--out", required=True,
-                        help="run folder: metrics.jsonl, checkpoints/, agent/ (and probed/, best_agent/ with --greedy-probe)")
+                        help="run folder: metrics.jsonl, checkpoints/, agent/ (and probed/, best_agent/ with "
+                             "--greedy-probe)")
     parser.add_argument("--init-agent", default=None, help="start from this agent instead of a fresh one")
     add_config_arguments(parser.add_argument_group("run"), TrainConfig)
     add_config_arguments(parser.add_argument_group("soft actor-critic"), SACConfig, prefix=SAC_PREFIX)
