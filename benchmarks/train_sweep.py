@@ -66,6 +66,12 @@ CONFIGS: dict[str, tuple[str, TrainConfig]] = {
     "k40-first-fluency-token-rc10": (FLUENT_TONE, dataclasses.replace(
         SHIPPED, reject_cost=0.1, checkpoint_every=20, greedy_probe=64,
         sac=dataclasses.replace(SHIPPED.sac, discount="token", actor_delay=1000))),
+    # `smollm2-fluent`'s objective (fluency weight 10, KL 0.2, reject cost 0.01, gamma per token) plus the
+    # token-level repetition cost of the CPU run in train/cpu-repeat-2026-11-28/, with GPU-sized experience,
+    # probed at the threshold the SmolLM2 agents ship with
+    "k40-first-fluency10-token-rep05": ("10*vader+10*fluency", dataclasses.replace(
+        SHIPPED, kl_coef=0.2, reject_cost=0.01, repeat_cost=0.5, checkpoint_every=20, greedy_probe=64,
+        probe_threshold=0.2, sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
 }
 DEFAULT_CONFIGS = ["k10-last", "k40-last", "k40-last-kl05", "k40-first"]
 """The sweep the shipped agent was chosen from."""

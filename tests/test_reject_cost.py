@@ -106,8 +106,8 @@ def make_trainer(tmp_path, **overrides):
 def test_the_trainer_passes_its_cost(tmp_path, monkeypatch):
     calls = []
 
-    def recording(episodes, scores, kl_coef, reject_cost=0.0):
-        batch = build_transitions(episodes, scores, kl_coef, reject_cost=reject_cost)
+    def recording(episodes, scores, kl_coef, reject_cost=0.0, **others):
+        batch = build_transitions(episodes, scores, kl_coef, reject_cost=reject_cost, **others)
         calls.append((reject_cost, episodes.actions.clone(), batch))
         return batch
 

@@ -24,6 +24,7 @@ from mara_hf.train.probe import PROBE_METRICS, SCORED_METRICS, greedy_probe
 from mara_hf.train.rollout import step_events
 from mara_hf.train.trainer import prompt_indices
 from reference import naive_candidates, naive_mara_greedy, naive_next_logits, naive_states
+from test_repeat_cost import naive_repeated
 
 VOCAB = 96
 
@@ -333,33 +334,38 @@ def test_greedy_probe_reports_what_inference_costs():
 
 def test_greedy_probe_scores_the_greedy_return_as_the_mdp_counts_it():
     """With the training reward the probe scores its greedy answers: reward - kl_coef * KL penalties - reject_cost
-    * rejects, equal to a serial reference (one unpadded prompt at a time, teacher-forced KL, rejects counted
-    from the walk over candidates)."""
+    * rejects - repeat_cost * repeated 4-gram tokens, equal to a serial reference (one unpadded prompt at a time,
+    teacher-forced KL, rejects counted from the walk over candidates, repeats by a naive n-gram search)."""
     model, tokenizer, prompts = tiny_model(), word_tokenizer(), word_prompts(5)
-    config = small_config(rollout_batch_size=2, max_new_tokens=5, fallback="first", kl_coef=0.3, reject_cost=0.05)
+    config = small_config(rollout_batch_size=2, max_new_tokens=12, fallback="first", kl_coef=0.3, reject_cost=0.05,
+                          repeat_cost=0.5)
     accept = greedy_probe(model, tokenizer, constant_agent(accept=True), prompts, config, [2], reward=even_token_rate)
     assert accept["kl_per_token"] == 0.0 and accept["rejects_per_answer"] == 0.0
-    assert accept["return"] == pytest.approx(accept["reward"])
+    assert accept["return"] == pytest.approx(accept["reward"] - 0.5 * 12 * accept["repeat_rate"], abs=1e-5)
 
     agent = decisive_agent(reject_bias=10.0)
     probe = greedy_probe(model, tokenizer, agent, prompts, config, [2], reward=even_token_rate)
-    returns, rewards, penalties, rejects, tokens = [], [], 0.0, 0, 0
+    returns, rewards, penalties, rejects, repeats, tokens = [], [], 0.0, 0, 0, 0
     for prompt in prompts:
         ids = encode_chat_prompts(tokenizer, [prompt], "cpu")["input_ids"][0].tolist()
-        answer, records = naive_mara_greedy(model, agent, ids, 5, fallback="first", eos_token_id=2)
+        answer, records = naive_mara_greedy(model, agent, ids, 12, fallback="first", eos_token_id=2)
         kl = sum(float(torch.log_softmax(naive_next_logits(model, ids + answer[:i]), -1).max()
                        - torch.log_softmax(naive_next_logits(model, ids + answer[:i]), -1)[token])
                  for i, token in enumerate(answer))
         walked = sum(len(r["candidates"]) if r["fallback"] else r["index"] for r in records if r["asked"])
+        looped = sum(naive_repeated(answer, len(answer), 4))
         reward = even_token_rate([prompt], [tokenizer.decode(answer, skip_special_tokens=True)])[0]
-        returns.append(reward - 0.3 * kl - 0.05 * walked)
+        returns.append(reward - 0.3 * kl - 0.05 * walked - 0.5 * looped)
         rewards.append(reward)
         penalties, rejects, tokens = penalties + kl, rejects + walked, tokens + len(answer)
+        repeats += looped
     assert rejects > 0 and penalties > 0  # the agent rejects some candidates and takes some non-top-1 tokens
+    assert repeats > 0  # and some answers loop
     assert probe["return"] == pytest.approx(sum(returns) / 5, abs=1e-5)
     assert probe["reward"] == pytest.approx(sum(rewards) / 5)
     assert probe["kl_per_token"] == pytest.approx(penalties / tokens, abs=1e-5)
     assert probe["rejects_per_answer"] == pytest.approx(rejects / 5)
+    assert probe["repeat_rate"] == pytest.approx(repeats / tokens)
     assert set(probe) == set(PROBE_METRICS) | set(SCORED_METRICS) | {"prompts"}
 
 

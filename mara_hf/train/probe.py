@@ -6,8 +6,8 @@ candidates then almost always accepts one, while the greedy rule rejects them al
 rate of the rollouts says little about the fallback rate (and the cost) at inference. The probe decodes a fixed
 set of prompts greedily with the fused loop, as `mara-hf eval` does, and reports the decision rule's statistics;
 given the training reward it also scores the answers and reports the *greedy return*: the MDP's return (sentence
-reward, token-level KL penalty, reject costs; `mara_hf.train.rollout`) of the policy inference runs, by which the
-trainer keeps its best actor.
+reward, token-level KL penalty, reject and repeat costs; `mara_hf.train.rollout`) of the policy inference runs, by
+which the trainer keeps its best actor.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from .. import hf_internals as hf
 from ..data import encode_chat_prompts
 from ..generation import mara_generate
 from ..stats import MaraStats
+from .rollout import repeated_ngrams
 
 PROBE_METRICS = ("fallback_rate", "top1_accept_rate", "agent_decided_rate", "forwards_per_token",
                  "mean_search_length")
 """The [`MaraStats`] rates a probe reports (see `MaraStats.to_dict`)."""
-SCORED_METRICS = ("kl_per_token", "rejects_per_answer", "reward", "return")
+SCORED_METRICS = ("kl_per_token", "rejects_per_answer", "repeat_rate", "reward", "return")
 """What a probe with the training reward adds: the per-token KL penalty `log p_base(top-1) - log p_base(taken)`
-(as the rollouts' `kl_per_token`), reject decisions per answer, the mean sentence reward and the mean greedy
-return `reward - kl_coef * sum(KL penalties) - reject_cost * rejects` of an answer."""
+(as the rollouts' `kl_per_token`), reject decisions per answer, the share of tokens repeating a 4-gram of their
+answer (as the rollouts' `repeat_rate`), the mean sentence reward and the mean greedy return
+`reward - kl_coef * sum(KL penalties) - reject_cost * rejects - repeat_cost * repeats` of an answer."""
 
 
 def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_ids: list[int],
@@ -36,14 +38,14 @@ def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_id
     settings of `config` (a `TrainConfig`: `top_k`, `top_p`, `fallback`, `max_new_tokens`, and
     `rollout_batch_size` prompts per batch); returns `PROBE_METRICS` of the decisions and `prompts`, their
     number; with `reward` (the training reward, `(prompts, responses) -> scores`) also `SCORED_METRICS` under
-    `config.kl_coef` and `config.reject_cost`."""
+    `config.kl_coef`, `config.reject_cost` and `config.repeat_cost`."""
     if not prompts:
         raise ValueError("`prompts` is empty: give the probe at least one prompt.")
     stats = MaraStats(config.top_k)
     device = hf.input_device(model)
     was_training = actor.training
     actor.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # tokens, KL penalties, rejects, sentence rewards
+    totals = torch.zeros(5, dtype=torch.float64)  # tokens, KL penalties, rejects, repeats, sentence rewards
     try:
         for start in range(0, len(prompts), config.rollout_batch_size):
             batch = list(prompts[start:start + config.rollout_batch_size])
@@ -61,17 +63,19 @@ def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_id
     rates = stats.to_dict()
     probe = {**{name: rates[name] for name in PROBE_METRICS}, "prompts": len(prompts)}
     if reward is not None:
-        tokens, kl, rejects, rewards = totals.tolist()
+        tokens, kl, rejects, repeats, rewards = totals.tolist()
         count = len(prompts)
+        costs = config.kl_coef * kl + config.reject_cost * rejects + config.repeat_cost * repeats
         # The return is linear in its parts, so its mean over answers is made of their means.
-        probe.update(kl_per_token=kl / max(tokens, 1.0), rejects_per_answer=rejects / count, reward=rewards / count,
-                     **{"return": (rewards - config.kl_coef * kl - config.reject_cost * rejects) / count})
+        probe.update(kl_per_token=kl / max(tokens, 1.0), rejects_per_answer=rejects / count,
+                     repeat_rate=repeats / max(tokens, 1.0), reward=rewards / count,
+                     **{"return": (rewards - costs) / count})
     return probe
 
 
 def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Callable, eos_ids: list[int],
            config) -> torch.Tensor:
-    """One probe batch's sums `(tokens, KL penalties, rejects, sentence rewards)` (float64), from `out`:
+    """One probe batch's sums `(tokens, KL penalties, rejects, repeats, sentence rewards)` (float64), from `out`:
     `mara_generate`'s output with the base model's logits of every step."""
     tokens = out.sequences[:, prompt_length:]
     steps = out.mara_steps
@@ -89,5 +93,7 @@ def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Calla
     scores = torch.as_tensor(reward(prompts, responses), dtype=torch.float64).reshape(-1)
     if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
         raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
-    sums = torch.stack([active.sum(), (penalty * active).sum(), (rejects * active).sum()]).to("cpu", torch.float64)
-    return torch.cat([sums, scores.sum()[None]])
+    repeats = repeated_ngrams(tokens, active.sum(dim=1)).sum()
+    sums = torch.stack([active.sum(), (penalty * active).sum(), (rejects * active).sum(), repeats])
+    return torch.cat([sums.to("cpu", torch.float64), scores.sum()[None]])
+

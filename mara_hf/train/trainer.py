@@ -5,8 +5,8 @@ One iteration:
 1. take the next `rollout_batch_size` prompts (a seeded shuffle, epoch after epoch);
 2. play the accept/reject MDP on them with the actor, batched, through the fused MARA step (`rollout`);
 3. score the responses with the sentence-level reward and build transitions (terminal reward once on each
-   episode's last decision, token-level KL penalty on the decision that chose each token, and `reject_cost` off
-   every reject decision);
+   episode's last decision, token-level KL penalty on the decision that chose each token, `reject_cost` off
+   every reject decision and `repeat_cost` off the decision that chose a token repeating a 4-gram);
 4. add them to the fp16 replay buffer and, once it holds `learning_starts` transitions, run
    `updates_per_rollout` SAC updates on batches sampled from it;
 5. log one JSON line of metrics (and TensorBoard scalars if asked); every `checkpoint_every` iterations write
@@ -80,6 +80,10 @@ class TrainConfig:
         "help": "cost of every reject decision, subtracted from its transition's reward (0: the paper's MDP; a "
                 "small cost such as 0.01 teaches the agent to accept early and not to reject candidates it ends up "
                 "taking anyway, the most expensive outcome at inference)"})
+    repeat_cost: float = field(default=0.0, metadata={
+        "help": "cost on the decision that chose a token completing a token 4-gram its answer already holds (0: "
+                "the paper's MDP; a loop then pays at every repeated token, where a sentence-level fluency reward "
+                "pays once at the end)"})
     top_k: int = field(default=40, metadata={"help": "candidates per position: the base model's top-k ..."})
     top_p: float = field(default=0.95, metadata={"help": "... then top-p, most probable first"})
     fallback: Literal["first", "last"] = field(default="last", metadata={
@@ -119,7 +123,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"`{name}` has to be a non-negative integer, but is {value!r}.")
-        for name in ("kl_coef", "reject_cost"):
+        for name in ("kl_coef", "reject_cost", "repeat_cost"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"`{name}` has to be a non-negative number, but is {value!r}.")
@@ -504,7 +508,8 @@ def rollout_transitions(model, tokenizer, reward: Callable, actor: MaraAgent, pr
     scores = torch.as_tensor(reward(prompts, responses), dtype=torch.float32).reshape(-1)
     if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
         raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
-    transitions = build_transitions(episodes, scores, config.kl_coef, reject_cost=config.reject_cost)
+    transitions = build_transitions(episodes, scores, config.kl_coef, reject_cost=config.reject_cost,
+                                    repeat_cost=config.repeat_cost)
     return transitions, {**episodes.totals(), "reward": float(scores.double().sum())}
 
 
