@@ -98,11 +98,11 @@ def test_the_cost_on_a_real_rollout(fallback):
     assert (repeated & decided).sum() > 0  # the tiny model loops, and some looping tokens were decided
     assert paid.sum() == (repeated & decided).sum()
     torch.testing.assert_close((costly.rewards - paper.rewards)[paid], torch.full((int(paid.sum()),), -0.5))
-    rows, positions = episodes.rows[paid], episodes.positions[paid]
-    assert repeated[rows, positions].all()
-    last_of_position = torch.ones_like(episodes.rows, dtype=torch.bool)
-    last_of_position[:-1] = (episodes.rows[1:] != episodes.rows[:-1]) | (episodes.positions[1:] != episodes.positions[:-1])
-    assert torch.equal(paid, last_of_position & repeated[episodes.rows, episodes.positions])
+    rows, positions = episodes.rows, episodes.positions
+    assert repeated[rows[paid], positions[paid]].all()
+    last_of_position = torch.ones_like(rows, dtype=torch.bool)
+    last_of_position[:-1] = (rows[1:] != rows[:-1]) | (positions[1:] != positions[:-1])
+    assert torch.equal(paid, last_of_position & repeated[rows, positions])
 
 
 @pytest.mark.parametrize("value", [-0.5, math.nan, math.inf, True, "0.5"])

@@ -96,4 +96,3 @@ def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Calla
     repeats = repeated_ngrams(tokens, active.sum(dim=1)).sum()
     sums = torch.stack([active.sum(), (penalty * active).sum(), (rejects * active).sum(), repeats])
     return torch.cat([sums.to("cpu", torch.float64), scores.sum()[None]])
-

@@ -118,7 +118,7 @@ def rollout_metrics(totals: dict[str, float]) -> dict[str, float]:
         "forced_rate": totals["forced"] / max(totals["asked"], 1.0),
         "changed_rate": totals["changed"] / tokens,
         "kl_per_token": totals["kl"] / tokens,
-        "repeat_rate": totals.get("repeats", 0.0) / tokens,
+        "repeat_rate": totals["repeats"] / tokens,
         "dropped_rows": totals["dropped_rows"],
     }
 
@@ -310,8 +310,8 @@ def build_transitions(rollout: Rollout, terminal_rewards: torch.Tensor, kl_coef:
 
     `terminal_rewards` `(B,)`: the sentence-level reward of each row's response. `reject_cost`: subtracted from
     the reward of every reject decision (action 0). `repeat_cost`: subtracted from the reward of the event that
-    chose a token completing a repeated 4-gram ([`repeated_ngrams`]). Costs of 0 leave the paper's
-    rewards exactly as they are.
+    chose a token completing a repeated 4-gram ([`repeated_ngrams`]). Costs of 0 leave the paper's rewards
+    exactly as they are.
     """
     keep = rollout.finite.to(rollout.rows.device)[rollout.rows]
     rows = rollout.rows[keep]

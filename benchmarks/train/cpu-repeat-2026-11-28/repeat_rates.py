@@ -2,7 +2,8 @@
 `--repeat-cost` charges), for base greedy and three agents at threshold 0.2, from committed `responses.jsonl` files
 (answers re-tokenised with the SmolLM2 tokenizer; EOS not counted). Run from the repository root:
 
-    python benchmarks/train/cpu-repeat-2026-11-28/repeat_rates.py > benchmarks/train/cpu-repeat-2026-11-28/repeat_rates.jsonl
+    python benchmarks/train/cpu-repeat-2026-11-28/repeat_rates.py \
+        > benchmarks/train/cpu-repeat-2026-11-28/repeat_rates.jsonl
 """
 
 import json
