@@ -77,3 +77,14 @@ def naive_mara_greedy(model, agent, prompt: list[int], max_new_tokens: int, *, t
         if eos_token_id is not None and candidates[choice] == eos_token_id:
             break
     return ids[len(prompt):], records
+
+
+def naive_repeated(tokens: list[int], length: int, n: int) -> list[bool]:
+    """Position t repeats when tokens[t-n+1 : t+1] occurs as an n-gram starting before t-n+1."""
+    answer = tokens[:length]
+    marks = []
+    for t in range(len(tokens)):
+        start = t - n + 1
+        gram = tuple(answer[start:t + 1]) if 0 <= start and t < length else None
+        marks.append(gram is not None and any(tuple(answer[s:s + n]) == gram for s in range(start)))
+    return marks

@@ -11,18 +11,8 @@ import mara_hf.train.trainer as trainer_module
 from conftest import decisive_agent, left_padded, random_prompts, tiny_model
 from mara_hf.train import Rollout, TrainConfig, build_transitions, rollout
 from mara_hf.train.rollout import REPEAT_NGRAM, repeated_ngrams
+from reference import naive_repeated
 from test_reject_cost import assert_same_batch, make_trainer
-
-
-def naive_repeated(tokens: list[int], length: int, n: int) -> list[bool]:
-    """Position t repeats when tokens[t-n+1 : t+1] occurs as an n-gram starting before t-n+1."""
-    answer = tokens[:length]
-    marks = []
-    for t in range(len(tokens)):
-        start = t - n + 1
-        gram = tuple(answer[start:t + 1]) if 0 <= start and t < length else None
-        marks.append(gram is not None and any(tuple(answer[s:s + n]) == gram for s in range(start)))
-    return marks
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])

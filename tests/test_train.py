@@ -23,8 +23,7 @@ from mara_hf.data import encode_chat_prompts
 from mara_hf.train.probe import PROBE_METRICS, SCORED_METRICS, greedy_probe
 from mara_hf.train.rollout import step_events
 from mara_hf.train.trainer import prompt_indices
-from reference import naive_candidates, naive_mara_greedy, naive_next_logits, naive_states
-from test_repeat_cost import naive_repeated
+from reference import naive_candidates, naive_mara_greedy, naive_next_logits, naive_repeated, naive_states
 
 VOCAB = 96
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -79,6 +80,11 @@ class Rollout:
     forced: torch.BoolTensor
     finite: torch.BoolTensor
 
+    @cached_property
+    def repeated(self) -> torch.BoolTensor:
+        """`(B, T)`: generated tokens that repeat a 4-gram of their answer ([`repeated_ngrams`]), computed once."""
+        return repeated_ngrams(self.tokens, self.lengths)
+
     @property
     def active(self) -> torch.BoolTensor:
         """`(B, T)`: positions before each row's end."""
@@ -97,7 +103,7 @@ class Rollout:
             "forced": float((self.forced & active).sum()),
             "changed": float(((self.taken_index > 0) & active).sum()),
             "kl": float((self.kl * active).sum()),
-            "repeats": float(repeated_ngrams(self.tokens, self.lengths).sum()),
+            "repeats": float(self.repeated.sum()),
             "dropped_rows": float((~self.finite).sum()),
         }
 
@@ -330,7 +336,7 @@ def build_transitions(rollout: Rollout, terminal_rewards: torch.Tensor, kl_coef:
     advances[:-1] |= positions[1:] != positions[:-1]  # the next event is at a later position: a token was taken
     if repeat_cost:
         # The event across which a token is taken is the one that chose it (the last event of its position).
-        repeats = repeated_ngrams(rollout.tokens, rollout.lengths).to(rows.device)[rows, positions]
+        repeats = rollout.repeated.to(rows.device)[rows, positions]
         rewards = rewards - repeat_cost * (repeats & advances).float()
     return Batch(states=states, actions=rollout.actions[keep], rewards=rewards, next_states=next_states, dones=last,
                  advances=advances)
