@@ -17,7 +17,7 @@ import torch
 
 from .candidates import CandidateSet, build_candidates, fallback_index, first_accepted, keepable
 from .schedule import LAZY_SCHEDULE
-from .states import DynamicSiblings, StaticSiblings, select_kv, widen
+from .states import DynamicSiblings, StaticSiblings, select_kv, select_picked, widen
 from .stats import StepDecision
 
 
@@ -36,6 +36,9 @@ class StepEvaluation:
     logits_parts: list = field(default_factory=list)
     bounds: list = field(default_factory=list)
     picked: bool = False
+    deferred: bool = False
+    head_inputs: list = field(default_factory=list)
+    head: torch.nn.Module | None = None
     states_parts: list = field(default_factory=list)
     probabilities: list = field(default_factory=list)
 
@@ -66,16 +69,20 @@ class StepEvaluation:
         """Fused loop: keep candidate `index[b]` of each row in the cache and return its logits `(B, vocab)`."""
         if self.committed:
             raise RuntimeError("This step was already committed to the cache.")
+        # Picking chunks kept one sibling per row each (keys/values, and lm_head's input or logits): the row's
+        # choice is the one kept by the chunk that holds it.
+        chunk = sum((index >= start).long() for start, _ in self.bounds[1:]) if self.picked else None
         if isinstance(self.siblings, StaticSiblings):
             self.siblings.commit_index(index)
+        elif self.picked:
+            self.siblings.commit(select_picked(self.siblings.kv_parts, chunk))
         else:
             self.siblings.commit(select_kv(self.siblings.kv_parts, index))
         self.committed = True
+        if self.deferred:
+            return self.head(select_picked(self.head_inputs, chunk))[:, 0]
         if self.picked:
-            # One projected sibling per chunk and row: the one in the chunk that holds the row's choice.
-            chunk = sum((index >= start).long() for start, _ in self.bounds[1:])
-            picked = torch.stack([logits[:, 0] for logits in self.logits_parts])
-            return picked[chunk, torch.arange(index.shape[0], device=index.device)]
+            return select_picked([logits[:, 0] for logits in self.logits_parts], chunk)
         logits = torch.cat(self.logits_parts, dim=1) if len(self.logits_parts) > 1 else self.logits_parts[0]
         return logits.gather(1, index.view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1)
 
@@ -102,6 +109,7 @@ def evaluate_step(
     keep_states: bool = False,
     static_length: int | None = None,
     compiled=None,
+    defer_head: bool = False,
 ) -> StepEvaluation:
     """Build the candidates of `scores` `(B, vocab)`, ask the agent, decide.
 
@@ -117,6 +125,11 @@ def evaluate_step(
     agent's greedy decision; an agent may be calibrated to another, `MaraAgent.accept_threshold`) or one per
     candidate `(B, >= width)`: uniform random ones *sample* the agent's policy (training rollouts).
     `keep_states=True` keeps the evaluated candidates' states (`StepEvaluation.states`).
+
+    `defer_head=True` (fused, lazy, dynamic cache; only for models whose logits are lm_head's output as it is,
+    `states.plain_head`): when a step needs more than its first chunk, no chunk projects through lm_head; `commit`
+    projects each row's taken sibling once. A step costs one vocabulary projection, as a plain decode step does,
+    instead of one per chunk (on a CPU lm_head is a fifth of a small model's weights read per forward).
     """
     cands = build_candidates(scores, top_k, top_p)
     batch, width = cands.counts.shape[0], cands.width
@@ -143,14 +156,19 @@ def evaluate_step(
         if not any_asked and not for_commit:
             evaluation.decision = _decide(cands, accepted, lone, fallback)
             return evaluation  # every row has a lone candidate: nothing to ask, no forward
-    # Fused steps let lm_head project only the sibling each row may keep (see `Picker`).
+    # Fused steps let lm_head project only the sibling each row may keep (see `Picker`), or none (`defer_head`).
     evaluation.picked = picking = for_commit and lazy
+    defer = defer_head and picking and not static
     logits_mode = "pick" if picking else ("all" if for_commit else "none")
     start, end = 0, min(first, max_count)
     rows = None  # the rows a chunk runs for (None: all)
     while True:
         at = slice(None) if rows is None else rows
-        pick = Picker(agent, cands, start, end, fallback, thresholds, at) if picking else None
+        pick = None
+        if picking:
+            # A later chunk only runs after a deferring first one; a first chunk that may be the last projects.
+            defers = defer and (start > 0 or (lazy and end < max_count))
+            pick = Picker(agent, cands, start, end, fallback, thresholds, at, defer=defers, decided=decided)
         out = siblings.forward(cands.tokens[at, start:end], position_ids[at], start, rows, logits=logits_mode,
                                pick=pick, keep_kv=for_commit and not static)
         evaluation.forwards += 1
@@ -171,15 +189,20 @@ def evaluate_step(
         if lazy and end < max_count:
             # The host read of a chunk: how many rows still need candidates, and how many can those rows have
             # (the next chunk is cut to that, not to the widest row of the batch)? (When only some rows need more,
-            # `nonzero` below reads which.)
+            # `nonzero` below reads which.) A deferring picker made it already, before lm_head.
             need = ~decided & (cands.counts > end)
-            if static:  # fixed shapes: chunks are never cut to the largest count
+            if pick is not None and pick.read is not None:
+                needed, max_count = pick.read
+            elif static:  # fixed shapes: chunks are never cut to the largest count
                 needed = int(need.sum())
             else:
                 needed, max_count = torch.stack([need.sum(), torch.where(need, cands.counts, 0).max()]).tolist()
         else:
             needed = 0
-        if for_commit:
+        if pick is not None and pick.deferred:
+            evaluation.deferred = True
+            evaluation.head_inputs.append(widen(pick.kept, rows, batch))
+        elif for_commit:
             evaluation.logits_parts.append(widen(out.logits, rows, batch))
             if end == 1 and not needed:
                 # Every row takes its top-1 (accepted, or a lone candidate): the cache already holds the step.
@@ -196,6 +219,8 @@ def evaluate_step(
 
     if static and not for_commit:
         siblings.restore()
+    if evaluation.deferred:
+        evaluation.head = model.get_output_embeddings()
     evaluation.decision = _decide(cands, accepted, lone, fallback)
     return evaluation
 
@@ -203,20 +228,40 @@ def evaluate_step(
 class Picker:
     """The sibling of chunk `[start, end)` each of `rows` may keep, chosen from the chunk's states before lm_head
     projects: its first accepted one; the fallback candidate (`target`: the top-1, or the row's last with
-    `"last"`) if it lies in this chunk and none was accepted. Keeps p(accept) for the caller (`p_accept`)."""
+    `"last"`) if it lies in this chunk and none was accepted. Keeps p(accept) for the caller (`p_accept`) and the
+    kept sibling's index (`index`, `(R,)`).
+
+    With `defer=True` it keeps that sibling's lm_head input (`kept`, `(R, 1, d)`) and lets lm_head project nothing
+    (`deferred`), except in a first chunk after which no row needs more candidates: it makes the chunk's host read
+    there (`read`: rows needing more, their largest candidate count; `decided`: the rows decided before the chunk)
+    and, when none does, lets lm_head project as without `defer` (the fused loop's decode step)."""
 
     def __init__(self, agent, cands: CandidateSet, start: int, end: int, fallback: str,
-                 thresholds: torch.Tensor | float, rows=slice(None)):
-        self.agent, self.start = agent, start
+                 thresholds: torch.Tensor | float, rows=slice(None), *, defer: bool = False, decided=None):
+        self.agent, self.start, self.end = agent, start, end
         self.thresholds = _chunk_thresholds(thresholds, rows, start, end)
         self.valid = cands.valid[rows, start:end]
-        counts = cands.counts[rows]
-        self.target = counts - 1 if fallback == "last" else torch.zeros_like(counts)
-        self.p_accept = None
+        self.counts = cands.counts[rows]
+        self.target = self.counts - 1 if fallback == "last" else torch.zeros_like(self.counts)
+        self.defer, self.decided = defer, decided
+        self.p_accept = self.index = self.kept = self.read = None
+        self.deferred = False
 
-    def __call__(self, states: torch.Tensor) -> torch.LongTensor:
+    def __call__(self, states: torch.Tensor) -> torch.LongTensor | None:
         self.p_accept = p = self.agent.accept_probability(states)
-        return keepable(p.to(self.valid.device), self.thresholds, self.valid, self.target, self.start).to(states.device)
+        p = p.to(self.valid.device)
+        self.index = index = keepable(p, self.thresholds, self.valid, self.target, self.start).to(states.device)
+        if not self.defer:
+            return index
+        self.kept = states.gather(1, index.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
+        if self.start == 0:
+            decided = self.decided | ((p > self.thresholds) & self.valid).any(dim=-1)
+            need = ~decided & (self.counts > self.end)
+            self.read = torch.stack([need.sum(), torch.where(need, self.counts, 0).max()]).tolist()
+            if not self.read[0]:
+                return index
+        self.deferred = True
+        return None
 
 
 def _chunk_thresholds(thresholds: torch.Tensor | float, rows, start: int, end: int):

@@ -24,7 +24,8 @@ from .compiled import CompiledStep, check_head
 from .decide import evaluate_step
 from .processor import agent_on_device, check_agent, unwrap_model, warn_nonfinite
 from .schedule import DEFAULT_SCHEDULE, make_schedule
-from .states import check_cache, check_left_padding, check_model, next_position_ids
+from .states import (HeadInput, check_cache, check_left_padding, check_model, known_plain_head, next_position_ids,
+                     plain_head)
 from .stats import MaraStats
 
 
@@ -160,15 +161,20 @@ def mara_generate(
     logits_out = () if output_logits else None
     steps = {"index": [], "top1": [], "num_candidates": [], "asked": [], "fallback": [], "forwards": []}
 
-    outputs, last_states = _prefill(model, input_ids, generation_config, model_kwargs, capture=compiling)
+    # Greedy dynamic-cache steps project each row's taken sibling once, at the commit, where lm_head's output is
+    # the model's logits (`states.plain_head`, checked once per model on the prompt forward).
+    defer_head = not static and not do_sample and known_plain_head(model) is not False
+    outputs, head_input = _prefill(model, input_ids, generation_config, model_kwargs,
+                                    capture=compiling or (defer_head and known_plain_head(model) is None))
     model_kwargs = hf.advance_model_kwargs(model, outputs, model_kwargs)
     cache = hf.cache_of(model_kwargs)
     check_cache(cache, static=True)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
-    del outputs
     compiled = None
-    if compiling and check_head(model, last_states, logits):
+    if compiling and check_head(model, head_input[:, -1], logits):
         compiled = CompiledStep.for_model(model, agent, hf.compile_options(generation_config))
+    defer_head = defer_head and plain_head(model, head_input, outputs.logits)
+    del outputs, head_input
     length = input_ids.shape[1]  # cache length (a static cache's scratch slots start here)
 
     while True:
@@ -193,6 +199,7 @@ def mara_generate(
             for_commit=True,
             static_length=length if static else None,
             compiled=compiled,
+            defer_head=defer_head,
         )
         decision = evaluation.decision
         cands = evaluation.candidates
@@ -255,18 +262,13 @@ def mara_generate(
 
 
 def _prefill(model, input_ids, generation_config, model_kwargs: dict, *, capture: bool):
-    """generate's prompt forward; with `capture`, also lm_head's input at the last position `(B, d)` (to check once
-    that the compiled step may project states with lm_head itself)."""
+    """generate's prompt forward; with `capture`, also lm_head's input `(B, n, d)` (to check that MARA's steps may
+    project states with lm_head itself: `compiled.check_head` per call, `states.plain_head` once per model)."""
     if not capture:
         return hf.prefill(model, input_ids, generation_config, model_kwargs), None
-    captured = {}
-    head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda module, args: captured.__setitem__("states", args[0][:, -1]))
-    try:
+    with HeadInput(model) as head_input:
         outputs = hf.prefill(model, input_ids, generation_config, model_kwargs)
-    finally:
-        handle.remove()
-    return outputs, captured["states"]
+    return outputs, head_input.states
 
 
 def _static_cache_with_scratch(model, cache, generation_config, model_kwargs: dict, width: int):

@@ -14,6 +14,7 @@ Either keeps one chosen sibling per row as the committed token (the fused loop) 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,9 @@ from . import hf_internals as hf
 from .hf_internals import cache_keyword
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+_PLAIN_HEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""Per model (held weakly): whether its logits are `lm_head`'s output as it is (`plain_head`)."""
 
 
 def check_model(model) -> None:
@@ -84,6 +88,43 @@ def check_left_padding(attention_mask: torch.Tensor | None) -> None:
             "MARA needs left-padded prompts, but some rows of `attention_mask` end in padding (right padding). "
             "Tokenize with `tokenizer.padding_side = \"left\"`."
         )
+
+
+def known_plain_head(model) -> bool | None:
+    """What [`plain_head`] found for `model` earlier (None: not checked yet)."""
+    return _PLAIN_HEAD.get(model)
+
+
+def plain_head(model, states: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether `model`'s logits are lm_head's output as it is, checked once per model and remembered: `states` is
+    lm_head's input in one forward (`HeadInput`) and `logits` that forward's logits; projected again, they must
+    agree bit for bit. False for models that post-process lm_head's output (logit soft-capping, scaling), even
+    where that changes the logits by rounding only: their logits must come out of the model's forward."""
+    known = _PLAIN_HEAD.get(model)
+    if known is None:
+        with torch.no_grad():
+            projected = model.get_output_embeddings()(states)
+        known = projected.shape == logits.shape and bool(torch.equal(projected.float(), logits.float()))
+        _PLAIN_HEAD[model] = known
+    return known
+
+
+class HeadInput:
+    """Context manager reading lm_head's input during the forward run inside it (`.states`, `(B, n, d)`: the
+    positions lm_head projects; the last forward's)."""
+
+    def __init__(self, model):
+        self.head, self.states = model.get_output_embeddings(), None
+
+    def __enter__(self):
+        self.handle = self.head.register_forward_pre_hook(self._read)
+        return self
+
+    def _read(self, module, args):
+        self.states = args[0]
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------------ masks
@@ -168,7 +209,8 @@ def run_siblings(model, cache, tokens: torch.LongTensor, position_ids: torch.Lon
 
     `logits`: `"none"` (lm_head projects nothing: the processor needs states only), `"all"` (every sibling) or
     `"pick"`: `pick(states) -> (B,)` chooses, before lm_head projects, the one sibling per row whose logits are
-    needed (the fused loop's candidate it may keep), so rejected siblings cost no vocabulary projection.
+    needed (the fused loop's candidate it may keep), so rejected siblings cost no vocabulary projection; a pick
+    that returns None lets lm_head project nothing (its caller projects later).
     """
     batch, k = tokens.shape
     captured = {}
@@ -176,9 +218,11 @@ def run_siblings(model, cache, tokens: torch.LongTensor, position_ids: torch.Lon
     def capture_states(module, args):
         states = captured["states"] = args[0]
         if logits == "pick":
-            index = pick(states).view(-1, 1, 1).expand(-1, 1, states.shape[-1])
-            return (states.gather(1, index),) + tuple(args[1:])
-        if logits == "none":
+            index = pick(states)
+            if index is not None:
+                index = index.view(-1, 1, 1).expand(-1, 1, states.shape[-1])
+                return (states.gather(1, index),) + tuple(args[1:])
+        if logits == "none" or logits == "pick":
             return (states[:, :0],) + tuple(args[1:])
         return None
 
@@ -207,7 +251,8 @@ class DynamicSiblings:
     """Siblings appended to a dynamic cache, then taken out again (`restore`) or one per row kept (`commit`).
 
     A chunk may run for some rows only (`rows`): it then runs on a throwaway copy of those rows' cache, so the
-    shared cache is not touched and the other rows pay nothing."""
+    shared cache is not touched and the other rows pay nothing. With `keep_kv`, a chunk keeps its siblings'
+    keys/values for `commit` (`kv_parts`): all of them, or with a `pick` only the sibling each row may keep."""
 
     def __init__(self, model, cache, context_mask: torch.Tensor | None):
         self.model, self.cache, self.context_mask = model, cache, context_mask
@@ -236,7 +281,10 @@ class DynamicSiblings:
         out = run_siblings(self.model, cache, tokens, position_ids, mask, logits=logits, pick=pick)
         if keep_kv:
             full = hf.cache_rows(self.cache)[0]
-            self.kv_parts.append([(widen(k, rows, full), widen(v, rows, full)) for k, v in hf.appended_kv(cache, count)])
+            appended = hf.appended_kv(cache, count)
+            if pick is not None:
+                appended = [(_entry(k, pick.index), _entry(v, pick.index)) for k, v in appended]
+            self.kv_parts.append([(widen(k, rows, full), widen(v, rows, full)) for k, v in appended])
         return out
 
     def restore(self) -> None:
@@ -322,9 +370,24 @@ def select_kv(parts: list[list[tuple[torch.Tensor, torch.Tensor]]], index: torch
     for layer_parts in zip(*parts):
         keys = torch.cat([k for k, _ in layer_parts], dim=-2) if len(layer_parts) > 1 else layer_parts[0][0]
         values = torch.cat([v for _, v in layer_parts], dim=-2) if len(layer_parts) > 1 else layer_parts[0][1]
-        gather = index.to(keys.device).view(-1, 1, 1, 1).expand(-1, keys.shape[1], 1, keys.shape[-1])
-        selected.append((keys.gather(-2, gather), values.gather(-2, gather)))
+        selected.append((_entry(keys, index), _entry(values, index)))
     return selected
+
+
+def select_picked(parts, chunk: torch.LongTensor):
+    """From chunks that each kept one entry per row (tensors `(B, ...)`, or per-layer lists of key/value pairs of
+    them), the entry of chunk `chunk[b]` for row `b`."""
+    if isinstance(parts[0], list):
+        return [tuple(select_picked(list(pair), chunk) for pair in zip(*layer)) for layer in zip(*parts)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.stack(parts)[chunk.to(parts[0].device), torch.arange(chunk.shape[0], device=parts[0].device)]
+
+
+def _entry(part: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
+    """Entry `index[b]` of each row of keys or values `(B, heads, n, head_dim)`: `(B, heads, 1, head_dim)`."""
+    gather = index.to(part.device).view(-1, 1, 1, 1).expand(-1, part.shape[1], 1, part.shape[-1])
+    return part.gather(-2, gather)
 
 
 def widen(part: torch.Tensor, rows: torch.LongTensor | None, batch: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 
 from conftest import constant_agent, left_padded, random_prompts, tiny_model
 from mara_hf.decide import evaluate_step
-from mara_hf.states import cache_keyword, next_position_ids
+from mara_hf.states import HeadInput, cache_keyword, known_plain_head, next_position_ids, plain_head
 
 WIDTH = 8
 # p(accept) > threshold: -1 always accepts, 2 never does. Row 0 takes its top-1, row 1 candidate 2, row 3
@@ -23,21 +23,32 @@ def prefill(model, prompts):
     return cache, out.logits[:, -1].float(), mask
 
 
-def step(model, lazy, for_commit):
+def step(model, lazy, for_commit, thresholds=THRESHOLDS, defer_head=False, projected=None):
+    """One step of 4 rows; `projected` collects the `(rows, positions)` lm_head projects at each call."""
     cache, scores, mask = prefill(model, random_prompts(4, lengths=(12, 5, 14, 9), seed=1))
     batches = []
-    handle = model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"].shape[0]),
-                                             with_kwargs=True)
+    handles = [model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["input_ids"].shape[0]), with_kwargs=True)]
+    if projected is not None:
+        handles.append(model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: projected.append(tuple(output.shape[:2]))))
     try:
         with torch.no_grad():
             evaluation = evaluate_step(
                 model, constant_agent(), cache, scores, next_position_ids(None, mask, cache.get_seq_length(), 4, "cpu"),
                 mask, top_k=WIDTH, top_p=1.0, fallback="last", schedule=(1, 2, 4), lazy=lazy, for_commit=for_commit,
-                thresholds=THRESHOLDS, keep_states=True,
+                thresholds=thresholds, keep_states=True, defer_head=defer_head,
             )
-            logits = evaluation.commit(evaluation.decision.index) if for_commit else None
+            committed = evaluation.committed
+            if not for_commit:
+                logits = None
+            elif committed:
+                logits = evaluation.next_logits()
+            else:
+                logits = evaluation.commit(evaluation.decision.index)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return evaluation, batches, logits, cache
 
 
@@ -85,3 +96,44 @@ def test_a_later_chunk_is_cut_to_the_candidates_its_rows_have():
     assert evaluation.decision.num_candidates.tolist() == [8, 3, 3, 3]
     assert shapes == [(4, 1), (3, 2)] and evaluation.bounds == [(0, 1), (1, 3)]
     assert evaluation.decision.fallback.tolist() == [False, True, True, True]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # mistral: sliding-window layers
+def test_a_deferred_head_projects_each_row_once_at_the_commit(arch):
+    """With `defer_head`, the chunks of a step that needs more than its first one project nothing through lm_head;
+    the commit projects each row's taken sibling once, and the step ends as without deferring."""
+    model = tiny_model(arch)
+    projected = []
+    deferred, batches, logits, cache = step(model, True, True, defer_head=True, projected=projected)
+    assert batches == [4, 3, 3, 2] and deferred.deferred
+    assert projected == [(4, 0), (3, 0), (3, 0), (2, 0), (4, 1)]  # four chunks project nothing, the commit 4 rows
+
+    projected = []
+    picked, _, picked_logits, picked_cache = step(model, True, True, projected=projected)
+    assert projected == [(4, 1), (3, 1), (3, 1), (2, 1)] and not picked.deferred  # one sibling per row and chunk
+    assert torch.equal(deferred.decision.index, picked.decision.index)
+    torch.testing.assert_close(logits, picked_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(cache.layers, picked_cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_a_deferred_head_projects_in_the_forward_when_every_row_takes_its_top1():
+    """The fused loop's common step: every row accepts its top-1, so the first chunk is the decode step and lm_head
+    projects there, as in plain decoding; the step is committed without a commit."""
+    model = tiny_model()
+    projected = []
+    accept_all = torch.full((4, WIDTH), -1.0)
+    evaluation, batches, logits, cache = step(model, True, True, accept_all, defer_head=True, projected=projected)
+    assert batches == [4] and projected == [(4, 1)]
+    assert evaluation.committed and not evaluation.deferred
+    assert evaluation.decision.index.tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("arch, plain", [("llama", True), ("gemma2", False)])  # gemma2 soft-caps its logits
+def test_plain_head_tells_models_that_post_process_lm_head_apart(arch, plain):
+    model = tiny_model(arch)
+    assert known_plain_head(model) is None
+    with torch.no_grad(), HeadInput(model) as head_input:
+        out = model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert plain_head(model, head_input.states, out.logits) is plain
+    assert known_plain_head(model) is plain  # remembered for the model

@@ -15,6 +15,7 @@ from conftest import (
     tiny_model,
 )
 from mara_hf import MaraGenerationMixin, MaraLogitsProcessor, MaraStats, add_mara_generation, mara_generate
+from mara_hf.states import _PLAIN_HEAD, known_plain_head
 from reference import naive_mara_greedy
 
 
@@ -38,6 +39,37 @@ def test_fused_greedy_equals_processor_on_padded_batches(arch, fallback):
     a, b = fused.mara_stats.to_dict(), processor.stats.to_dict()
     for key in ("tokens", "agent_decided", "fallbacks", "accepted_index_histogram"):
         assert a[key] == b[key], key
+
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: full and sliding layers
+def test_steps_that_need_later_chunks_project_through_lm_head_once(arch):
+    """Greedy steps project each row's taken sibling through lm_head once, at the commit, instead of once per chunk
+    (`defer_head`): the same tokens and statistics as projecting in every chunk, one projection per step."""
+    model = tiny_model(arch)
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=21))
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                  custom_generate=mara_generate, mara_agent=agent, mara_schedule=(1, 2, 8), return_dict_in_generate=True)
+    projections = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: projections.append(output.shape[1]))
+    try:
+        deferred = model.generate(**common)
+        assert known_plain_head(model) is True
+        deferred_projections = [n for n in projections[2:] if n]  # after the prompt forward and the check
+        projections.clear()
+        _PLAIN_HEAD[model] = False  # as for a model whose forward post-processes lm_head's output
+        picked = model.generate(**common)
+        picked_projections = [n for n in projections[1:] if n]
+    finally:
+        handle.remove()
+        _PLAIN_HEAD.pop(model, None)
+    assert torch.equal(deferred.sequences, picked.sequences)
+    assert deferred.mara_stats.to_dict() == picked.mara_stats.to_dict()
+    steps, forwards = deferred.mara_steps["forwards"].numel(), int(deferred.mara_steps["forwards"].sum())
+    assert forwards > steps + 3  # the agent made later chunks run
+    assert len(deferred_projections) == steps and len(picked_projections) == forwards
 
 
 @pytest.mark.parametrize("schedule", [(1,), (1, 2), (1, 4, 16), (1, 40)])

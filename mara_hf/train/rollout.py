@@ -43,7 +43,7 @@ from transformers import DynamicCache
 
 from ..decide import evaluate_step
 from ..schedule import LAZY_SCHEDULE
-from ..states import cache_keyword, check_cache, check_model, next_position_ids
+from ..states import HeadInput, cache_keyword, check_cache, check_model, next_position_ids, plain_head
 from .buffer import Batch
 
 
@@ -187,9 +187,11 @@ def rollout(
     check_cache(cache)
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                **{cache_keyword(model): cache}, use_cache=True, **kwargs)
+    with HeadInput(model) as head_input:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    **{cache_keyword(model): cache}, use_cache=True, **kwargs)
     logits = out.logits[:, -1].float()
+    defer_head = plain_head(model, head_input.states, out.logits)  # as the fused loop does
     del out
     mask = attention_mask
     eos = torch.tensor(eos_token_ids, device=device, dtype=torch.long)
@@ -209,7 +211,7 @@ def rollout(
         step = evaluate_step(
             model, actor, cache, logits, next_position_ids(None, mask, cache.get_seq_length(), batch, device), mask,
             top_k=top_k, top_p=top_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
-            thresholds=thresholds, keep_states=True,
+            thresholds=thresholds, keep_states=True, defer_head=defer_head,
         )
         decision = step.decision
         next_logits = step.logits_parts[0][:, 0] if step.committed else step.commit(decision.index)
