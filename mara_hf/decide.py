@@ -38,7 +38,6 @@ class StepEvaluation:
     picked: bool = False
     deferred: bool = False
     head_inputs: list = field(default_factory=list)
-    head: torch.nn.Module | None = None
     states_parts: list = field(default_factory=list)
     probabilities: list = field(default_factory=list)
 
@@ -80,7 +79,8 @@ class StepEvaluation:
             self.siblings.commit(select_kv(self.siblings.kv_parts, index))
         self.committed = True
         if self.deferred:
-            return self.head(select_picked(self.head_inputs, chunk))[:, 0]
+            head = self.siblings.model.get_output_embeddings()
+            return head(select_picked(self.head_inputs, chunk))[:, 0]
         if self.picked:
             return select_picked([logits[:, 0] for logits in self.logits_parts], chunk)
         logits = torch.cat(self.logits_parts, dim=1) if len(self.logits_parts) > 1 else self.logits_parts[0]
@@ -196,7 +196,7 @@ def evaluate_step(
             elif static:  # fixed shapes: chunks are never cut to the largest count
                 needed = int(need.sum())
             else:
-                needed, max_count = torch.stack([need.sum(), torch.where(need, cands.counts, 0).max()]).tolist()
+                needed, max_count = _read_need(need, cands.counts)
         else:
             needed = 0
         if pick is not None and pick.deferred:
@@ -219,8 +219,6 @@ def evaluate_step(
 
     if static and not for_commit:
         siblings.restore()
-    if evaluation.deferred:
-        evaluation.head = model.get_output_embeddings()
     evaluation.decision = _decide(cands, accepted, lone, fallback)
     return evaluation
 
@@ -257,11 +255,16 @@ class Picker:
         if self.start == 0:
             decided = self.decided | ((p > self.thresholds) & self.valid).any(dim=-1)
             need = ~decided & (self.counts > self.end)
-            self.read = torch.stack([need.sum(), torch.where(need, self.counts, 0).max()]).tolist()
+            self.read = _read_need(need, self.counts)
             if not self.read[0]:
                 return index
         self.deferred = True
         return None
+
+
+def _read_need(need: torch.BoolTensor, counts: torch.LongTensor) -> list[int]:
+    """The host read after a chunk: `[rows needing more candidates, the most candidates one of them has]`."""
+    return torch.stack([need.sum(), torch.where(need, counts, 0).max()]).tolist()
 
 
 def _chunk_thresholds(thresholds: torch.Tensor | float, rows, start: int, end: int):

@@ -217,14 +217,13 @@ def run_siblings(model, cache, tokens: torch.LongTensor, position_ids: torch.Lon
 
     def capture_states(module, args):
         states = captured["states"] = args[0]
-        if logits == "pick":
-            index = pick(states)
-            if index is not None:
-                index = index.view(-1, 1, 1).expand(-1, 1, states.shape[-1])
-                return (states.gather(1, index),) + tuple(args[1:])
-        if logits == "none" or logits == "pick":
-            return (states[:, :0],) + tuple(args[1:])
-        return None
+        index = pick(states) if logits == "pick" else None
+        if index is not None:
+            index = index.view(-1, 1, 1).expand(-1, 1, states.shape[-1])
+            return (states.gather(1, index),) + tuple(args[1:])
+        if logits == "all":
+            return None
+        return (states[:, :0],) + tuple(args[1:])  # "none", or a pick that defers: lm_head projects nothing
 
     handle = model.get_output_embeddings().register_forward_pre_hook(capture_states)
     try:
