@@ -8,14 +8,14 @@ thing; this module only swaps its pieces for compiled ones:
 - `chunk(...)`: siblings `[start, start + n)` written to scratch slots `L + start ..`, the decoder forward with a
   mask built from the length tensor `L` (no host value, so no recompilation per step), the agent's p(accept), the
   sibling each row may keep (its first accepted one, or its fallback candidate), and that sibling's logits through
-  `lm_head`. The decoder's output is `lm_head`'s input; `check_head` verifies once per call that `lm_head`'s output
-  is the model's logits (models that post-process logits, e.g. with soft-capping, run uncompiled).
+  `lm_head`. The decoder's output is `lm_head`'s input; the caller compiles only for models whose logits are
+  `lm_head`'s output as it is (`states.plain_head`, bit for bit): models that post-process logits (soft-capping,
+  a logit scale) run uncompiled.
 - `commit(...)`: each row's taken sibling moved to slot `L`, the length set to `L + 1`.
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
 
 import torch
@@ -24,22 +24,7 @@ from . import hf_internals as hf
 from .candidates import keepable
 from .states import eager_dtype, sibling_mask
 
-logger = logging.getLogger(__name__)
-
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def check_head(model, states: torch.Tensor, logits: torch.Tensor) -> bool:
-    """Whether `lm_head(states)` is the model's `logits` (one prefill position per row); else log why not."""
-    with torch.no_grad():
-        projected = model.get_output_embeddings()(states).float()
-    same = projected.shape == logits.shape and torch.allclose(projected, logits.float(), rtol=1e-3, atol=1e-3)
-    if not same:
-        logger.warning(
-            "%s post-processes lm_head's output (e.g. logit soft-capping); the static-cache MARA step runs "
-            "uncompiled for it.", type(model).__name__,
-        )
-    return bool(same)
 
 
 class CompiledStep:

@@ -11,6 +11,7 @@ Use it as `model.generate(**inputs, custom_generate=mara_generate, mara_agent=ag
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,13 +21,15 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import hf_internals as hf
 from .agent import validate_candidate_settings
-from .compiled import CompiledStep, check_head
+from .compiled import CompiledStep
 from .decide import evaluate_step
 from .processor import agent_on_device, check_agent, unwrap_model, warn_nonfinite
 from .schedule import DEFAULT_SCHEDULE, make_schedule
 from .states import (HeadInput, check_cache, check_left_padding, check_model, known_plain_head, next_position_ids,
                      plain_head)
 from .stats import MaraStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -161,19 +164,25 @@ def mara_generate(
     logits_out = () if output_logits else None
     steps = {"index": [], "top1": [], "num_candidates": [], "asked": [], "fallback": [], "forwards": []}
 
-    # Greedy dynamic-cache steps project each row's taken sibling once, at the commit, where lm_head's output is
-    # the model's logits (`states.plain_head`, checked once per model on the prompt forward).
-    defer_head = not static and not do_sample and known_plain_head(model) is not False
+    # Greedy dynamic-cache steps project each row's taken sibling once, at the commit, and compiled static steps
+    # project the picked sibling inside the compiled chunk: both only where lm_head's output is the model's logits
+    # (`states.plain_head`, checked bit for bit once per model on the prompt forward).
+    defer_head = not static and not do_sample
+    known = known_plain_head(model)
     outputs, head_input = _prefill(model, input_ids, generation_config, model_kwargs,
-                                    capture=compiling or (defer_head and known_plain_head(model) is None))
+                                    capture=(compiling or defer_head) and known is None)
     model_kwargs = hf.advance_model_kwargs(model, outputs, model_kwargs)
     cache = hf.cache_of(model_kwargs)
     check_cache(cache, static=True)
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+    plain = known if head_input is None else plain_head(model, head_input, outputs.logits)
     compiled = None
-    if compiling and check_head(model, head_input[:, -1], logits):
+    if compiling and plain:
         compiled = CompiledStep.for_model(model, agent, hf.compile_options(generation_config))
-    defer_head = defer_head and plain_head(model, head_input, outputs.logits)
+    elif compiling:
+        logger.warning("%s post-processes lm_head's output (e.g. logit soft-capping or scaling); the static-cache "
+                       "MARA step runs uncompiled for it.", type(model).__name__)
+    defer_head = defer_head and bool(plain)
     del outputs, head_input
     length = input_ids.shape[1]  # cache length (a static cache's scratch slots start here)
 
@@ -263,7 +272,7 @@ def mara_generate(
 
 def _prefill(model, input_ids, generation_config, model_kwargs: dict, *, capture: bool):
     """generate's prompt forward; with `capture`, also lm_head's input `(B, n, d)` (to check that MARA's steps may
-    project states with lm_head itself: `compiled.check_head` per call, `states.plain_head` once per model)."""
+    project states with lm_head itself: `states.plain_head`, once per model)."""
     if not capture:
         return hf.prefill(model, input_ids, generation_config, model_kwargs), None
     with HeadInput(model) as head_input:

@@ -202,6 +202,16 @@ def append_kv(cache: Cache, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None
         layer.update(keys, values)
 
 
+def overwrite_last_kv(cache: Cache, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write one entry per row and layer (`(B, heads, 1, head_dim)` each) over the last entry of every layer, in
+    place. Mirrors `DynamicLayer.update`: its `keys` / `values` are the whole record of a full-attention layer (its
+    length is their shape), so this is an append that replaced the last entry, without copying the cache. Not for
+    sliding layers (`DynamicSlidingWindowLayer` also keeps `cumulative_length` and may have dropped entries)."""
+    for layer, (keys, values) in zip(cache.layers, kv):
+        layer.keys[..., -1:, :].copy_(keys)
+        layer.values[..., -1:, :].copy_(values)
+
+
 def narrow_dynamic_cache(cache: Cache, rows: torch.LongTensor) -> Cache:
     """A throwaway dynamic cache holding only `rows` of `cache` (copies of their keys/values; `cache` is not
     touched). Layer settings (sliding window, `record_past`) are kept: shallow copies of the layer objects."""

@@ -251,14 +251,20 @@ class DynamicSiblings:
 
     A chunk may run for some rows only (`rows`): it then runs on a throwaway copy of those rows' cache, so the
     shared cache is not touched and the other rows pay nothing. With `keep_kv`, a chunk keeps its siblings'
-    keys/values for `commit` (`kv_parts`): all of them, or with a `pick` only the sibling each row may keep."""
+    keys/values for `commit` (`kv_parts`): all of them, or with a `pick` only the sibling each row may keep.
+
+    A first chunk of one sibling for all rows with `keep_kv` is the fused loop's decode step: on full-attention
+    layers its cache (`decoded`) is kept, and `commit` writes the taken siblings over its last entry instead of
+    appending them to the restored cache (which would copy every layer's keys/values once more)."""
 
     def __init__(self, model, cache, context_mask: torch.Tensor | None):
         self.model, self.cache, self.context_mask = model, cache, context_mask
         self.snapshot = hf.DynamicSnapshot(cache)
         self.past = cache.get_seq_length()
-        self.library_mask = hf.has_sliding_layers(cache) or hf.attention_implementation(model) == "flex_attention"
+        self.sliding = hf.has_sliding_layers(cache)
+        self.library_mask = self.sliding or hf.attention_implementation(model) == "flex_attention"
         self.kv_parts = []
+        self.decoded = None
 
     def forward(self, tokens, position_ids, start: int, rows=None, *, logits: str = "none", pick=None, keep_kv=False):
         """Run siblings `tokens` `(R, k)` (candidates `start .. start + k - 1`) for `rows` (None: all rows)."""
@@ -278,6 +284,8 @@ class DynamicSiblings:
         else:
             mask = _direct_mask(self.model, context_mask, self.past, 0, count, self.past + count, batch, device)
         out = run_siblings(self.model, cache, tokens, position_ids, mask, logits=logits, pick=pick)
+        if keep_kv and start == 0 and count == 1 and rows is None and not self.sliding:
+            self.decoded = hf.DynamicSnapshot(self.cache)  # the cache with each row's top-1 appended
         if keep_kv:
             full = hf.cache_rows(self.cache)[0]
             appended = hf.appended_kv(cache, count)
@@ -291,9 +299,14 @@ class DynamicSiblings:
         self.snapshot.restore()
 
     def commit(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Restore, then append one entry per row and layer (`(B, heads, 1, head_dim)` each)."""
-        self.restore()
-        hf.append_kv(self.cache, kv)
+        """Keep one entry per row and layer (`(B, heads, 1, head_dim)` each): written over the top-1's entry of the
+        decode step's cache where it was kept (`decoded`), else appended to the restored cache."""
+        if self.decoded is not None:
+            self.decoded.restore()
+            hf.overwrite_last_kv(self.cache, kv)
+        else:
+            self.restore()
+            hf.append_kv(self.cache, kv)
 
 
 class StaticSiblings:

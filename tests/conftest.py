@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
     Gemma2Config,
     LlamaConfig,
     MistralConfig,
@@ -56,6 +57,13 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
     return model.to(dtype)
+
+
+def scaled_logits_model(scale: float = 1.0005, seed: int = 0):
+    """A tiny Cohere (full attention): its logits are lm_head's output times `logit_scale`, nearly the identity at
+    1.0005, so only an exact check tells them from lm_head's output."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CohereConfig(**COMMON, logit_scale=scale)).eval()
 
 
 def decisive_agent(state_dim: int = 32, seed: int = 0, reject_bias: float = 0.0, sharpness: float = 30.0):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import constant_agent, left_padded, random_prompts, tiny_model
+from conftest import constant_agent, left_padded, random_prompts, scaled_logits_model, tiny_model
 from mara_hf.decide import evaluate_step
 from mara_hf.states import HeadInput, cache_keyword, known_plain_head, next_position_ids, plain_head
 
@@ -73,6 +73,26 @@ def test_later_chunks_run_for_undecided_rows_only(arch, for_commit):
             torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # mistral: sliding-window layers
+def test_the_commit_writes_over_the_decode_steps_entry_on_full_attention_layers(arch):
+    """The first chunk (every row's top-1) is the decode step. On full-attention layers the commit writes the taken
+    siblings over that step's last entry, in the same tensors (no copy of the cache); sliding layers are restored
+    and appended to. Either way the cache is the one-shot step's (above)."""
+    model = tiny_model(arch)
+    lazy, _, _, cache = step(model, True, True)
+    assert lazy.decision.index.tolist() == [0, 2, 7, 5]
+    if arch == "llama":
+        decoded = lazy.siblings.decoded.saved
+        assert all(layer.keys is saved["keys"] and layer.values is saved["values"]
+                   for layer, saved in zip(cache.layers, decoded))
+    else:
+        assert lazy.siblings.decoded is None
+    whole, _, _, whole_cache = step(model, False, True)
+    for a, b in zip(cache.layers, whole_cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
 def test_a_later_chunk_is_cut_to_the_candidates_its_rows_have():
     """Row 0 has 8 candidates and takes its top-1; rows 1-3 have 3 and reject them all: the second chunk of the
     schedule (1, 8) runs for rows 1-3 only and ends at their 3 candidates, not at row 0's 8."""
@@ -129,11 +149,15 @@ def test_a_deferred_head_projects_in_the_forward_when_every_row_takes_its_top1()
     assert evaluation.decision.index.tolist() == [0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("arch, plain", [("llama", True), ("gemma2", False)])  # gemma2 soft-caps its logits
+@pytest.mark.parametrize("arch, plain", [("llama", True), ("gemma2", False), ("cohere", False)])
 def test_plain_head_tells_models_that_post_process_lm_head_apart(arch, plain):
-    model = tiny_model(arch)
+    """Gemma2 soft-caps its logits; the Cohere look-alike scales them by 1.0005, which a tolerance lets through."""
+    model = scaled_logits_model() if arch == "cohere" else tiny_model(arch)
     assert known_plain_head(model) is None
     with torch.no_grad(), HeadInput(model) as head_input:
         out = model(input_ids=torch.tensor([[5, 6, 7]]))
     assert plain_head(model, head_input.states, out.logits) is plain
     assert known_plain_head(model) is plain  # remembered for the model
+    if arch == "cohere":
+        projected = model.get_output_embeddings()(head_input.states)
+        assert torch.allclose(projected, out.logits, rtol=1e-3, atol=1e-3)

@@ -1,13 +1,17 @@
 """The fused loop on a static cache (siblings in scratch slots), eager and compiled: the same decisions and tokens as
 on the dynamic cache and as the naive reference."""
 
+import logging
+
 import pytest
 import torch
 from transformers import CompileConfig, StaticCache
 
-from conftest import assert_model_untouched, constant_agent, decisive_agent, left_padded, random_prompts, tiny_model
+from conftest import (assert_model_untouched, constant_agent, decisive_agent, left_padded, random_prompts,
+                      scaled_logits_model, tiny_model)
 from mara_hf import MaraLogitsProcessor, MaraStats, mara_generate
 from mara_hf import hf_internals as hf
+from mara_hf.compiled import _COMPILED
 from reference import naive_mara_greedy
 
 STATIC_ARCHS = ["llama", "qwen3"]  # full attention only: sliding-window layers are refused on a static cache
@@ -152,3 +156,25 @@ def test_compiled_step_inputs_keep_their_shapes_and_strides_from_step_to_step():
             assert (out.mara_steps["forwards"] > 1).any()
     torch._dynamo.reset()
     assert graphs[12] == graphs[3], graphs
+
+
+def test_a_model_that_scales_its_logits_runs_the_static_step_uncompiled(caplog):
+    """The compiled chunk projects the picked sibling with lm_head itself; a model that scales lm_head's output
+    (here by 1.0005, which a tolerance would let through) must run the static step uncompiled, and decode as on the
+    dynamic cache."""
+    model = scaled_logits_model()
+    agent = decisive_agent(seed=1, reject_bias=6.0)  # rejects top-1s on this model, and falls back sometimes
+    ids, mask = left_padded(random_prompts(2, seed=4))
+    dynamic = fused(model, agent, ids, mask, mara_schedule=(1, 8), mara_fallback="last")
+    with caplog.at_level(logging.WARNING, logger="mara_hf.generation"):
+        static = fused(model, agent, ids, mask, mara_schedule=(1, 8), mara_fallback="last",
+                       cache_implementation="static", compile_config=eager_compile_config())
+    assert "CohereForCausalLM post-processes lm_head's output" in caplog.text
+    assert "runs uncompiled" in caplog.text
+    assert model not in _COMPILED
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert (static.mara_steps["index"] > 0).any() and static.mara_steps["fallback"].any()
+    plain_model = tiny_model("llama")  # the same call on a model with plain logits compiles its step
+    fused(plain_model, agent, ids, mask, mara_schedule=(1, 8), cache_implementation="static",
+          compile_config=eager_compile_config())
+    assert plain_model in _COMPILED
