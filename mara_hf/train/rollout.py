@@ -28,6 +28,11 @@ replay transitions `(s, a, r, s', done)`:
   answer already holds ([`repeated_ngrams`]): a loop pays at every token of it, on the decision that made it,
   where a sentence-level fluency score pays once at the end (0, the default: the paper's MDP);
 - a row whose states hold a NaN or inf is dropped whole, so transitions and rewards cannot shift.
+
+With `deployed_share > 0` that share of the episodes (drawn per row) decide as the agent will at inference: accept
+where p(accept) > `deployed_threshold`, the same rule with one fixed threshold instead of uniform ones. SAC learns
+off-policy, so their transitions go into the buffer like the others; they show the critic the states, loops and
+fallbacks that the thresholded agent meets, which sampled episodes may never reach.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class Rollout:
         asked (`(B, T)` bool): the agent decided the token (more than one candidate).
         forced (`(B, T)` bool): every candidate the agent could refuse was rejected; the fallback token was taken.
         finite (`(B,)` bool): every state of the row was finite (rows with a NaN/inf state give no transitions).
+        deployed (`(B,)` bool): the row decided by the deployed rule instead of sampling (`deployed_share`).
     """
 
     states: torch.Tensor
@@ -79,6 +85,7 @@ class Rollout:
     asked: torch.BoolTensor
     forced: torch.BoolTensor
     finite: torch.BoolTensor
+    deployed: torch.BoolTensor | None = None
 
     @cached_property
     def repeated(self) -> torch.BoolTensor:
@@ -105,6 +112,7 @@ class Rollout:
             "kl": float((self.kl * active).sum()),
             "repeats": float(self.repeated.sum()),
             "dropped_rows": float((~self.finite).sum()),
+            "deployed_rows": float(self.deployed.sum()) if self.deployed is not None else 0.0,
         }
 
     def metrics(self) -> dict[str, float]:
@@ -115,7 +123,8 @@ class Rollout:
 def rollout_metrics(totals: dict[str, float]) -> dict[str, float]:
     """The metrics of [`Rollout.totals`] (of one rollout, or summed over several): mean answer length, decisions,
     acceptance rate over decisions, forced rate over decided tokens, changed rate, KL per token, the share of
-    tokens that repeat an earlier 4-gram of their answer ([`repeated_ngrams`]), dropped rows."""
+    tokens that repeat an earlier 4-gram of their answer ([`repeated_ngrams`]), dropped rows, rows that decided by
+    the deployed rule (`deployed_share`)."""
     tokens = max(totals["tokens"], 1.0)
     return {
         "response_tokens": totals["tokens"] / max(totals["rows"], 1.0),
@@ -126,6 +135,7 @@ def rollout_metrics(totals: dict[str, float]) -> dict[str, float]:
         "kl_per_token": totals["kl"] / tokens,
         "repeat_rate": totals["repeats"] / tokens,
         "dropped_rows": totals["dropped_rows"],
+        "deployed_rows": totals.get("deployed_rows", 0.0),
     }
 
 
@@ -170,10 +180,14 @@ def rollout(
     top_p: float = 0.95,
     fallback: str = "last",
     schedule: tuple[int, ...] = LAZY_SCHEDULE,
+    deployed_share: float = 0.0,
+    deployed_threshold: float = 0.5,
 ) -> Rollout:
     """Play the MDP on a left-padded batch of prompts; the actor's decisions are sampled with `generator` (CPU): one
     generator for the batch, or one per row (see [`row_generators`]), which makes each row's episode independent of
-    the rows beside it, so a batch split into shards gives the same episodes.
+    the rows beside it, so a batch split into shards gives the same episodes. With `deployed_share > 0` each row
+    decides by the deployed rule (p(accept) > `deployed_threshold`) instead with that probability, drawn from its
+    generator once per episode (no draw at 0, so earlier runs' episodes are unchanged).
 
     The model is only read (its cache is a fresh `DynamicCache`); the actor is only evaluated.
     """
@@ -202,12 +216,20 @@ def rollout(
     if per_row:  # each row's thresholds for the whole episode, drawn once (no loop over rows at every step)
         episode_thresholds = torch.stack([torch.rand((max_new_tokens, top_k), generator=g) for g in generator], dim=1)
         episode_thresholds = episode_thresholds.to(device, non_blocking=True)
+    deployed = torch.zeros(batch, dtype=torch.bool)
+    if deployed_share > 0:
+        draws = torch.stack([torch.rand((), generator=g) for g in generator]) if per_row else torch.rand(
+            batch, generator=generator)
+        deployed = draws < deployed_share
+    deployed = deployed.to(device)
 
     for position in range(max_new_tokens):
         if per_row:
             thresholds = episode_thresholds[position]
         else:
             thresholds = torch.rand((batch, top_k), generator=generator).to(device, non_blocking=True)
+        if deployed_share > 0:
+            thresholds = torch.where(deployed[:, None], deployed_threshold, thresholds)
         step = evaluate_step(
             model, actor, cache, logits, next_position_ids(None, mask, cache.get_seq_length(), batch, device), mask,
             top_k=top_k, top_p=top_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
@@ -256,6 +278,7 @@ def rollout(
         asked=stacked["asked"],
         forced=stacked["forced"],
         finite=finite,
+        deployed=deployed,
     )
 
 

@@ -84,6 +84,11 @@ class TrainConfig:
         "help": "cost on the decision that chose a token completing a token 4-gram its answer already holds (0: "
                 "the paper's MDP; a loop then pays at every repeated token, where a sentence-level fluency reward "
                 "pays once at the end)"})
+    deployed_share: float = field(default=0.0, metadata={
+        "help": "share of the rollouts' episodes that decide as the agent will at inference, accepting where "
+                "p(accept) > --probe-threshold, instead of sampling the actor: SAC learns off-policy, and these "
+                "episodes show the critic the loops and fallbacks the thresholded agent meets (0: every episode "
+                "sampled, the paper's MDP)"})
     top_k: int = field(default=40, metadata={"help": "candidates per position: the base model's top-k ..."})
     top_p: float = field(default=0.95, metadata={"help": "... then top-p, most probable first"})
     fallback: Literal["first", "last"] = field(default="last", metadata={
@@ -127,6 +132,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"`{name}` has to be a non-negative number, but is {value!r}.")
+        if isinstance(self.deployed_share, bool) or not isinstance(self.deployed_share, (int, float)) or not (
+            0 <= self.deployed_share <= 1
+        ):
+            raise ValueError(f"`deployed_share` has to be a number in [0, 1], but is {self.deployed_share!r}.")
         if not is_accept_threshold(self.probe_threshold):
             raise ValueError(f"`probe_threshold` has to be a float in (0, 1), but is {self.probe_threshold!r}.")
         if self.initial_accept is not None and not (
@@ -335,9 +344,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         saved, current = TrainConfig.from_dict(state["config"]).to_dict(), self.config.to_dict()
-        # Neither the length of a run nor its probe changes what it learns: a resumed run may change both.
-        differs = sorted(k for k in saved if k not in ("iterations", "greedy_probe", "probe_threshold")
-                         and saved[k] != current[k])
+        # Neither the length of a run nor its probe changes what it learns: a resumed run may change both (the
+        # probe's threshold only where no episode decides by it, `deployed_share`).
+        free = {"iterations", "greedy_probe"} | ({"probe_threshold"} if not saved["deployed_share"] else set())
+        differs = sorted(k for k in saved if k not in free and saved[k] != current[k])
         if differs:
             raise ValueError(f"The checkpoint was written with other settings ({', '.join(differs)}); resume with "
                              "the same settings or use another output folder.")
@@ -501,6 +511,7 @@ def rollout_transitions(model, tokenizer, reward: Callable, actor: MaraAgent, pr
         model, actor, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=config.max_new_tokens,
         eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id, generator=list(generators),
         top_k=config.top_k, top_p=config.top_p, fallback=config.fallback, schedule=config.schedule,
+        deployed_share=config.deployed_share, deployed_threshold=config.probe_threshold,
     )
     lengths = episodes.lengths.tolist()
     responses = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
