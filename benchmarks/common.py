@@ -1,7 +1,7 @@
 """Shared pieces of the mara-hf benchmarks: models, prompts, agents, the run record and its output folder.
 
-`bench_generate.py` (decoding speed and greedy identity) and `profile_step.py` (where a step's time goes) build on
-it. Everything a result depends on is recorded: the command line, versions, device, thread count, TF32 flags and
+`bench_generate.py` (decoding speed and greedy identity), `profile_step.py` (where a step's time goes) and the
+in-process A/Bs under `cpu/` build on it. Everything a result depends on is recorded: the command line, versions, device, thread count, TF32 flags and
 the git commit (`environment`).
 
 Prompts come from the repository's `data/prompts/` (see its README for sources and licences); a missing file stops
@@ -375,3 +375,33 @@ def set_threads(threads: int | None, device: str) -> None:
         threads = 0 if device.startswith("cuda") else 1
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------- in-process A/Bs of the fused loop
+def default_agent_ab(script: str, description: str, max_new_tokens: int):
+    """The setup of the CPU A/B scripts under `benchmarks/cpu/` (one variant of the fused loop against another and
+    plain greedy, in one process): their `--rounds` option, SmolLM2-135M in float32 on one thread, the default agent,
+    generate's keyword arguments and the record's head. Returns `(rounds, model, tokenizer, agent, base, record)`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per batch size (default 3)")
+    args = parser.parse_args()
+    set_threads(None, "cpu")
+    model, tokenizer = load_model("smollm2", "cpu", torch.float32)
+    record = {"command": " ".join([f"python {script}", *sys.argv[1:]]), "agent": DEFAULT_AGENT,
+              "max_new_tokens": max_new_tokens, "rounds": args.rounds, "environment": environment("cpu"),
+              "results": []}
+    return args.rounds, model, tokenizer, load_agent(), base_generate_kwargs(model, max_new_tokens), record
+
+
+def interleaved(run, variants: tuple[str, ...], rounds: int):
+    """One untimed warm-up of each variant, then `rounds` rounds with the variants in rotated order (round r starts
+    with variant r mod n). Returns the warm-up's `run(variant)` results and each variant's list of timed ones."""
+    warm = {v: run(v) for v in variants}
+    timed = {v: [] for v in variants}
+    for r in range(rounds):
+        first = r % len(variants)
+        for v in variants[first:] + variants[:first]:
+            timed[v].append(run(v))
+    return warm, timed

@@ -144,3 +144,13 @@ def test_shipped_agents_are_benchmark_agents_by_name(scripts):
         with pytest.raises(SystemExit, match=f"The shipped agent {shown} reads states of size 576, this model's are "
                                              f"64: use --model smollm2 with --agents {name}."):
             common.make_agent(name, model)
+
+
+def test_in_process_ab_rounds_warm_up_each_variant_then_rotate_the_order(scripts):
+    """`common.interleaved` (the CPU A/B scripts): one warm-up per variant, then rounds that each start with the
+    next variant, so no variant always runs first (or right after the same neighbour)."""
+    calls = []
+    warm, timed = scripts["common"].interleaved(lambda v: calls.append(v) or len(calls), ("a", "b", "c"), 3)
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert warm == {"a": 1, "b": 2, "c": 3}
+    assert timed == {"a": [4, 9, 11], "b": [5, 7, 12], "c": [6, 8, 10]}

@@ -9,8 +9,6 @@ variants run interleaved on the same machine state. SmolLM2-135M float32, one th
     python benchmarks/cpu/6-deferred-head/defer_ab.py --rounds 7
 """
 
-import argparse
-
 import json
 import statistics
 import sys
@@ -24,22 +22,14 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from mara_hf import MaraStats, mara_generate  # noqa: E402
-from mara_hf.models import DEFAULT_AGENT, load_agent  # noqa: E402
 from mara_hf.states import _PLAIN_HEAD  # noqa: E402
 
 TOKENS, VARIANTS = 32, ("plain", "deferred", "per-chunk")
 
 
 def main() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per batch size (default 3)")
-    args = parser.parse_args()
-    common.set_threads(None, "cpu")
-    model, tokenizer = common.load_model("smollm2", "cpu", torch.float32)
-    agent = load_agent()
-    base = common.base_generate_kwargs(model, TOKENS)
-    record = {"command": " ".join(["python benchmarks/cpu/6-deferred-head/defer_ab.py", *sys.argv[1:]]),
-              "agent": DEFAULT_AGENT, "max_new_tokens": TOKENS, "rounds": args.rounds, "environment": common.environment("cpu"), "results": []}
+    rounds, model, tokenizer, agent, base, record = common.default_agent_ab(
+        "benchmarks/cpu/6-deferred-head/defer_ab.py", __doc__.splitlines()[0], TOKENS)
     for batch_size, batches in ((1, 4), (16, 1)):
         inputs = common.make_batches(model, tokenizer, batch_size, batches, 0, 0, "cpu")
 
@@ -55,11 +45,8 @@ def main() -> dict:
                                                   mara_stats=stats))
             return time.perf_counter() - start, outputs, stats
 
-        seconds = {v: [] for v in VARIANTS}
-        warm = {v: run(v) for v in VARIANTS}
-        for r in range(args.rounds):
-            for v in VARIANTS[r % 3:] + VARIANTS[: r % 3]:
-                seconds[v].append(run(v)[0])
+        warm, timed = common.interleaved(run, VARIANTS, rounds)
+        seconds = {v: [result[0] for result in timed[v]] for v in VARIANTS}
         same = all(torch.equal(a, b) for a, b in zip(warm["deferred"][1], warm["per-chunk"][1]))
         plain = statistics.median(seconds["plain"])
         result = {"batch_size": batch_size, "prompts": batch_size * batches, "identical_tokens": same,

@@ -1,5 +1,4 @@
-"""The fused loop's commit written over the decode step's cache entry ("in-place") against restore + append, in one
-process.
+"""The fused commit written over the decode step's cache entry ("in-place") against restore + append, in one run.
 
 `bench_generate.py` times what users run (in-place wherever the cache allows it); this A/B switches it off for the
 same model by dropping the kept decode-step cache after each first chunk (`DynamicSiblings.decoded`, patched here
@@ -12,7 +11,6 @@ and the fault count does not depend on what else the machine runs. Writes `commi
     python benchmarks/cpu/7-inplace-commit/commit_ab.py --rounds 5
 """
 
-import argparse
 import json
 import resource
 import statistics
@@ -27,7 +25,6 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from mara_hf import MaraStats, mara_generate  # noqa: E402
-from mara_hf.models import DEFAULT_AGENT, load_agent  # noqa: E402
 from mara_hf.states import DynamicSiblings  # noqa: E402
 
 TOKENS, VARIANTS = 32, ("plain", "in-place", "append")
@@ -42,16 +39,8 @@ def _append_forward(self, *args, **kwargs):
 
 
 def main() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per batch size (default 3)")
-    args = parser.parse_args()
-    common.set_threads(None, "cpu")
-    model, tokenizer = common.load_model("smollm2", "cpu", torch.float32)
-    agent = load_agent()
-    base = common.base_generate_kwargs(model, TOKENS)
-    record = {"command": " ".join(["python benchmarks/cpu/7-inplace-commit/commit_ab.py", *sys.argv[1:]]),
-              "agent": DEFAULT_AGENT, "max_new_tokens": TOKENS, "rounds": args.rounds,
-              "environment": common.environment("cpu"), "results": []}
+    rounds_count, model, tokenizer, agent, base, record = common.default_agent_ab(
+        "benchmarks/cpu/7-inplace-commit/commit_ab.py", __doc__.splitlines()[0], TOKENS)
     for batch_size, batches in ((1, 4), (16, 1)):
         inputs = common.make_batches(model, tokenizer, batch_size, batches, 0, 0, "cpu")
 
@@ -72,11 +61,8 @@ def main() -> dict:
             return {"wall": wall, "cpu": time.process_time() - cpu,
                     "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}, outputs, stats
 
-        rounds = {v: [] for v in VARIANTS}
-        warm = {v: run(v) for v in VARIANTS}
-        for r in range(args.rounds):
-            for v in VARIANTS[r % 3:] + VARIANTS[: r % 3]:
-                rounds[v].append(run(v)[0])
+        warm, timed = common.interleaved(run, VARIANTS, rounds_count)
+        rounds = {v: [result[0] for result in timed[v]] for v in VARIANTS}
         same = all(torch.equal(a, b) for a, b in zip(warm["in-place"][1], warm["append"][1]))
         steps = TOKENS * batches
         plain = statistics.median(m["wall"] for m in rounds["plain"])
