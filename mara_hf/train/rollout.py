@@ -216,11 +216,11 @@ def rollout(
     if per_row:  # each row's thresholds for the whole episode, drawn once (no loop over rows at every step)
         episode_thresholds = torch.stack([torch.rand((max_new_tokens, top_k), generator=g) for g in generator], dim=1)
         episode_thresholds = episode_thresholds.to(device, non_blocking=True)
-    deployed = torch.zeros(batch, dtype=torch.bool)
-    if deployed_share > 0:
-        draws = torch.stack([torch.rand((), generator=g) for g in generator]) if per_row else torch.rand(
-            batch, generator=generator)
-        deployed = draws < deployed_share
+    deployed = torch.zeros(batch, dtype=torch.bool)  # rows deciding by the deployed rule, drawn once per episode
+    if deployed_share > 0 and per_row:
+        deployed = torch.stack([torch.rand((), generator=g) for g in generator]) < deployed_share
+    elif deployed_share > 0:
+        deployed = torch.rand(batch, generator=generator) < deployed_share
     deployed = deployed.to(device)
 
     for position in range(max_new_tokens):
