@@ -72,6 +72,11 @@ CONFIGS: dict[str, tuple[str, TrainConfig]] = {
     "k40-first-fluency10-token-rep05": ("10*vader+10*fluency", dataclasses.replace(
         SHIPPED, kl_coef=0.2, reject_cost=0.01, repeat_cost=0.5, checkpoint_every=20, greedy_probe=64,
         probe_threshold=0.2, sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
+    # the same objective without the repetition cost, half the episodes decided at the shipped threshold (the CPU
+    # run in train/cpu-deployed-2026-11-28/)
+    "k40-first-fluency10-token-dep05": ("10*vader+10*fluency", dataclasses.replace(
+        SHIPPED, kl_coef=0.2, reject_cost=0.01, deployed_share=0.5, checkpoint_every=20, greedy_probe=64,
+        probe_threshold=0.2, sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
 }
 DEFAULT_CONFIGS = ["k10-last", "k40-last", "k40-last-kl05", "k40-first"]
 """The sweep the shipped agent was chosen from."""
