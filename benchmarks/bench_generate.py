@@ -7,7 +7,12 @@ Methods (each with every agent it applies to):
   `--compile`), the reference of the static MARA ratios;
 - `processor`: `logits_processor=[MaraLogitsProcessor(agent, model)]` (dynamic cache);
 - `fused`: `custom_generate=mara_generate, mara_agent=agent, mara_schedule=...` (dynamic cache);
-- `fused-static`: the same with `cache_implementation="static"` (compiled where `generate` compiles).
+- `fused-static`: the same with `cache_implementation="static"` (compiled where `generate` compiles);
+- `prompt` (speed runs, always): plain greedy with one new token, i.e. the prompt's forward and the first token.
+  Every call of the other methods includes that much too; taking it off their time gives each method's cost per
+  decode step (`decode_ms_per_step`) and its ratio to plain's over the decode steps alone (`decode_ratio_vs_plain`).
+  With short answers the prompt's forward is a large part of every call (on the CPU at batch 16 with 32 new tokens,
+  about half of plain greedy's time), which brings the ratios of whole calls closer to 1 than the decode steps are.
 
 Agents: `accept-all` (MARA's pure overhead), `calibrated` (random, its accept bias set to reject `--reject-share`
 of the top-1 candidates of plain greedy decoding on the benchmark prompts, like a trained agent), `reject-all`
@@ -48,6 +53,7 @@ from mara_hf.data import answer_lengths
 from mara_hf.schedule import validate_schedule
 
 KINDS = ("plain", "plain-static", "processor", "fused", "fused-static")
+PROMPT = "prompt"  # the method every speed run adds: plain greedy with one new token (the prompt's forward)
 GREEDY_AGENTS = ("accept-all", "reject-all")  # agents whose output is plain greedy's (fallback "first")
 
 # Rough cost of a decode step relative to plain dynamic greedy, from issue 10's H100 measurements before its
@@ -104,6 +110,8 @@ class Method:
             kwargs["cache_implementation"] = "static"
             if self.compile_config is not None:
                 kwargs["compile_config"] = self.compile_config
+        if self.kind == PROMPT:
+            return dict(max_new_tokens=1, min_new_tokens=1), lambda: None
         if self.kind.startswith("plain"):
             return kwargs, lambda: None
         if self.kind == "processor":
@@ -160,7 +168,7 @@ def timed_call(model, inputs: dict, method: Method, base_kwargs: dict, device: s
     graphs = compiled_graphs()
     common.synchronize(device)
     start = time.perf_counter()
-    sequences = model.generate(**inputs, **base_kwargs, **extra)
+    sequences = model.generate(**inputs, **{**base_kwargs, **extra})
     common.synchronize(device)
     seconds = time.perf_counter() - start
     prompt_length = inputs["input_ids"].shape[1]
@@ -250,7 +258,7 @@ def run_record(run: MethodRun, references: dict[str, MethodRun]) -> dict:
         "method": run.method.name,
         "kind": run.method.kind,
         "agent": run.method.agent_name,
-        "schedule": None if run.method.kind.startswith("plain") or run.method.kind == "processor"
+        "schedule": None if run.method.agent is None or run.method.kind == "processor"
         else schedule_text(run.method.schedule),
         "processor_schedule": schedule_text(run.method.schedule) if run.method.kind == "processor" else None,
         "static_cache": run.method.static,
@@ -270,12 +278,39 @@ def run_record(run: MethodRun, references: dict[str, MethodRun]) -> dict:
         "mara_stats": summarize_stats(run.stats, run.steps) if run.stats else None,
     }
     for label, reference in references.items():
-        if reference is None or not reference.round_seconds or not seconds:
+        if label == PROMPT or run.method.kind == PROMPT or reference is None or not reference.round_seconds:
             continue
         ref_tps = [reference.tokens / s for s in reference.round_seconds]
         record[f"ratio_vs_{label}"] = statistics.median(tps) / statistics.median(ref_tps)
         paired = [a / b for a, b in zip(tps, ref_tps)]
         record[f"paired_ratio_vs_{label}"] = spread(paired)
+    record.update(decode_record(run, references.get(PROMPT), references.get("plain")))
+    return record
+
+
+def decode_seconds(run: MethodRun, prompt: MethodRun | None) -> list[float] | None:
+    """Per round, `run`'s seconds less the prompt's in the same round (both summed over the same batches): the
+    time of its decode steps after the first token. None without a prompt run, for the prompt itself, or where a
+    round's difference is not positive (a model too small to time)."""
+    if prompt is None or run is prompt or run.method.kind == PROMPT or not prompt.round_seconds:
+        return None
+    decode = [s - p for s, p in zip(run.round_seconds, prompt.round_seconds)]
+    return decode if decode and min(decode) > 0 and run.steps > prompt.steps else None
+
+
+def decode_record(run: MethodRun, prompt: MethodRun | None, plain: MethodRun | None) -> dict:
+    """`decode_ms_per_step` (median/min/max over rounds) and, against plain, `decode_ratio_vs_plain` (the same
+    tokens in fewer or more decode seconds: plain's median decode seconds over this method's) with its per-round
+    `paired_decode_ratio_vs_plain`. Empty where `decode_seconds` has none."""
+    decode = decode_seconds(run, prompt)
+    if decode is None:
+        return {}
+    steps = run.steps - prompt.steps
+    record = {"decode_ms_per_step": spread([1000 * d / steps for d in decode])}
+    plain_decode = None if plain is None else decode_seconds(plain, prompt)
+    if plain_decode is not None:
+        record["decode_ratio_vs_plain"] = statistics.median(plain_decode) / statistics.median(decode)
+        record["paired_decode_ratio_vs_plain"] = spread([p / d for p, d in zip(plain_decode, decode)])
     return record
 
 
@@ -379,8 +414,8 @@ def estimate_seconds(methods: list[Method], plain_seconds: dict[int, float], cal
     total = 0.0
     for batch_size, plain in plain_seconds.items():
         for m in methods:
-            if m.kind.startswith("plain"):
-                factor = 1.0
+            if m.kind.startswith("plain") or m.kind == PROMPT:
+                factor = 1.0  # (an upper bound for the prompt's call)
             else:
                 costs = STEP_COST["processor" if m.kind == "processor" else "fused"]
                 factor = costs.get(m.agent_name, costs[None])
@@ -408,6 +443,7 @@ def table_rows(records: list[dict]) -> list[list[str]]:
             f(rec.get("ratio_vs_plain"), ".3f"),
             f"{f(paired and paired['min'], '.2f')}-{f(paired and paired['max'], '.2f')}",
             f(rec.get("ratio_vs_plain_static"), ".3f"),
+            f(rec.get("decode_ratio_vs_plain"), ".3f"),
             f(s.get("forwards_per_step"), ".2f"),
             f(100 * s["top1_accept_rate"] if s else None, ".1f"),
             f(100 * s["fallback_rate"] if s else None, ".1f"),
@@ -415,10 +451,12 @@ def table_rows(records: list[dict]) -> list[list[str]]:
     return rows
 
 
-HEADER = ["batch", "method", "tok/s", "min-max", "ms/step", "vs plain", "per round", "vs static", "fwd/step",
-          "top1 acc %", "fallback %"]
+HEADER = ["batch", "method", "tok/s", "min-max", "ms/step", "vs plain", "per round", "vs static", "decode vs plain",
+          "fwd/step", "top1 acc %", "fallback %"]
 NOTE = ("tok/s: median over rounds (min-max); vs plain / vs static: median tok/s over plain's / plain-static's in "
-        "this run; per round: the same ratio round by round (min-max); fwd/step: MARA forwards per decode step "
+        "this run; per round: the same ratio round by round (min-max); decode vs plain: the same ratio over the "
+        "decode steps alone (each call less the prompt method's call, which runs the prompt's forward and the first "
+        "token, in the same round); fwd/step: MARA forwards per decode step "
         "(processor: on top of generate's own; fused: all); top1 acc %: share of agent-decided tokens whose top-1 "
         "the agent accepted; fallback %: every candidate rejected.")
 
@@ -561,6 +599,8 @@ def run(args, argv, mode: str, json_path: Path, log_path: Path, start: float) ->
                     f"{100 * args.reject_share:.0f}%), accept bias shifted by {rec['bias_shift']:+.4f}")
 
     methods = build_methods(args, agents, compile_config)
+    if not args.identity:
+        methods.append(Method(PROMPT))
     compiled = {m.name for m in methods if m.static and compiling}
     payload = {
         "benchmark": "bench_generate",
@@ -634,7 +674,7 @@ def records_of(runs: list[MethodRun]) -> list[dict]:
     by_name = {r.method.name: r for r in runs}
     records = []
     for run in runs:
-        references = {"plain": by_name.get("plain")}
+        references = {"plain": by_name.get("plain"), PROMPT: by_name.get(PROMPT)}
         if run.method.static:
             references["plain_static"] = by_name.get("plain-static")
         records.append(run_record(run, references))

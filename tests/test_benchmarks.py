@@ -24,16 +24,19 @@ def test_speed_smoke_writes_medians_ratios_stats_and_identity(scripts, tmp_path)
     payload = scripts["bench_generate"].main(TINY + ["--batch-sizes", "1", "2", "--max-new-tokens", "4",
                                                      "--rounds", "2", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "speed.json").read_text())
-    assert saved["complete"] and saved["mode"] == "speed" and len(saved["results"]) == len(payload["results"]) == 16
+    assert saved["complete"] and saved["mode"] == "speed" and len(saved["results"]) == len(payload["results"]) == 18
     assert saved["command"]["command_line"].startswith("python benchmarks/bench_generate.py --model tiny-random")
     assert {"torch", "transformers", "mara_hf", "git", "torch_threads"} <= set(saved["environment"])
 
     expected = {"plain", "plain-static", "processor/accept-all", "fused/accept-all/auto",
                 "fused/calibrated/auto", "fused/reject-all/auto", "fused-static/accept-all/auto",
-                "fused-static/calibrated/auto"}
+                "fused-static/calibrated/auto", "prompt"}
     for batch_size in (1, 2):
         records = {r["method"]: r for r in saved["results"] if r["batch_size"] == batch_size}
         assert set(records) == expected
+        prompt = records.pop("prompt")  # plain greedy with one new token, in every round
+        assert prompt["tokens_per_round"] == batch_size and len(prompt["seconds_per_round"]) == 2
+        assert "ratio_vs_plain" not in prompt and "decode_ms_per_step" not in prompt
         for name, r in records.items():
             assert len(r["seconds_per_round"]) == r["rounds"] == 2 and r["warmup_seconds"] > 0
             tps = r["tokens_per_second"]
@@ -59,6 +62,25 @@ def test_speed_smoke_writes_medians_ratios_stats_and_identity(scripts, tmp_path)
     assert all(c["identical"] for c in saved["identity"])
     log = (tmp_path / "speed.log").read_text()
     assert "fused-static/calibrated/auto" in log and "vs plain" in log and "estimated total time" in log
+
+
+def test_decode_figures_take_the_prompt_call_off_each_round(scripts):
+    bench = scripts["bench_generate"]
+
+    def run(kind, seconds, steps):
+        method_run = bench.MethodRun(bench.Method(kind), batch_size=2, num_batches=1, compiled=False)
+        method_run.round_seconds, method_run.steps = seconds, steps
+        return method_run
+
+    prompt, plain = run("prompt", [1.0, 1.2, 1.1], 1), run("plain", [4.0, 4.4, 4.1], 9)
+    record = bench.decode_record(run("fused", [7.0, 9.2, 7.1], 9), prompt, plain)
+    # decode seconds per round: fused 6.0, 8.0, 6.0 and plain 3.0, 3.2, 3.0, over 8 decode steps
+    assert record["decode_ms_per_step"] == pytest.approx({"median": 750.0, "min": 750.0, "max": 1000.0})
+    assert record["decode_ratio_vs_plain"] == pytest.approx(0.5)
+    assert record["paired_decode_ratio_vs_plain"] == pytest.approx({"median": 0.5, "min": 0.4, "max": 0.5})
+    assert bench.decode_record(prompt, prompt, plain) == {}
+    assert bench.decode_record(run("fused", [0.9, 1.5, 1.5], 9), prompt, plain) == {}  # a round below the prompt's
+    assert set(bench.decode_record(plain, prompt, None)) == {"decode_ms_per_step"}
 
 
 def test_identity_mode_compares_plain_processor_and_fused(scripts, tmp_path):
