@@ -112,8 +112,8 @@ def model_placement(args) -> dict:
 
 def add_agent_arguments(parser) -> None:
     """The `--agent` / `--agent-file` options of the commands that decode with an agent (see `load_agent`), and
-    `--fallback` and `--accept-threshold`, which override the agent's rule for a position whose candidates are all
-    rejected and its decision threshold."""
+    `--fallback`, `--accept-threshold` and `--top-k`, which override the agent's rule for a position whose candidates
+    are all rejected, its decision threshold and its number of candidates."""
     parser.add_argument("--agent", default=None,
                         help=f"agent: a shipped name (default: {DEFAULT_AGENT}; also "
                              f"{', '.join(a for a in shipped_agents() if a != DEFAULT_AGENT) or 'none'}), a native "
@@ -125,6 +125,10 @@ def add_agent_arguments(parser) -> None:
     parser.add_argument("--accept-threshold", type=_open_unit_interval, default=None, metavar="P",
                         help="accept a candidate when p(accept) exceeds P, in (0, 1) (default: the agent's config, "
                              "0.5 unless it was calibrated)")
+    parser.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                        help="candidates per position, in probability order (default: the agent's config, 40 for "
+                             "released agents); fewer bound what a position whose candidates are all rejected "
+                             "costs, and change the decisions that would have taken a candidate beyond K")
 
 
 def _open_unit_interval(text: str) -> float:
@@ -138,9 +142,21 @@ def _open_unit_interval(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of `--top-k`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"has to be a positive whole number, not {text!r}")
+    return value
+
+
 def agent_overrides(args) -> dict:
     """The `mara_*` arguments of `generate` that `add_agent_arguments`' overrides give (those set only)."""
-    values = {"mara_fallback": args.fallback, "mara_accept_threshold": args.accept_threshold}
+    values = {"mara_fallback": args.fallback, "mara_accept_threshold": args.accept_threshold,
+              "mara_top_k": args.top_k}
     return {key: value for key, value in values.items() if value is not None}
 
 

@@ -49,6 +49,17 @@ def test_generate_accept_threshold_overrides_the_agents(real_model, capsys):
     assert "argument --accept-threshold: has to be a number in (0, 1)" in capsys.readouterr().err
 
 
+def test_generate_top_k_bounds_the_candidates(real_model, capsys):
+    """`--top-k 1` leaves each position one candidate, taken without asking the agent."""
+    assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "8", "--agent", "smollm2-demo",
+                 "--top-k", "1"]) == 0
+    assert "[8 tokens; agent asked on 0, took a lower-ranked candidate on 0, fell back on 0]" in capsys.readouterr().err
+    for bad in ("0", "2.5"):
+        with pytest.raises(SystemExit):
+            main(["generate", "hi", "--top-k", bad])
+        assert f"argument --top-k: has to be a positive whole number, not '{bad}'" in capsys.readouterr().err
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     assert main(["generate", "hi", "--agent", str(tmp_path / "missing.pth")]) == 2
     assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out"), "--base-model", "x"]) == 2

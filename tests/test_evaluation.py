@@ -412,10 +412,11 @@ def test_run_eval_end_to_end(tmp_path, fake_loading, capsys):
     assert combined == pytest.approx(2 * len(line["mara"]) / 10 - sum(c in "aeiou" for c in line["mara"]), abs=1e-4)
 
 
-def test_run_eval_fallback_and_threshold_override_the_agents(tmp_path, model, tokenizer, monkeypatch, capsys):
+def test_run_eval_fallback_threshold_and_top_k_override_the_agents(tmp_path, model, tokenizer, monkeypatch, capsys):
     """`--fallback last` with an agent that rejects everything: MARA takes each step's last candidate (answers differ
     from the base model's), recorded in the settings; without it the agent's own `"first"` gives the base answers,
-    and so does `--accept-threshold` below the agent's accept probabilities."""
+    and so do `--accept-threshold` below the agent's accept probabilities and `--top-k 1` (a lone candidate per step,
+    taken without asking)."""
     monkeypatch.setattr(mara_hf.models, "load_base_model", lambda name, device=None, dtype=None: (model, tokenizer))
     monkeypatch.setattr(mara_hf.models, "load_agent", lambda source=None, filename=None: constant_agent(16, False))
     prompts = tmp_path / "prompts.json"
@@ -424,7 +425,9 @@ def test_run_eval_fallback_and_threshold_override_the_agents(tmp_path, model, to
     # the agent's p(accept) is about 2e-9: a threshold of 1e-9 accepts every top-1 (the base answers again)
     for name, options, kwargs in [(None, [], {}), ("last", ["--fallback", "last"], {"mara_fallback": "last"}),
                                   ("low", ["--fallback", "last", "--accept-threshold", "1e-9"],
-                                   {"mara_fallback": "last", "mara_accept_threshold": 1e-9})]:
+                                   {"mara_fallback": "last", "mara_accept_threshold": 1e-9}),
+                                  ("top1", ["--fallback", "last", "--top-k", "1"],
+                                   {"mara_fallback": "last", "mara_top_k": 1})]:
         out = tmp_path / str(name)
         argv = ["--prompts", str(prompts), "--reward", "py:test_rewards:length_reward", "--max-new-tokens", "4",
                 "--batch-size", "2", "--out", str(out)] + options
@@ -432,10 +435,10 @@ def test_run_eval_fallback_and_threshold_override_the_agents(tmp_path, model, to
         results = json.loads((out / RESULTS_FILE).read_text())
         assert results["settings"]["mara_kwargs"] == kwargs
         answers[name] = [json.loads(line) for line in (out / RESPONSES_FILE).read_text().splitlines()]
-    assert all(line["mara"] == line["base"] for line in answers[None] + answers["low"])
+    assert all(line["mara"] == line["base"] for line in answers[None] + answers["low"] + answers["top1"])
     assert all(line["mara"] != line["base"] for line in answers["last"])
     defaults = eval_parser().parse_args(["--prompts", "p", "--reward", "vader"])
-    assert defaults.fallback is None and defaults.accept_threshold is None
+    assert defaults.fallback is None and defaults.accept_threshold is None and defaults.top_k is None
 
 
 def test_run_eval_checks_rewards_before_loading_models(tmp_path, fake_loading):
