@@ -292,7 +292,7 @@ def decode_seconds(run: MethodRun, prompt: MethodRun | None) -> list[float] | No
     """Per round, `run`'s seconds less the prompt's in the same round (both summed over the same batches): the
     time of its decode steps after the first token. None without a prompt run, for the prompt itself, or where a
     round's difference is not positive (a model too small to time)."""
-    if prompt is None or run is prompt or run.method.kind == PROMPT or not prompt.round_seconds:
+    if prompt is None or run.method.kind == PROMPT or not prompt.round_seconds:
         return None
     decode = [s - p for s, p in zip(run.round_seconds, prompt.round_seconds)]
     return decode if decode and min(decode) > 0 and run.steps > prompt.steps else None
