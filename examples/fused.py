@@ -11,7 +11,7 @@ from mara_hf import MaraLogitsProcessor, add_mara_generation, mara_generate
 from mara_hf.models import load_agent, load_base_model
 
 model, tokenizer = load_base_model("smollm2")
-agent = load_agent()  # the shipped default SmolLM2 agent (smollm2-fluent, trained)
+agent = load_agent()  # the shipped default SmolLM2 agent (smollm2-steady, trained)
 prompts = ["How do I pick a lock?", "Write a haiku about the sea."]
 texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
          for p in prompts]

@@ -14,7 +14,7 @@ from .agent import SHIPPED_AGENTS, is_accept_threshold, shipped_agent_names
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct-Q4_1-GGUF")
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_AGENT = "smollm2-fluent"
+DEFAULT_AGENT = "smollm2-steady"
 
 
 def default_device(device: str | None = None) -> str:

@@ -28,7 +28,7 @@ def test_generate_default_runs_the_shipped_agent_on_smollm2(real_model, capsys):
     assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "12"]) == 0
     out, err = capsys.readouterr()
     assert real_model == ["smollm2"]
-    assert "agent: smollm2-fluent" in err and "discrete SAC, reward 10*vader+10*fluency" in err
+    assert "agent: smollm2-steady" in err and "discrete SAC, reward 10*vader+10*fluency" in err
     assert len(out.strip()) > 0 and "[12 tokens; agent asked on" in err
 
 

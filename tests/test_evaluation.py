@@ -507,7 +507,7 @@ def readme_eval_commands() -> list[list[str]]:
     readme = (ROOT / "README.md").read_text()
     commands = [shlex.split(line)[1:] for line in readme.splitlines()
                 if line.startswith("mara-hf eval ") and "--out benchmarks/eval/" in line]
-    assert len(commands) == 4, "the README shows the commands of the published evaluations (two agents, two sets)"
+    assert len(commands) == 6, "the README shows the commands of the published evaluations (three agents, two sets)"
     return commands
 
 

@@ -129,14 +129,15 @@ def test_missing_relative_agent_path_is_not_taken_for_a_hub_id(tmp_path, monkeyp
     # when it could be either, the message says both
     with pytest.raises(OSError, match=re.escape("('org/agent' is not a local folder either)")):
         MaraAgent.from_pretrained("org/agent")
-    with pytest.raises(FileNotFoundError, match=r"nor a shipped agent \(smollm2-demo, smollm2-fluent, smollm2-vader\)"):
+    shipped = r"nor a shipped agent \(smollm2-demo, smollm2-fluent, smollm2-steady, smollm2-vader\)"
+    with pytest.raises(FileNotFoundError, match=shipped):
         MaraAgent.from_pretrained("smollm2-vadr")
 
 
 # ---------------------------------------------------------------------------------------------- hub mixin hooks
 def test_shipped_agents_load_by_name_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ("smollm2-vader", "smollm2-fluent", "smollm2-demo"):
+    for name in ("smollm2-vader", "smollm2-fluent", "smollm2-steady", "smollm2-demo"):
         by_name = MaraAgent.from_pretrained(name)
         by_path = MaraAgent.from_pretrained(SHIPPED_AGENTS / name)
         assert by_name.config == by_path.config
@@ -147,7 +148,7 @@ def test_shipped_agents_load_by_name_from_anywhere(tmp_path, monkeypatch):
 
 
 def test_shipped_config_records_no_machine_path():
-    for name in ("smollm2-vader", "smollm2-fluent", "smollm2-demo"):
+    for name in ("smollm2-vader", "smollm2-fluent", "smollm2-steady", "smollm2-demo"):
         text = (SHIPPED_AGENTS / name / "config.json").read_text()
         assert not re.search(r"(?<![\w.])/(tmp|home|root|work|Users|var)/", text), name
     training = json.loads((SHIPPED_AGENTS / "smollm2-vader" / "config.json").read_text())["training"]
@@ -203,14 +204,14 @@ def test_shipped_cards_examples_run_as_written(smollm2, monkeypatch, capsys):
 
     monkeypatch.setattr(mara_hf.models, "load_base_model", lambda name: smollm2 if name == "smollm2" else None)
     codes = {}
-    for name in ("smollm2-vader", "smollm2-fluent", "smollm2-demo"):
+    for name in ("smollm2-vader", "smollm2-fluent", "smollm2-steady", "smollm2-demo"):
         card = (SHIPPED_AGENTS / name / "README.md").read_text()
         codes[name] = re.search(r"```python\n(.+?)```", card, re.S).group(1)
         assert f'MaraAgent.from_pretrained("{name}")' in codes[name] and "mara_hf/agents" not in card
         # a card's evaluation commands evaluate its own agent, not whichever is the default
         evals = [line for line in card.splitlines() if line.startswith("mara-hf eval ")]
         assert all(f"--agent {name} " in line for line in evals), name
-    for name in ("smollm2-fluent", "smollm2-demo"):
+    for name in ("smollm2-fluent", "smollm2-steady", "smollm2-demo"):
         assert codes[name] == codes["smollm2-vader"].replace("smollm2-vader", name)
     code = codes["smollm2-vader"]
     assert code.count("max_new_tokens=64") == 2

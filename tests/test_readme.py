@@ -24,7 +24,8 @@ def test_shipped_agent_is_packaged():
     agent = MaraAgent.from_pretrained(SHIPPED_AGENTS / DEFAULT_AGENT)
     assert agent.state_dim == 576 and "discrete SAC" in agent.training_info
     assert (agent.top_k, agent.fallback) == (40, "first")
-    assert {"smollm2-vader", "smollm2-fluent", "smollm2-demo"} <= set(shipped_agents())
-    fluent = MaraAgent.from_pretrained("smollm2-fluent")
-    assert (fluent.accept_threshold, fluent.fallback, fluent.state_dim) == (0.2, "first", 576)
+    assert {"smollm2-vader", "smollm2-fluent", "smollm2-steady", "smollm2-demo"} <= set(shipped_agents())
+    for name in ("smollm2-fluent", "smollm2-steady"):
+        trained = MaraAgent.from_pretrained(name)
+        assert (trained.accept_threshold, trained.fallback, trained.state_dim) == (0.2, "first", 576)
     assert "agents/*/*" in (ROOT / "setup.cfg").read_text()

@@ -61,7 +61,7 @@ def parsed_train_command(command: str) -> tuple[argparse.Namespace, TrainConfig]
 
 def test_the_readme_training_commands_still_parse():
     """The shipped agents' training commands in the README: `smollm2-vader`'s gives the config the sweep script
-    declares for it, `smollm2-fluent`'s the one its config.json records."""
+    declares for it, `smollm2-fluent`'s and `smollm2-steady`'s the ones their config.json files record."""
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```bash\n(mara-hf train --prompts [^\n]*--limit 25000[^`]*?)\n```", readme, re.S)
     by_out = {command.split("--out ")[1].split()[0]: command for command in commands}
@@ -78,6 +78,12 @@ def test_the_readme_training_commands_still_parse():
     recorded_args, recorded_config = parsed_train_command(recorded.replace("saferlhf_train.json",
                                                                            "data/prompts/saferlhf_train.json"))
     assert (args.reward, config) == (recorded_args.reward, recorded_config) and args.reward == "10*vader+10*fluency"
+
+    args, config = parsed_train_command(by_out["runs/k40-first-fluency-kl02-rc01-dep05-rep05-token-probed"])
+    recorded_args, recorded_config = parsed_train_command(
+        MaraAgent.from_pretrained("smollm2-steady").training_info.split("`")[1])
+    assert (args.reward, config) == (recorded_args.reward, recorded_config)
+    assert (config.deployed_share, config.repeat_cost, config.probe_threshold) == (0.5, 0.5, 0.2)
 
 
 def load_sweep():
