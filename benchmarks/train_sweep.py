@@ -41,7 +41,7 @@ from mara_hf.train.trainer import BEST_AGENT, FINAL_AGENT, PROBE_FILE
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts" / "saferlhf_train.json"
 
-# The shipped agent's run (`k40-first`): runs are stopped by --minutes, not by iterations or checkpoints.
+# `smollm2-vader`'s run (`k40-first`): runs are stopped by --minutes, not by iterations or checkpoints.
 SHIPPED = TrainConfig(
     rollout_batch_size=64, max_new_tokens=64, learning_starts=8000, updates_per_rollout=48, top_k=40, top_p=0.95,
     fallback="first", kl_coef=0.1, checkpoint_every=100000, iterations=100000, seed=0,
@@ -77,9 +77,14 @@ CONFIGS: dict[str, tuple[str, TrainConfig]] = {
     "k40-first-fluency10-token-dep05": ("10*vader+10*fluency", dataclasses.replace(
         SHIPPED, kl_coef=0.2, reject_cost=0.01, deployed_share=0.5, checkpoint_every=20, greedy_probe=64,
         probe_threshold=0.2, sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
+    # both: the objective of the default `smollm2-steady` (the CPU run in train/cpu-dep-repeat-2026-11-28/), with
+    # GPU-sized experience
+    "k40-first-fluency10-token-dep05-rep05": ("10*vader+10*fluency", dataclasses.replace(
+        SHIPPED, kl_coef=0.2, reject_cost=0.01, deployed_share=0.5, repeat_cost=0.5, checkpoint_every=20,
+        greedy_probe=64, probe_threshold=0.2, sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
 }
 DEFAULT_CONFIGS = ["k10-last", "k40-last", "k40-last-kl05", "k40-first"]
-"""The sweep the shipped agent was chosen from."""
+"""The sweep `smollm2-vader` was chosen from."""
 
 
 def train_options(name: str) -> list[str]:
