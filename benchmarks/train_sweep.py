@@ -49,6 +49,12 @@ SHIPPED = TrainConfig(
 )
 TONE = "10*vader"
 FLUENT_TONE = "10*vader+5*fluency"
+FLUENT10_TONE = "10*vader+10*fluency"
+# `smollm2-fluent`'s objective (fluency weight 10, KL 0.2, reject cost 0.01, gamma per token taken) on the sweep's
+# experience, a checkpoint every 20 rollouts, each with a greedy probe of 64 prompts at threshold 0.2
+FLUENT10 = dataclasses.replace(
+    SHIPPED, kl_coef=0.2, reject_cost=0.01, checkpoint_every=20, greedy_probe=64, probe_threshold=0.2,
+    sac=dataclasses.replace(SHIPPED.sac, discount="token"))
 CONFIGS: dict[str, tuple[str, TrainConfig]] = {
     "k10-last": (TONE, dataclasses.replace(SHIPPED, top_k=10, fallback="last")),
     "k40-last": (TONE, dataclasses.replace(SHIPPED, fallback="last")),
@@ -66,22 +72,14 @@ CONFIGS: dict[str, tuple[str, TrainConfig]] = {
     "k40-first-fluency-token-rc10": (FLUENT_TONE, dataclasses.replace(
         SHIPPED, reject_cost=0.1, checkpoint_every=20, greedy_probe=64,
         sac=dataclasses.replace(SHIPPED.sac, discount="token", actor_delay=1000))),
-    # `smollm2-fluent`'s objective (fluency weight 10, KL 0.2, reject cost 0.01, gamma per token) plus the
-    # token-level repetition cost of the CPU run in train/cpu-repeat-2026-11-28/, with GPU-sized experience,
-    # probed at the threshold the SmolLM2 agents ship with
-    "k40-first-fluency10-token-rep05": ("10*vader+10*fluency", dataclasses.replace(
-        SHIPPED, kl_coef=0.2, reject_cost=0.01, repeat_cost=0.5, checkpoint_every=20, greedy_probe=64,
-        probe_threshold=0.2, sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
-    # the same objective without the repetition cost, half the episodes decided at the shipped threshold (the CPU
-    # run in train/cpu-deployed-2026-11-28/)
-    "k40-first-fluency10-token-dep05": ("10*vader+10*fluency", dataclasses.replace(
-        SHIPPED, kl_coef=0.2, reject_cost=0.01, deployed_share=0.5, checkpoint_every=20, greedy_probe=64,
-        probe_threshold=0.2, sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
-    # both: the objective of the default `smollm2-steady` (the CPU run in train/cpu-dep-repeat-2026-11-28/), with
-    # GPU-sized experience
-    "k40-first-fluency10-token-dep05-rep05": ("10*vader+10*fluency", dataclasses.replace(
-        SHIPPED, kl_coef=0.2, reject_cost=0.01, deployed_share=0.5, repeat_cost=0.5, checkpoint_every=20,
-        greedy_probe=64, probe_threshold=0.2, sac=dataclasses.replace(SHIPPED.sac, discount="token"))),
+    # `smollm2-fluent`'s objective (FLUENT10) with GPU-sized experience, probed at the threshold the SmolLM2 agents
+    # ship with, plus: the token-level repetition cost of train/cpu-repeat-2026-11-28/ (`-rep05`); half the episodes
+    # decided at that threshold, as in train/cpu-deployed-2026-11-28/ (`-dep05`); both, the objective of the default
+    # `smollm2-steady` (train/cpu-dep-repeat-2026-11-28/)
+    "k40-first-fluency10-token-rep05": (FLUENT10_TONE, dataclasses.replace(FLUENT10, repeat_cost=0.5)),
+    "k40-first-fluency10-token-dep05": (FLUENT10_TONE, dataclasses.replace(FLUENT10, deployed_share=0.5)),
+    "k40-first-fluency10-token-dep05-rep05": (FLUENT10_TONE, dataclasses.replace(
+        FLUENT10, deployed_share=0.5, repeat_cost=0.5)),
 }
 DEFAULT_CONFIGS = ["k10-last", "k40-last", "k40-last-kl05", "k40-first"]
 """The sweep `smollm2-vader` was chosen from."""
