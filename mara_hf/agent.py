@@ -65,6 +65,10 @@ class MaraAgent(
             it. 0.5 takes the agent's own greedy decision (the paper's); an actor trained as a stochastic policy
             can be calibrated to a lower one (its sampled walk accepts far more often than p > 0.5 does).
         source (`str`, *optional*): where the weights came from (e.g. the original `.pth` file name).
+        min_p (`float`, *optional*, defaults to 0.0): also drop candidates less probable than `min_p` times the
+            top-1 (transformers' `MinPLogitsWarper` after top-k and top-p). 0 keeps the paper's candidate set; e.g.
+            0.25 lets the agent take no token more than `log 4` nats below the top-1, which keeps the answers
+            closer to the base model's (less KL), fewer positions need the agent, and more fall back.
         training_info (`str`, *optional*): free-text description of how the agent was trained (the key
             `training` in config.json; the attribute cannot be `training`, which is `nn.Module`'s train/eval flag).
 
@@ -91,6 +95,7 @@ class MaraAgent(
         accept_threshold: float = 0.5,
         source: str | None = None,
         training_info: str | None = None,
+        min_p: float = 0.0,
     ):
         super().__init__()
         if not isinstance(state_dim, int) or state_dim <= 0:
@@ -98,12 +103,13 @@ class MaraAgent(
         hidden_sizes = list(hidden_sizes)
         if len(hidden_sizes) != 2 or not all(isinstance(h, int) and h > 0 for h in hidden_sizes):
             raise ValueError(f"`hidden_sizes` has to be two positive integers, but is {hidden_sizes!r}.")
-        validate_candidate_settings(top_k, top_p, fallback, accept_threshold)
+        validate_candidate_settings(top_k, top_p, fallback, accept_threshold, min_p)
         self.state_dim = state_dim
         self.hidden_sizes = hidden_sizes
         self.base_model = base_model
         self.top_k = top_k
         self.top_p = top_p
+        self.min_p = min_p
         self.fallback = fallback
         self.accept_threshold = accept_threshold
         self.source = source
@@ -123,6 +129,7 @@ class MaraAgent(
             "base_model": self.base_model,
             "top_k": self.top_k,
             "top_p": self.top_p,
+            "min_p": self.min_p,
             "fallback": self.fallback,
             "accept_threshold": self.accept_threshold,
             "source": self.source,
@@ -286,8 +293,8 @@ class MaraAgent(
         return card
 
     def extra_repr(self) -> str:
-        return (f"base_model={self.base_model!r}, top_k={self.top_k}, top_p={self.top_p}, fallback={self.fallback!r}, "
-                f"accept_threshold={self.accept_threshold}")
+        return (f"base_model={self.base_model!r}, top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p}, "
+                f"fallback={self.fallback!r}, accept_threshold={self.accept_threshold}")
 
 
 def is_accept_threshold(value) -> bool:
@@ -295,12 +302,16 @@ def is_accept_threshold(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0
 
 
-def validate_candidate_settings(top_k: int, top_p: float, fallback: str, accept_threshold: float = 0.5) -> None:
+def validate_candidate_settings(top_k: int, top_p: float, fallback: str, accept_threshold: float = 0.5,
+                                min_p: float = 0.0) -> None:
     """Eager checks shared by the agent config, the processor and the fused loop."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"`top_k` has to be a strictly positive integer, but is {top_k!r}.")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"`top_p` has to be a float in (0, 1], but is {top_p!r}.")
+    if not isinstance(min_p, (int, float)) or isinstance(min_p, bool) or not 0.0 <= min_p < 1.0:
+        raise ValueError(f"`min_p` has to be a float in [0, 1) (0: the paper's candidates, no min-p cut), but is "
+                         f"{min_p!r}.")
     if fallback not in FALLBACKS:
         raise ValueError(f"`fallback` has to be one of {FALLBACKS}, but is {fallback!r}.")
     if not is_accept_threshold(accept_threshold):

@@ -13,7 +13,7 @@ decodes. It aligns the base model at decoding time; the base model's weights are
 
 - Base model: {% if base_model %}`{{ base_model }}`{% else %}not recorded (any causal LM with hidden size {{ state_dim }}){% endif %}
 - State size: {{ state_dim }}; layers: LayerNorm -> {{ hidden_sizes[0] }} -> {{ hidden_sizes[1] }} -> 2
-- Candidates: top-k {{ top_k }}, top-p {{ top_p }}; when every candidate is rejected: `{{ fallback }}`
+- Candidates: top-k {{ top_k }}, top-p {{ top_p }}{% if min_p %}, min-p {{ min_p }} (none less probable than {{ min_p }} x the top-1){% endif %}; when every candidate is rejected: `{{ fallback }}`
 {% if accept_threshold != 0.5 %}- Decision: accept a candidate when p(accept) > {{ accept_threshold }} (calibrated; 0.5 is the agent's greedy decision)
 {% endif %}{% if source %}- Converted from: `{{ source }}`
 {% endif %}{% if training %}- Training: {{ training }}

@@ -2,7 +2,9 @@
 
 MARA's candidates at a step are built as the original code builds them: `log_softmax(logits)`, then top-k and
 transformers' `TopPLogitsWarper(top_p)` (as `TopKLogitsWarper` then `TopPLogitsWarper` compute them), sorted by
-probability. The agent walks
+probability; optionally (`min_p > 0`, not in the paper) transformers' `MinPLogitsWarper(min_p)` then drops the
+candidates less probable than `min_p` times the top-1, which bounds how far below the top-1 a taken token can be
+(`log(1 / min_p)` nats). The agent walks
 them in that order and the first accepted one is taken; when every candidate is rejected, the fallback decides.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers.generation.logits_process import MinPLogitsWarper, TopPLogitsWarper
 
 
 @dataclass
@@ -37,8 +39,9 @@ class CandidateSet:
         return self.tokens.shape[1]
 
 
-def build_candidates(scores: torch.Tensor, top_k: int, top_p: float) -> CandidateSet:
-    """MARA's candidate set for each row of `scores` `(batch, vocab)`; `scores` is not modified.
+def build_candidates(scores: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> CandidateSet:
+    """MARA's candidate set for each row of `scores` `(batch, vocab)`; `scores` is not modified. `min_p` (0: off,
+    the paper's set) also drops candidates whose probability is below `min_p` times the top-1's.
 
     Example:
 
@@ -48,6 +51,8 @@ def build_candidates(scores: torch.Tensor, top_k: int, top_p: float) -> Candidat
     >>> cands = build_candidates(torch.tensor([[2.0, 1.0, -5.0, 0.5]]), top_k=3, top_p=0.95)
     >>> cands.tokens.tolist(), cands.counts.tolist()
     ([[0, 1, 3]], [3])
+    >>> build_candidates(torch.tensor([[2.0, 1.0, -5.0, 0.5]]), top_k=3, top_p=0.95, min_p=0.3).counts.tolist()
+    [2]
 
     ```
     """
@@ -58,7 +63,10 @@ def build_candidates(scores: torch.Tensor, top_k: int, top_p: float) -> Candidat
     width = min(top_k, logprobs.shape[-1])
     values, tokens = torch.topk(logprobs, k=width, dim=-1, sorted=True)
     values = TopPLogitsWarper(top_p=top_p)(None, values)
-    kept = values > -float("inf")  # a prefix of each row: top-p removes from the least probable end, never the top-1
+    if min_p > 0:
+        # MinPLogitsWarper compares probabilities with the top-1's: renormalising over the kept set changes no ratio.
+        values = MinPLogitsWarper(min_p=min_p)(None, values)
+    kept = values > -float("inf")  # a prefix of each row: both remove from the least probable end, never the top-1
     counts = kept.sum(dim=-1)
     tokens = torch.where(kept, tokens, tokens[:, :1])
     return CandidateSet(tokens=tokens, logprobs=values, counts=counts, valid=kept)

@@ -102,6 +102,7 @@ def evaluate_step(
     top_k: int,
     top_p: float,
     fallback: str,
+    min_p: float = 0.0,
     schedule: tuple[int, ...] = LAZY_SCHEDULE,
     lazy: bool = True,
     for_commit: bool = False,
@@ -131,7 +132,7 @@ def evaluate_step(
     projects each row's taken sibling once. A step costs one vocabulary projection, as a plain decode step does,
     instead of one per chunk (on a CPU lm_head is a fifth of a small model's weights read per forward).
     """
-    cands = build_candidates(scores, top_k, top_p)
+    cands = build_candidates(scores, top_k, top_p, min_p)
     batch, width = cands.counts.shape[0], cands.width
     device = cands.tokens.device
     if isinstance(thresholds, torch.Tensor):

@@ -70,6 +70,7 @@ def mara_generate(
     mara_agent=None,
     mara_top_k: int | None = None,
     mara_top_p: float | None = None,
+    mara_min_p: float | None = None,
     mara_fallback: str | None = None,
     mara_accept_threshold: float | None = None,
     mara_schedule=DEFAULT_SCHEDULE,
@@ -86,7 +87,7 @@ def mara_generate(
     `cache_implementation="static"` (siblings in scratch slots of the static cache; compiled where `generate`
     compiles, see the README).
 
-    MARA arguments (all optional but `mara_agent`): `mara_top_k`, `mara_top_p`, `mara_fallback`,
+    MARA arguments (all optional but `mara_agent`): `mara_top_k`, `mara_top_p`, `mara_min_p`, `mara_fallback`,
     `mara_accept_threshold` (default: the agent's config), `mara_schedule` (`"auto"`, the default: chunks chosen
     by cost; or boundaries such as `(1, 8)`
     or `(40,)`, see `mara_hf.schedule`), `mara_stats` (a [`MaraStats`] to accumulate into).
@@ -128,9 +129,10 @@ def mara_generate(
     check_agent(mara_agent, model)
     top_k = mara_agent.top_k if mara_top_k is None else mara_top_k
     top_p = mara_agent.top_p if mara_top_p is None else mara_top_p
+    min_p = mara_agent.min_p if mara_min_p is None else mara_min_p
     fallback = mara_agent.fallback if mara_fallback is None else mara_fallback
     threshold = mara_agent.accept_threshold if mara_accept_threshold is None else mara_accept_threshold
-    validate_candidate_settings(top_k, top_p, fallback, threshold)
+    validate_candidate_settings(top_k, top_p, fallback, threshold, min_p)
     if not model_kwargs.get("use_cache", True):
         check_cache(None)
     check_left_padding(model_kwargs.get("attention_mask"))
@@ -201,6 +203,7 @@ def mara_generate(
             context_mask,
             top_k=top_k,
             top_p=top_p,
+            min_p=min_p,
             fallback=fallback,
             thresholds=threshold,
             schedule=schedule.current(),

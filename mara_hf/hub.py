@@ -13,8 +13,8 @@ GENERATE_TEMPLATE = '''"""MARA decoding as a Hub `custom_generate` (written by m
     model.generate(**inputs, custom_generate="{source}", trust_remote_code=True)
 
 runs the fused MARA loop of `mara_hf.mara_generate` with the agent stored in this repository; pass
-`mara_agent=...` to use another agent, and `mara_top_k`, `mara_top_p`, `mara_fallback`, `mara_schedule` to
-change the candidate settings.
+`mara_agent=...` to use another agent, and `mara_top_k`, `mara_top_p`, `mara_min_p`, `mara_fallback`,
+`mara_schedule` to change the candidate settings.
 """
 
 from transformers import GenerationMixin

@@ -112,8 +112,8 @@ def model_placement(args) -> dict:
 
 def add_agent_arguments(parser) -> None:
     """The `--agent` / `--agent-file` options of the commands that decode with an agent (see `load_agent`), and
-    `--fallback`, `--accept-threshold` and `--top-k`, which override the agent's rule for a position whose candidates
-    are all rejected, its decision threshold and its number of candidates."""
+    `--fallback`, `--accept-threshold`, `--top-k` and `--min-p`, which override the agent's rule for a position whose
+    candidates are all rejected, its decision threshold, its number of candidates and its min-p cut."""
     parser.add_argument("--agent", default=None,
                         help=f"agent: a shipped name (default: {DEFAULT_AGENT}; also "
                              f"{', '.join(a for a in shipped_agents() if a != DEFAULT_AGENT) or 'none'}), a native "
@@ -129,6 +129,10 @@ def add_agent_arguments(parser) -> None:
                         help="candidates per position, in probability order (default: the agent's config, 40 for "
                              "released agents); fewer bound what a position whose candidates are all rejected "
                              "costs, and change the decisions that would have taken a candidate beyond K")
+    parser.add_argument("--min-p", type=_unit_interval_from_zero, default=None, metavar="P",
+                        help="also drop candidates less probable than P x the top-1, in [0, 1) (default: the agent's "
+                             "config, 0: the paper's candidates); e.g. 0.25 keeps answers closer to the base model's "
+                             "(lower KL) at some of the gain")
 
 
 def _open_unit_interval(text: str) -> float:
@@ -139,6 +143,17 @@ def _open_unit_interval(text: str) -> float:
         value = None
     if not is_accept_threshold(value):
         raise argparse.ArgumentTypeError(f"has to be a number in (0, 1) (0.5: the agent's greedy decision), not {text!r}")
+    return value
+
+
+def _unit_interval_from_zero(text: str) -> float:
+    """argparse type of `--min-p` (the rule of `agent.validate_candidate_settings`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"has to be a number in [0, 1) (0: no min-p cut), not {text!r}")
     return value
 
 
@@ -156,7 +171,7 @@ def _positive_int(text: str) -> int:
 def agent_overrides(args) -> dict:
     """The `mara_*` arguments of `generate` that `add_agent_arguments`' overrides give (those set only)."""
     values = {"mara_fallback": args.fallback, "mara_accept_threshold": args.accept_threshold,
-              "mara_top_k": args.top_k}
+              "mara_top_k": args.top_k, "mara_min_p": args.min_p}
     return {key: value for key, value in values.items() if value is not None}
 
 

@@ -98,6 +98,8 @@ class MaraLogitsProcessor(LogitsProcessor):
         model: the causal LM that `generate` runs (a `PreTrainedModel` or a LoRA-style `PeftModel` around one).
         top_k (`int`, *optional*): candidate set size; defaults to the agent's config (40 for released agents).
         top_p (`float`, *optional*): nucleus mass of the candidate set; defaults to the agent's config (0.95).
+        min_p (`float`, *optional*): drop candidates less probable than `min_p` times the top-1; defaults to the
+            agent's config (0: the paper's candidates).
         fallback (`str`, *optional*): `"first"` or `"last"`; defaults to the agent's config (`"first"`).
         accept_threshold (`float`, *optional*): a candidate is accepted when p(accept) exceeds it; defaults to the
             agent's config (0.5, the agent's greedy decision).
@@ -134,6 +136,7 @@ class MaraLogitsProcessor(LogitsProcessor):
         *,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_p: float | None = None,
         fallback: str | None = None,
         accept_threshold: float | None = None,
         schedule: str | tuple[int, ...] = DEFAULT_SCHEDULE,
@@ -143,9 +146,10 @@ class MaraLogitsProcessor(LogitsProcessor):
         check_agent(agent, self.model)
         self.top_k = agent.top_k if top_k is None else top_k
         self.top_p = agent.top_p if top_p is None else top_p
+        self.min_p = agent.min_p if min_p is None else min_p
         self.fallback = agent.fallback if fallback is None else fallback
         self.accept_threshold = agent.accept_threshold if accept_threshold is None else accept_threshold
-        validate_candidate_settings(self.top_k, self.top_p, self.fallback, self.accept_threshold)
+        validate_candidate_settings(self.top_k, self.top_p, self.fallback, self.accept_threshold, self.min_p)
         self.device = hf.execution_device(self.model.get_output_embeddings())
         self.schedule = schedule
         make_schedule(schedule, device=self.device, batch_size=1, width=self.top_k)  # validate now
@@ -185,6 +189,7 @@ class MaraLogitsProcessor(LogitsProcessor):
             context_mask,
             top_k=self.top_k,
             top_p=self.top_p,
+            min_p=self.min_p,
             fallback=self.fallback,
             thresholds=self.accept_threshold,
             schedule=schedule.current(),

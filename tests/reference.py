@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def naive_candidates(logits: torch.Tensor, top_k: int, top_p: float) -> list[int]:
-    """MARA's candidate ids for one row of logits, most probable first (top-k, then top-p on the top-k)."""
+def naive_candidates(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> list[int]:
+    """MARA's candidate ids for one row of logits, most probable first (top-k, then top-p on the top-k, then the
+    ones at least `min_p` times as probable as the top-1)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     values, ids = torch.sort(logprobs, descending=True)
     values, ids = values[:top_k], ids[:top_k]
@@ -21,6 +22,7 @@ def naive_candidates(logits: torch.Tensor, top_k: int, top_p: float) -> list[int
     cumulative = probs.flip(0).cumsum(0)
     removed = (cumulative <= 1 - top_p).flip(0)
     removed[0] = False
+    removed |= probs < min_p * probs[0]
     return ids[~removed].tolist()
 
 
@@ -48,13 +50,13 @@ def naive_next_logits(model, context: list[int]) -> torch.Tensor:
 
 
 def naive_mara_greedy(model, agent, prompt: list[int], max_new_tokens: int, *, top_k=40, top_p=0.95,
-                      fallback="first", eos_token_id=None, threshold=0.5) -> tuple[list[int], list[dict]]:
+                      fallback="first", eos_token_id=None, threshold=0.5, min_p=0.0) -> tuple[list[int], list[dict]]:
     """MARA greedy decoding ("top1" rule: the first candidate with p(accept) > `threshold`) of one unpadded prompt;
     returns new tokens and per-step records."""
     ids = list(prompt)
     records = []
     for _ in range(max_new_tokens):
-        candidates = naive_candidates(naive_next_logits(model, ids), top_k, top_p)
+        candidates = naive_candidates(naive_next_logits(model, ids), top_k, top_p, min_p)
         record = {"candidates": candidates, "asked": len(candidates) > 1, "fallback": False}
         if len(candidates) == 1:
             choice = 0

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import decisive_agent, random_prompts, tiny_model
 from mara_hf import MaraAgent, MaraLogitsProcessor
-from mara_hf.agent import ORIGINAL_KEYS
+from mara_hf.agent import ORIGINAL_KEYS, shipped_agent_names
 
 
 def original_actor(path, state_dim=32, seed=0):
@@ -149,6 +149,9 @@ def test_bad_agent_config_values():
         MaraAgent(state_dim=8, fallback="middle")
     with pytest.raises(ValueError, match=r"`accept_threshold` has to be a float in \(0, 1\)"):
         MaraAgent(state_dim=8, accept_threshold=1.5)
+    for bad in (1.0, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match=r"`min_p` has to be a float in \[0, 1\) \(0: the paper's candidates"):
+            MaraAgent(state_dim=8, min_p=bad)
     with pytest.raises(ValueError, match="states of size 8, but got states of size 5"):
         MaraAgent(state_dim=8).accept_probability(torch.zeros(5))
 
@@ -165,3 +168,14 @@ def test_accept_threshold_is_saved_and_older_configs_load_with_the_greedy_one(tm
     assert MaraAgent.from_pretrained(tmp_path / "older").accept_threshold == 0.5
     assert "p(accept) >" not in (tmp_path / "older" / "README.md").read_text()
     assert MaraAgent.from_pretrained("smollm2-vader").accept_threshold == 0.5
+
+
+def test_min_p_is_saved_shown_and_older_configs_load_without_it(tmp_path):
+    MaraAgent(state_dim=8, hidden_sizes=(4, 4), min_p=0.25).save_pretrained(tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["min_p"] == 0.25
+    assert MaraAgent.from_pretrained(tmp_path / "cut").min_p == 0.25
+    assert MaraAgent.from_pretrained(tmp_path / "cut", min_p=0.0).min_p == 0.0
+    assert "min-p 0.25 (none less probable than 0.25 x the top-1)" in (tmp_path / "cut" / "README.md").read_text()
+    assert "min-p" not in MaraAgent(state_dim=8).generate_model_card().content
+    for name in shipped_agent_names():  # written before min_p existed: the paper's candidate set
+        assert MaraAgent.from_pretrained(name).min_p == 0.0

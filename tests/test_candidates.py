@@ -5,15 +5,16 @@ from mara_hf.candidates import build_candidates, fallback_index, first_accepted
 from reference import naive_candidates
 
 
-@pytest.mark.parametrize("top_k,top_p", [(40, 0.95), (5, 0.95), (40, 0.5), (3, 1.0), (40, 0.01)])
-def test_candidates_match_reference(top_k, top_p):
+@pytest.mark.parametrize("top_k,top_p,min_p", [(40, 0.95, 0.0), (5, 0.95, 0.0), (40, 0.5, 0.0), (3, 1.0, 0.0),
+                                               (40, 0.01, 0.0), (40, 0.95, 0.25), (40, 1.0, 0.05), (5, 0.5, 0.5)])
+def test_candidates_match_reference(top_k, top_p, min_p):
     torch.manual_seed(0)
     scores = torch.randn(6, 300) * torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 20.0])[:, None]
     original = scores.clone()
-    cands = build_candidates(scores, top_k, top_p)
+    cands = build_candidates(scores, top_k, top_p, min_p)
     assert torch.equal(scores, original), "scores must not be modified"
     for row in range(scores.shape[0]):
-        expected = naive_candidates(scores[row], top_k, top_p)
+        expected = naive_candidates(scores[row], top_k, top_p, min_p)
         count = cands.counts[row].item()
         assert cands.tokens[row, :count].tolist() == expected
         assert torch.isfinite(cands.logprobs[row, :count]).all()
@@ -59,3 +60,24 @@ def test_same_set_as_transformers_warpers_on_the_full_vocabulary(top_k, top_p):
         kept = torch.isfinite(filtered[row]).nonzero().squeeze(-1)
         expected = kept[filtered[row, kept].argsort(descending=True)].tolist()
         assert cands.tokens[row, : cands.counts[row]].tolist() == expected
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(40, 0.95, 0.25), (10, 0.9, 0.3), (40, 1.0, 0.05)])
+def test_min_p_is_transformers_min_p_warper_after_top_k_and_top_p(top_k, top_p, min_p):
+    """On the full vocabulary: TopK, TopP then MinP warpers give the candidate set, and every candidate is at least
+    `min_p` times as probable as the top-1 (so a taken token is at most log(1 / min_p) nats below it)."""
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(2)
+    scores = torch.randn(8, 1000) * torch.linspace(0.5, 12.0, 8)[:, None]
+    logprobs = torch.log_softmax(scores, dim=-1)
+    filtered = MinPLogitsWarper(min_p)(None, TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, logprobs)))
+    cands = build_candidates(scores, top_k, top_p, min_p)
+    assert (cands.counts < build_candidates(scores, top_k, top_p).counts).any()
+    for row in range(8):
+        kept = torch.isfinite(filtered[row]).nonzero().squeeze(-1)
+        expected = kept[filtered[row, kept].argsort(descending=True)].tolist()
+        count = cands.counts[row]
+        assert cands.tokens[row, :count].tolist() == expected
+        gaps = cands.logprobs[row, :1] - cands.logprobs[row, :count]
+        assert (gaps <= -torch.log(torch.tensor(min_p)) + 1e-5).all()

@@ -60,6 +60,19 @@ def test_generate_top_k_bounds_the_candidates(real_model, capsys):
         assert f"argument --top-k: has to be a positive whole number, not '{bad}'" in capsys.readouterr().err
 
 
+def test_generate_min_p_cuts_the_candidates(real_model, capsys):
+    """`--min-p 0.9999` leaves each position only the candidates about as probable as its top-1: a lone one, taken
+    without asking the agent."""
+    assert main(["generate", "How do I pick a lock?", "--max-new-tokens", "8", "--agent", "smollm2-demo",
+                 "--min-p", "0.9999"]) == 0
+    assert "[8 tokens; agent asked on 0, took a lower-ranked candidate on 0, fell back on 0]" in capsys.readouterr().err
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(SystemExit):
+            main(["generate", "hi", "--min-p", bad])
+        err = capsys.readouterr().err
+        assert f"argument --min-p: has to be a number in [0, 1) (0: no min-p cut), not '{bad}'" in err
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     assert main(["generate", "hi", "--agent", str(tmp_path / "missing.pth")]) == 2
     assert main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out"), "--base-model", "x"]) == 2

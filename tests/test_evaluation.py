@@ -415,8 +415,8 @@ def test_run_eval_end_to_end(tmp_path, fake_loading, capsys):
 def test_run_eval_fallback_threshold_and_top_k_override_the_agents(tmp_path, model, tokenizer, monkeypatch, capsys):
     """`--fallback last` with an agent that rejects everything: MARA takes each step's last candidate (answers differ
     from the base model's), recorded in the settings; without it the agent's own `"first"` gives the base answers,
-    and so do `--accept-threshold` below the agent's accept probabilities and `--top-k 1` (a lone candidate per step,
-    taken without asking)."""
+    and so do `--accept-threshold` below the agent's accept probabilities, `--top-k 1` and `--min-p 0.9999` (a lone
+    candidate per step, taken without asking)."""
     monkeypatch.setattr(mara_hf.models, "load_base_model", lambda name, device=None, dtype=None: (model, tokenizer))
     monkeypatch.setattr(mara_hf.models, "load_agent", lambda source=None, filename=None: constant_agent(16, False))
     prompts = tmp_path / "prompts.json"
@@ -427,7 +427,9 @@ def test_run_eval_fallback_threshold_and_top_k_override_the_agents(tmp_path, mod
                                   ("low", ["--fallback", "last", "--accept-threshold", "1e-9"],
                                    {"mara_fallback": "last", "mara_accept_threshold": 1e-9}),
                                   ("top1", ["--fallback", "last", "--top-k", "1"],
-                                   {"mara_fallback": "last", "mara_top_k": 1})]:
+                                   {"mara_fallback": "last", "mara_top_k": 1}),
+                                  ("minp", ["--fallback", "last", "--min-p", "0.9999"],
+                                   {"mara_fallback": "last", "mara_min_p": 0.9999})]:
         out = tmp_path / str(name)
         argv = ["--prompts", str(prompts), "--reward", "py:test_rewards:length_reward", "--max-new-tokens", "4",
                 "--batch-size", "2", "--out", str(out)] + options
@@ -435,10 +437,12 @@ def test_run_eval_fallback_threshold_and_top_k_override_the_agents(tmp_path, mod
         results = json.loads((out / RESULTS_FILE).read_text())
         assert results["settings"]["mara_kwargs"] == kwargs
         answers[name] = [json.loads(line) for line in (out / RESPONSES_FILE).read_text().splitlines()]
-    assert all(line["mara"] == line["base"] for line in answers[None] + answers["low"] + answers["top1"])
+    assert all(line["mara"] == line["base"] for line in answers[None] + answers["low"] + answers["top1"] +
+               answers["minp"])
     assert all(line["mara"] != line["base"] for line in answers["last"])
     defaults = eval_parser().parse_args(["--prompts", "p", "--reward", "vader"])
     assert defaults.fallback is None and defaults.accept_threshold is None and defaults.top_k is None
+    assert defaults.min_p is None
 
 
 def test_run_eval_checks_rewards_before_loading_models(tmp_path, fake_loading):
@@ -471,6 +475,23 @@ def test_run_eval_with_vader(tmp_path, fake_loading, capsys):
 
 # ---------------------------------------------------------------------------------------------------------------
 # results folders move between machines
+
+
+def test_an_agents_min_p_keys_the_answers_and_older_files_keep_their_id(model, tokenizer, agent):
+    """An agent that cuts its candidates by min-p answers differently, so its settings say so; an agent without a
+    cut has the settings evaluations written before min_p existed had (their files still resume)."""
+    from mara_hf.evaluation import EvalSettings
+    from mara_hf.evaluation.store import answer_settings, fingerprint
+
+    settings = EvalSettings()
+    plain = answer_settings(model, tokenizer, agent, settings)
+    assert "agent_min_p" not in plain
+    agent.min_p = 0.1
+    try:
+        cut = answer_settings(model, tokenizer, agent, settings)
+    finally:
+        agent.min_p = 0.0
+    assert cut["agent_min_p"] == 0.1 and fingerprint(cut) != fingerprint(plain)
 
 
 def test_fingerprint_names_the_model_without_a_machine_path(tmp_path, model, tokenizer, agent, monkeypatch):

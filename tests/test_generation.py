@@ -116,6 +116,42 @@ def test_accept_threshold_moves_the_decision_boundary_on_every_path():
                        mara_accept_threshold=0.0)
 
 
+def test_min_p_cuts_the_candidates_on_every_path():
+    """With `min_p` the candidates less probable than min_p x the top-1 are gone: the decisions that took one of
+    them take the fallback instead, and fewer positions ask the agent. The fused loop (dynamic and static cache) and
+    the processor decide as the naive serial walk with that candidate set, whether min_p comes from the call or from
+    the agent's config; a bad value is refused with the rule."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)  # sharper next-token distributions than a random model's (the agent's
+        # LayerNorm sees the same states up to scale)
+    agent = decisive_agent(reject_bias=9.0)
+    prompt = random_prompts(1, lengths=(10,), seed=5)[0]
+    paper, paper_records = naive_mara_greedy(model, agent, prompt, 10)
+    expected, records = naive_mara_greedy(model, agent, prompt, 10, min_p=0.3)
+    assert expected != paper
+    assert all(len(r["candidates"]) <= len(p["candidates"]) for r, p in zip(records, paper_records))
+    assert any(r["fallback"] for r in records) and any(r["index"] > 0 and not r["fallback"] for r in records)
+    ids = torch.tensor([prompt])
+    dropin, fused, processor = both_paths(model, agent, ids, n=10, mara_min_p=0.3)
+    assert dropin[0, len(prompt):].tolist() == expected == fused.sequences[0, len(prompt):].tolist()
+    a, b = fused.mara_stats.to_dict(), processor.stats.to_dict()
+    for key in ("tokens", "agent_decided", "fallbacks", "accepted_index_histogram"):
+        assert a[key] == b[key], key
+    static = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, cache_implementation="static",
+                            custom_generate=mara_generate, mara_agent=agent, mara_min_p=0.3)
+    assert static[0, len(prompt):].tolist() == expected
+    cut = decisive_agent(reject_bias=9.0)
+    cut.min_p = 0.3
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, custom_generate=mara_generate,
+                         mara_agent=cut)
+    assert out[0, len(prompt):].tolist() == expected
+    with pytest.raises(ValueError, match=r"`min_p` has to be a float in \[0, 1\) \(0: the paper's candidates"):
+        model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, mara_agent=agent, mara_min_p=1.0)
+    with pytest.raises(ValueError, match=r"`min_p` has to be a float in \[0, 1\)"):
+        MaraLogitsProcessor(agent, model, min_p=-0.1)
+
+
 def test_accept_all_agent_is_plain_greedy_with_one_forward_per_token():
     model = tiny_model("qwen2")
     ids, mask = left_padded(random_prompts(2, seed=3))

@@ -113,7 +113,7 @@ def test_transitions_drop_a_row_with_nan_states_whole():
 
 
 # ---------------------------------------------------------------------------------------------- rollouts
-def naive_rollout(model, agent, prompts, max_new_tokens, generator, eos, fallback, top_k=40, top_p=0.95):
+def naive_rollout(model, agent, prompts, max_new_tokens, generator, eos, fallback, top_k=40, top_p=0.95, min_p=0.0):
     """The MDP walked serially: one full forward per candidate, thresholds drawn as the batched rollout draws."""
     tokens = [[] for _ in prompts]
     events = []  # (row, position, candidate, action, state)
@@ -124,7 +124,7 @@ def naive_rollout(model, agent, prompts, max_new_tokens, generator, eos, fallbac
             if done[row]:
                 continue
             context = prompt + tokens[row]
-            candidates = naive_candidates(naive_next_logits(model, context), top_k, top_p)
+            candidates = naive_candidates(naive_next_logits(model, context), top_k, top_p, min_p)
             taken = 0
             if len(candidates) > 1:
                 refusable = len(candidates) - 1 if fallback == "last" else len(candidates)
@@ -144,15 +144,20 @@ def naive_rollout(model, agent, prompts, max_new_tokens, generator, eos, fallbac
     return tokens, events
 
 
-@pytest.mark.parametrize("arch,fallback", [("llama", "last"), ("mistral", "first"), ("qwen2", "last")])
-def test_rollout_matches_naive_serial_mdp(arch, fallback):
+@pytest.mark.parametrize("arch,fallback,min_p", [("llama", "last", 0.0), ("mistral", "first", 0.0),
+                                                 ("qwen2", "last", 0.0), ("llama", "first", 0.3)])
+def test_rollout_matches_naive_serial_mdp(arch, fallback, min_p):
     model = tiny_model(arch)
+    if min_p:
+        with torch.no_grad():  # sharper next-token distributions, so that min-p cuts candidates
+            model.model.norm.weight.mul_(8.0)
     agent = decisive_agent(32, seed=3, sharpness=3.0)  # p(accept) spread over (0, 1): real sampling
     prompts = random_prompts(3)
     ids, mask = left_padded(prompts)
     out = rollout(model, agent, ids, mask, max_new_tokens=6, eos_token_ids=[2], pad_token_id=0,
-                  generator=torch.Generator().manual_seed(5), fallback=fallback)
-    tokens, events = naive_rollout(model, agent, prompts, 6, torch.Generator().manual_seed(5), 2, fallback)
+                  generator=torch.Generator().manual_seed(5), fallback=fallback, min_p=min_p)
+    tokens, events = naive_rollout(model, agent, prompts, 6, torch.Generator().manual_seed(5), 2, fallback,
+                                   min_p=min_p)
     for row in range(3):
         assert out.tokens[row, : out.lengths[row]].tolist() == tokens[row]
     events = sorted(events, key=lambda e: e[:3])  # the rollout orders events by (row, position, candidate)
@@ -489,11 +494,11 @@ def test_cli_train_runs_resumes_and_records_the_command(tmp_path, capsys):
     args = ["train", "--prompts", str(prompts), "--reward", "py:test_train:even_token_rate", "--model", str(model_dir),
             "--out", str(out), "--batch-size", "2", "--max-new-tokens", "3", "--learning-starts", "1",
             "--updates-per-rollout", "1", "--sac-batch-size", "4", "--hidden-sizes", "8", "8",
-            "--checkpoint-every", "1", "--no-progress", "--device", "cpu"]
+            "--checkpoint-every", "1", "--no-progress", "--device", "cpu", "--min-p", "0.2"]
     assert main(args + ["--iterations", "2"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     agent = MaraAgent.from_pretrained(out / "agent")
-    assert agent.fallback == "last" and agent.base_model == str(model_dir)
+    assert agent.fallback == "last" and agent.base_model == str(model_dir) and agent.min_p == 0.2
     assert "mara-hf train --prompts" in agent.training_info and "even_token_rate" in agent.training_info
     assert main(args + ["--iterations", "3"]) == 0  # resumes from step 2
     assert [json.loads(l)["iteration"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

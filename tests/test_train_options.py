@@ -51,6 +51,7 @@ def test_every_flag_of_earlier_releases_keeps_its_name_and_meaning():
     assert parse(["--actor-lr", "5e-4"]).sac.actor_lr == 5e-4 and parse(["--actor-lr", "5e-4"]).sac.critic_lr == 3e-4
     assert parse(["--reject-cost", "0.01"]).reject_cost == 0.01
     assert parse(["--discount", "token"]).sac.discount == "token" and parse([]).sac.discount == "decision"
+    assert parse(["--min-p", "0.25"]).min_p == 0.25 and parse([]).min_p == 0.0
 
 
 def parsed_train_command(command: str) -> tuple[argparse.Namespace, TrainConfig]:
@@ -129,6 +130,8 @@ def test_a_bad_value_names_its_flag(tmp_path, capsys):
         parse(["--batch-size", "0"])
     with pytest.raises(ValueError, match=r"^--reject-cost: `reject_cost` has to be a non-negative number"):
         parse(["--reject-cost", "-1"])
+    with pytest.raises(ValueError, match=r"^--min-p: `min_p` has to be a float in \[0, 1\) \(0: the paper's"):
+        parse(["--min-p", "1"])
     from mara_hf.cli import main
 
     assert main(["train", "--prompts", "x.json", "--reward", "vader", "--out", str(tmp_path / "run"),

@@ -40,7 +40,8 @@ class EvalSettings:
     generation_kwargs: dict = field(default_factory=dict)
     """More `generate` arguments for both sides (e.g. `temperature=0.7`)."""
     mara_kwargs: dict = field(default_factory=dict)
-    """MARA options (`mara_top_k`, `mara_top_p`, `mara_fallback`, `mara_schedule`)."""
+    """MARA options (`mara_top_k`, `mara_top_p`, `mara_min_p`, `mara_fallback`, `mara_accept_threshold`,
+    `mara_schedule`)."""
     tie_tolerance: float = 0.0
     """Reward differences up to this count as ties."""
 
@@ -58,7 +59,7 @@ class EvalSettings:
             raise ValueError(f"`generation_kwargs` cannot set {', '.join(clash)}: evaluate sets them.")
         bad = sorted(k for k in self.mara_kwargs if not k.startswith("mara_") or k in ("mara_agent", "mara_stats"))
         if bad:
-            raise ValueError(f"`mara_kwargs` takes MARA options (mara_top_k, mara_top_p, mara_fallback, "
+            raise ValueError(f"`mara_kwargs` takes MARA options (mara_top_k, mara_top_p, mara_min_p, mara_fallback, "
                              f"mara_accept_threshold, mara_schedule), not {', '.join(bad)}.")
 
 

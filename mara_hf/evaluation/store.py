@@ -39,6 +39,8 @@ def answer_settings(model, tokenizer, agent, settings) -> dict:
         "agent_top_k": agent.top_k,
         "agent_top_p": agent.top_p,
         "agent_fallback": agent.fallback,
+        # only where the agent cuts candidates by min-p: evaluations written before min_p existed still resume
+        **({"agent_min_p": agent.min_p} if agent.min_p else {}),
         # only where the agent was calibrated: evaluations written before the threshold existed still resume
         **({"agent_accept_threshold": agent.accept_threshold} if agent.accept_threshold != 0.5 else {}),
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),

@@ -35,7 +35,7 @@ answer (as the rollouts' `repeat_rate`), the mean sentence reward and the mean g
 def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_ids: list[int],
                  threshold: float = 0.5, reward: Callable | None = None) -> dict[str, float]:
     """Decode `prompts` greedily with `actor` (accepting where p(accept) > `threshold`) under the candidate
-    settings of `config` (a `TrainConfig`: `top_k`, `top_p`, `fallback`, `max_new_tokens`, and
+    settings of `config` (a `TrainConfig`: `top_k`, `top_p`, `min_p`, `fallback`, `max_new_tokens`, and
     `rollout_batch_size` prompts per batch); returns `PROBE_METRICS` of the decisions and `prompts`, their
     number; with `reward` (the training reward, `(prompts, responses) -> scores`) also `SCORED_METRICS` under
     `config.kl_coef`, `config.reject_cost` and `config.repeat_cost`."""
@@ -54,7 +54,8 @@ def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_id
                                  top_p=None, temperature=None, eos_token_id=eos_ids,
                                  pad_token_id=tokenizer.pad_token_id, custom_generate=mara_generate,
                                  mara_agent=actor, mara_top_k=config.top_k, mara_top_p=config.top_p,
-                                 mara_fallback=config.fallback, mara_accept_threshold=threshold, mara_stats=stats,
+                                 mara_min_p=config.min_p, mara_fallback=config.fallback,
+                                 mara_accept_threshold=threshold, mara_stats=stats,
                                  return_dict_in_generate=True, output_logits=True)
             if reward is not None:
                 totals += _score(out, encoded["input_ids"].shape[1], batch, tokenizer, reward, eos_ids, config)

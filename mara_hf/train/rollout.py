@@ -178,6 +178,7 @@ def rollout(
     generator: torch.Generator | Sequence[torch.Generator],
     top_k: int = 40,
     top_p: float = 0.95,
+    min_p: float = 0.0,
     fallback: str = "last",
     schedule: tuple[int, ...] = LAZY_SCHEDULE,
     deployed_share: float = 0.0,
@@ -232,7 +233,7 @@ def rollout(
             thresholds = torch.where(deployed[:, None], deployed_threshold, thresholds)
         step = evaluate_step(
             model, actor, cache, logits, next_position_ids(None, mask, cache.get_seq_length(), batch, device), mask,
-            top_k=top_k, top_p=top_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
+            top_k=top_k, top_p=top_p, min_p=min_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
             thresholds=thresholds, keep_states=True, defer_head=defer_head,
         )
         decision = step.decision

@@ -91,6 +91,9 @@ class TrainConfig:
                 "sampled, the paper's MDP)"})
     top_k: int = field(default=40, metadata={"help": "candidates per position: the base model's top-k ..."})
     top_p: float = field(default=0.95, metadata={"help": "... then top-p, most probable first"})
+    min_p: float = field(default=0.0, metadata={
+        "help": "... then min-p: drop the candidates less probable than min_p x the top-1 (0: off, the paper's "
+                "set; e.g. 0.25 keeps every taken token within log 4 nats of the top-1); recorded in the agent"})
     fallback: Literal["first", "last"] = field(default="last", metadata={
         "help": "when every candidate is rejected: force the last (the paper's MDP) or take the top-1; recorded "
                 "in the agent so inference does the same"})
@@ -142,7 +145,7 @@ class TrainConfig:
             isinstance(self.initial_accept, float) and 0.0 < self.initial_accept < 1.0
         ):
             raise ValueError(f"`initial_accept` has to be a float in (0, 1) or None, but is {self.initial_accept!r}.")
-        validate_candidate_settings(self.top_k, self.top_p, self.fallback)
+        validate_candidate_settings(self.top_k, self.top_p, self.fallback, min_p=self.min_p)
         self.schedule = validate_schedule(self.schedule)
         self.hidden_sizes = tuple(self.hidden_sizes)
         if isinstance(self.sac, dict):
@@ -229,7 +232,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         if agent is None:
             agent = MaraAgent(state_dim, hidden_sizes=config.hidden_sizes, base_model=base_model_name,
-                              top_k=config.top_k, top_p=config.top_p, fallback=config.fallback)
+                              top_k=config.top_k, top_p=config.top_p, fallback=config.fallback, min_p=config.min_p)
             if config.initial_accept is not None:
                 # Start near the base model: every candidate accepted with about this probability (cheap rollouts
                 # that explore around the base model's own answers).
@@ -242,6 +245,7 @@ class Trainer:
                              f"{state_dim}: start from a fresh agent or one trained for this model.")
         # Inference must use the candidate set and fallback the agent was trained with.
         agent.top_k, agent.top_p, agent.fallback = config.top_k, config.top_p, config.fallback
+        agent.min_p = config.min_p
         agent.training_info = description or agent.training_info
         self.agent = agent.to(self.device)
         self.sac = DiscreteSAC(self.agent, config.sac)
@@ -510,7 +514,7 @@ def rollout_transitions(model, tokenizer, reward: Callable, actor: MaraAgent, pr
     episodes = rollout(
         model, actor, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=config.max_new_tokens,
         eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id, generator=list(generators),
-        top_k=config.top_k, top_p=config.top_p, fallback=config.fallback, schedule=config.schedule,
+        top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, fallback=config.fallback, schedule=config.schedule,
         deployed_share=config.deployed_share, deployed_threshold=config.probe_threshold,
     )
     lengths = episodes.lengths.tolist()
