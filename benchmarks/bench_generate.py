@@ -476,13 +476,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="identity check instead of timing: float32, TF32 off, every method once, greedy "
                              "outputs compared")
     parser.add_argument("--methods", nargs="+", choices=KINDS, default=list(KINDS), help="method kinds to run")
-    parser.add_argument("--agents", nargs="+", choices=common.AGENTS, default=None,
-                        help="agents of the fused methods (default: accept-all calibrated reject-all, plus shipped "
-                             "on smollm2; --identity: accept-all calibrated, plus shipped on smollm2)")
-    parser.add_argument("--processor-agents", nargs="+", choices=common.AGENTS, default=None,
+    parser.add_argument("--agents", nargs="+", type=common.agent_spec, default=None, metavar="AGENT",
+                        help=f"agents of the fused methods, each one of {', '.join(common.AGENTS)}, or NAME:min_p=P "
+                             "for that agent with its candidates cut by min-p P (default: accept-all calibrated "
+                             "reject-all, plus shipped on smollm2; --identity: accept-all calibrated, plus shipped on "
+                             "smollm2)")
+    parser.add_argument("--processor-agents", nargs="+", type=common.agent_spec, default=None, metavar="AGENT",
                         help="agents of the processor (default: accept-all and shipped of --agents; --identity: "
                              "all of --agents)")
-    parser.add_argument("--static-agents", nargs="+", choices=common.AGENTS, default=None,
+    parser.add_argument("--static-agents", nargs="+", type=common.agent_spec, default=None, metavar="AGENT",
                         help="agents of fused-static (default: --agents without reject-all)")
     parser.add_argument("--schedules", nargs="+", type=parse_schedule, default=["auto"],
                         help="mara_schedule values of the fused methods: auto and/or boundaries such as 1,8 or 40 "

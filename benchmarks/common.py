@@ -10,6 +10,7 @@ the run with the path and what to do, never a silent substitute.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -69,7 +70,8 @@ RANDOM_MODEL_SHAPES = {
 MODELS = ("smollm2", *RANDOM_MODEL_SHAPES)
 AGENTS = ("accept-all", "calibrated", "reject-all", "shipped", *shipped_agents())
 """Benchmark agents: three made for the model, and mara-hf's trained SmolLM2 agents (`shipped`: the default one, or
-any shipped agent by its name)."""
+any shipped agent by its name). Any of them as `NAME:min_p=P` decodes with its candidates cut by min-p P
+(`agent.min_p`; see [`agent_spec`])."""
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 logger = logging.getLogger("benchmarks")
@@ -249,10 +251,44 @@ def calibrated_agent(model, inputs: dict, reject_share: float = 0.3, seed: int =
     return agent, record
 
 
+def _min_p_of(cut: str) -> float | None:
+    """P of the `min_p=P` after an agent's name (None when it is not that, or P is outside [0, 1))."""
+    key, _, value = cut.partition("=")
+    try:
+        min_p = float(value)
+    except ValueError:
+        return None
+    return min_p if key == "min_p" and 0.0 <= min_p < 1.0 else None
+
+
+def agent_spec(text: str) -> str:
+    """argparse type of the agent options: an `AGENTS` name, or `NAME:min_p=P` with P in [0, 1)."""
+    name, _, cut = text.partition(":")
+    if name not in AGENTS:
+        raise argparse.ArgumentTypeError(f"unknown agent {name!r}: choose from {', '.join(AGENTS)}, optionally "
+                                         f"followed by :min_p=P")
+    if cut and _min_p_of(cut) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: after the agent's name only :min_p=P, with P in [0, 1)")
+    return text
+
+
 def make_agent(name: str, model, calibration_inputs: dict | None = None, *, reject_share: float = 0.3,
                seed: int = 0, steps: int = 16):
-    """(`MaraAgent` on the model's device, record) for an `AGENTS` name; `shipped` (mara-hf's default trained
-    SmolLM2 agent) and the shipped agents by name need SmolLM2's hidden size."""
+    """(`MaraAgent` on the model's device, record) for an [`agent_spec`]; `shipped` (mara-hf's default trained
+    SmolLM2 agent) and the shipped agents by name need SmolLM2's hidden size. `NAME:min_p=P` is the agent `NAME`
+    with `min_p` P."""
+    name, _, cut = name.partition(":")
+    min_p = _min_p_of(cut) if cut else 0.0
+    if min_p is None:
+        raise SystemExit(f"Bad agent cut {cut!r}: after the agent's name only :min_p=P, with P in [0, 1).")
+    agent, record = _make_agent(name, model, calibration_inputs, reject_share=reject_share, seed=seed, steps=steps)
+    if cut:
+        agent.min_p = min_p
+        record = {**record, "min_p": min_p}
+    return agent, record
+
+
+def _make_agent(name: str, model, calibration_inputs: dict | None, *, reject_share: float, seed: int, steps: int):
     dim = hidden_size(model)
     device = model.get_output_embeddings().weight.device
     if name == "calibrated":

@@ -168,6 +168,25 @@ def test_shipped_agents_are_benchmark_agents_by_name(scripts):
             common.make_agent(name, model)
 
 
+def test_an_agent_name_may_carry_a_min_p_cut(scripts):
+    """`NAME:min_p=P` is the agent NAME decoding with its candidates cut by min-p P; anything else after the name is
+    refused with the rule, on the command line and in `make_agent`."""
+    import argparse
+
+    common = scripts["common"]
+    assert common.agent_spec("smollm2-steady:min_p=0.1") == "smollm2-steady:min_p=0.1"
+    for bad, message in (("nobody", "unknown agent 'nobody'"), ("accept-all:min_p=1", "only :min_p=P"),
+                         ("accept-all:top_k=3", "only :min_p=P")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            common.agent_spec(bad)
+    model, _ = common.load_model("tiny-random", "cpu", torch.float32)
+    agent, record = common.make_agent("accept-all:min_p=0.25", model)
+    plain, plain_record = common.make_agent("accept-all", model)
+    assert agent.min_p == 0.25 and record == {**plain_record, "min_p": 0.25} and plain.min_p == 0.0
+    with pytest.raises(SystemExit, match="only :min_p=P"):
+        common.make_agent("accept-all:min_p=x", model)
+
+
 def test_in_process_ab_rounds_warm_up_each_variant_then_rotate_the_order(scripts):
     """`common.interleaved` (the CPU A/B scripts): one warm-up per variant, then rounds that each start with the
     next variant, so no variant always runs first (or right after the same neighbour)."""
