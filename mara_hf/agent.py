@@ -65,12 +65,12 @@ class MaraAgent(
             it. 0.5 takes the agent's own greedy decision (the paper's); an actor trained as a stochastic policy
             can be calibrated to a lower one (its sampled walk accepts far more often than p > 0.5 does).
         source (`str`, *optional*): where the weights came from (e.g. the original `.pth` file name).
-        min_p (`float`, *optional*, defaults to 0.0): also drop candidates less probable than `min_p` times the
-            top-1 (transformers' `MinPLogitsWarper` after top-k and top-p). 0 keeps the paper's candidate set; e.g.
-            0.25 lets the agent take no token more than `log 4` nats below the top-1, which keeps the answers
-            closer to the base model's (less KL), fewer positions need the agent, and more fall back.
         training_info (`str`, *optional*): free-text description of how the agent was trained (the key
             `training` in config.json; the attribute cannot be `training`, which is `nn.Module`'s train/eval flag).
+        min_p (`float`, *optional*, defaults to 0.0): also drop candidates less probable than `min_p` times the
+            top-1 (transformers' `MinPLogitsWarper` after top-k and top-p). 0 keeps the paper's candidate set; e.g.
+            0.25 lets the agent take no token more than `log 4` nats below the top-1, so the answers stay
+            closer to the base model's (less KL); fewer positions ask the agent, and more fall back.
 
     Example:
 
