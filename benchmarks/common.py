@@ -26,6 +26,7 @@ import transformers
 
 import mara_hf
 from mara_hf import MaraAgent
+from mara_hf.agent import is_min_p
 from mara_hf.data import encode_chat_prompts
 from mara_hf.data import load_prompts as read_prompt_file
 from mara_hf.models import DEFAULT_AGENT, load_agent, load_base_model, shipped_agents
@@ -258,7 +259,7 @@ def _min_p_of(cut: str) -> float | None:
         min_p = float(value)
     except ValueError:
         return None
-    return min_p if key == "min_p" and 0.0 <= min_p < 1.0 else None
+    return min_p if key == "min_p" and is_min_p(min_p) else None
 
 
 def agent_spec(text: str) -> str:

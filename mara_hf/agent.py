@@ -302,6 +302,12 @@ def is_accept_threshold(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0
 
 
+def is_min_p(value) -> bool:
+    """Whether `value` can be a min-p cut: a number in [0, 1) (0: no cut; at 1 only ties with the top-1 would
+    remain)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
+
+
 def validate_candidate_settings(top_k: int, top_p: float, fallback: str, accept_threshold: float = 0.5,
                                 min_p: float = 0.0) -> None:
     """Eager checks shared by the agent config, the processor and the fused loop."""
@@ -309,7 +315,7 @@ def validate_candidate_settings(top_k: int, top_p: float, fallback: str, accept_
         raise ValueError(f"`top_k` has to be a strictly positive integer, but is {top_k!r}.")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"`top_p` has to be a float in (0, 1], but is {top_p!r}.")
-    if not isinstance(min_p, (int, float)) or isinstance(min_p, bool) or not 0.0 <= min_p < 1.0:
+    if not is_min_p(min_p):
         raise ValueError(f"`min_p` has to be a float in [0, 1) (0: the paper's candidates, no min-p cut), but is "
                          f"{min_p!r}.")
     if fallback not in FALLBACKS:

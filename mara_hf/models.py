@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .agent import SHIPPED_AGENTS, is_accept_threshold, shipped_agent_names
+from .agent import SHIPPED_AGENTS, is_accept_threshold, is_min_p, shipped_agent_names
 
 SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct-Q4_1-GGUF")
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -129,43 +129,30 @@ def add_agent_arguments(parser) -> None:
                         help="candidates per position, in probability order (default: the agent's config, 40 for "
                              "released agents); fewer bound what a position whose candidates are all rejected "
                              "costs, and change the decisions that would have taken a candidate beyond K")
-    parser.add_argument("--min-p", type=_unit_interval_from_zero, default=None, metavar="P",
+    parser.add_argument("--min-p", type=_min_p, default=None, metavar="P",
                         help="also drop candidates less probable than P x the top-1, in [0, 1) (default: the agent's "
                              "config, 0: the paper's candidates); e.g. 0.25 keeps answers closer to the base model's "
                              "(lower KL) at some of the gain")
 
 
-def _open_unit_interval(text: str) -> float:
-    """argparse type of `--accept-threshold` (the rule of `agent.is_accept_threshold`)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if not is_accept_threshold(value):
-        raise argparse.ArgumentTypeError(f"has to be a number in (0, 1) (0.5: the agent's greedy decision), not {text!r}")
-    return value
+def _checked(convert, valid, rule: str):
+    """An argparse type: `convert(text)`, refused with "has to be RULE, not 'TEXT'" unless `valid` holds for it."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"has to be {rule}, not {text!r}")
+        return value
+    return parse
 
 
-def _unit_interval_from_zero(text: str) -> float:
-    """argparse type of `--min-p` (the rule of `agent.validate_candidate_settings`)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"has to be a number in [0, 1) (0: no min-p cut), not {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """argparse type of `--top-k`."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"has to be a positive whole number, not {text!r}")
-    return value
+# The argparse types of the overrides, each with the rule the library checks the value by.
+_open_unit_interval = _checked(float, is_accept_threshold,
+                               "a number in (0, 1) (0.5: the agent's greedy decision)")
+_min_p = _checked(float, is_min_p, "a number in [0, 1) (0: no min-p cut)")
+_positive_int = _checked(int, lambda value: value >= 1, "a positive whole number")
 
 
 def agent_overrides(args) -> dict:
