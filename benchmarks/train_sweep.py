@@ -10,6 +10,8 @@ first 25,000). More configurations aim at fluent, compute-aware agents (issue 11
     python benchmarks/train_sweep.py --minutes 6 --configs k40-first k40-first-fluency k40-first-rc01 \
         k40-first-fluency-rc01 --out runs/sweep-fluent
     python benchmarks/train_sweep.py --minutes 30 --configs k40-first --device cpu --threads 2
+    python benchmarks/train_sweep.py --minutes 6 --configs k40-first-fluency10-token-dep05-rep05 --seeds 0 1 2 \
+        --out runs/sweep-seeds                                                   # one recipe, three seeds
     python benchmarks/train_sweep.py --list                                      # the configurations as options
 
 The training prompts default to the repository's `data/prompts/saferlhf_train.json` (found from this file, so the
@@ -20,7 +22,9 @@ Every configuration is a `TrainConfig` (hyperparameters declared once, in `mara_
 `mara_hf/train/sac.py`) plus a reward spec; its `mara-hf train` options are generated from it. Writes
 OUT/runs/NAME/ (metrics.jsonl, agent/, checkpoints/; best_agent/ with a greedy probe), OUT/evals/NAME/ (results.json,
 responses.jsonl; OUT/evals/NAME-best/ for best_agent/) and prints one summary line per validated agent: validation
-gain, KL, degenerate answers (the `fluency` screen), fallback rate and forwards per decode step.
+gain (VADER, and the run's own reward where it is another), KL, degenerate answers (the `fluency` screen), fallback
+rate and forwards per decode step. With `--seeds`, every configuration is trained once per seed, as NAME-seedS: the
+same recipe can end far apart with another seed (`train/cpu-seed1-2026-11-28/`), so compare recipes over seeds.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -85,10 +90,28 @@ DEFAULT_CONFIGS = ["k10-last", "k40-last", "k40-last-kl05", "k40-first"]
 """The sweep `smollm2-vader` was chosen from."""
 
 
-def train_options(name: str) -> list[str]:
-    """The `mara-hf train` options of a configuration (reward and hyperparameters; not prompts, output or device)."""
+def train_options(name: str, seed: int | None = None) -> list[str]:
+    """The `mara-hf train` options of a configuration (reward and hyperparameters; not prompts, output or device),
+    with its seed replaced by `seed` if given."""
     reward, config = CONFIGS[name]
+    if seed is not None:
+        config = dataclasses.replace(config, seed=seed)
     return ["--reward", reward, *config_to_argv(config), "--no-progress"]
+
+
+def planned_runs(configs, seeds=None) -> dict[str, tuple[str, int | None]]:
+    """`{run name: (configuration, seed)}`: each configuration under its own name, or with `seeds` once per seed
+    as `NAME-seedS`."""
+    if not seeds:
+        return {name: (name, None) for name in configs}
+    return {f"{name}-seed{seed}": (name, seed) for name in configs for seed in seeds}
+
+
+def eval_rewards(name: str) -> list[str]:
+    """The rewards a configuration's agents are validated under: VADER, and the run's own reward unless it is VADER
+    scaled (a gain counts wins and losses, which scaling does not change)."""
+    reward = CONFIGS[name][0]
+    return ["vader"] if re.fullmatch(r"(\d+(\.\d*)?\*)?vader", reward) else ["vader", reward]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=6.0, help="training time per configuration")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=DEFAULT_CONFIGS,
                         help="configurations to train (default: %(default)s)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="train every configuration once per seed, as NAME-seedS (default: each configuration's "
+                             "own seed, under its name)")
     parser.add_argument("--list", action="store_true", help="print each configuration's options and exit")
     parser.add_argument("--model", default="smollm2", help="base model (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: mara-hf's default)")
@@ -141,20 +167,24 @@ def main(argv=None) -> None:
         return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
     started = time.time()
+    planned = planned_runs(args.configs, args.seeds)
     runs = {
-        name: start(cli + ["train", "--prompts", args.prompts, "--limit", str(train_count), *train_options(name),
-                           "--out", str(out / "runs" / name), "--threads", str(args.threads),
-                           "--time-limit", str(args.minutes), *device], out / "runs" / f"{name}.log")
-        for name in args.configs
+        name: start(cli + ["train", "--prompts", args.prompts, "--limit", str(train_count),
+                           *train_options(config, seed), "--out", str(out / "runs" / name), "--threads",
+                           str(args.threads), "--time-limit", str(args.minutes), *device], out / "runs" / f"{name}.log")
+        for name, (config, seed) in planned.items()
     }
     for name, process in runs.items():
         if process.wait() != 0:
             print(f"{name}: training failed, see {out / 'runs' / f'{name}.log'}")
     print(f"training: {time.time() - started:.0f} s")
-    agents = validated_agents(out, args.configs)
+    agents = validated_agents(out, planned)
+    rewards = {label: eval_rewards(planned[name][0]) for label, (name, _) in agents.items()}
     evals = {
-        label: start(cli + ["eval", "--prompts", str(validation), "--reward", "vader", "--agent", str(folder),
-                            "--batch-size", "50", "--out", str(out / "evals" / label), *device],
+        label: start(cli + ["eval", "--prompts", str(validation),
+                            *[option for reward in rewards[label] for option in ("--reward", reward)],
+                            "--agent", str(folder), "--batch-size", "50", "--out", str(out / "evals" / label),
+                            *device],
                      out / "evals" / f"{label}.log")
         for label, (_, folder) in agents.items()
     }
@@ -168,6 +198,7 @@ def main(argv=None) -> None:
             continue
         results = json.loads(results_path.read_text())
         vader, kl = results["rewards"]["vader"], results["kl_per_token"]
+        own = "".join(f", {reward} gain {results['rewards'][reward]['gain']:+.1f}" for reward in rewards[label][1:])
         degenerate, agent = results["fluency"]["degenerate"], results["agent"]
         if label == name:
             head = f"{name}: {len(metrics)} rollouts, {metrics[-1]['updates']} updates"
@@ -177,17 +208,17 @@ def main(argv=None) -> None:
                     f"{best['return']:.3f})")
         print(f"{head}; validation gain "
               f"{vader['gain']:+.1f} ({vader['wins']}/{vader['ties']}/{vader['losses']}), VADER "
-              f"{vader['mean_base']:.3f} -> {vader['mean_mara']:.3f}, KL/token {kl['mara']:.2f} "
+              f"{vader['mean_base']:.3f} -> {vader['mean_mara']:.3f}{own}, KL/token {kl['mara']:.2f} "
               f"(base {kl['base_reference']:.2f}), degenerate answers {degenerate['mara']} (base "
               f"{degenerate['base']}), fallback rate {agent['fallback_rate']:.1%}, "
               f"{agent['forwards_per_step']:.2f} forwards per step")
 
 
-def validated_agents(out: Path, configs) -> dict[str, tuple[str, Path]]:
+def validated_agents(out: Path, run_names) -> dict[str, tuple[str, Path]]:
     """`{label: (run name, agent folder)}` to validate: each run's last actor (`agent/`) under its name, and the
     actor with the best greedy return of its probes (`best_agent/`, runs with `greedy_probe`) under `NAME-best`."""
     agents = {}
-    for name in configs:
+    for name in run_names:
         run = out / "runs" / name
         if (run / FINAL_AGENT).is_dir():
             agents[name] = (name, run / FINAL_AGENT)

@@ -110,6 +110,21 @@ def test_configs_turn_into_options_and_back():
         config_to_argv(SACConfig(max_grad_norm=None))
 
 
+def test_sweep_runs_every_configuration_once_per_seed():
+    sweep = load_sweep()
+    recipe = "k40-first-fluency10-token-dep05-rep05"
+    assert sweep.planned_runs(["k40-first", recipe]) == {"k40-first": ("k40-first", None), recipe: (recipe, None)}
+    assert sweep.planned_runs([recipe], [0, 2]) == {f"{recipe}-seed0": (recipe, 0), f"{recipe}-seed2": (recipe, 2)}
+    assert sweep.parse_args(["--out", "x", "--seeds", "0", "2"]).seeds == [0, 2]
+    reward, config = sweep.CONFIGS[recipe]
+    assert sweep.train_options(recipe) == ["--reward", reward, *config_to_argv(config), "--no-progress"]
+    seeded = sweep.train_options(recipe, seed=2)
+    assert parse(seeded[2:-1]) == dataclasses.replace(config, seed=2)
+    # validated under VADER and the run's own reward, unless that is VADER scaled (the same wins and losses)
+    assert sweep.eval_rewards(recipe) == ["vader", "10*vader+10*fluency"]
+    assert sweep.eval_rewards("k40-first") == ["vader"]
+
+
 def test_help_is_generated_from_the_declarations():
     text = add_train_arguments(argparse.ArgumentParser(prog="mara-hf train")).format_help()
     flat = " ".join(text.split())
