@@ -244,8 +244,8 @@ class Trainer:
             raise ValueError(f"The agent reads states of size {agent.state_dim}, but the model's hidden size is "
                              f"{state_dim}: start from a fresh agent or one trained for this model.")
         # Inference must use the candidate set and fallback the agent was trained with.
-        agent.top_k, agent.top_p, agent.fallback = config.top_k, config.top_p, config.fallback
-        agent.min_p = config.min_p
+        agent.top_k, agent.top_p, agent.min_p = config.top_k, config.top_p, config.min_p
+        agent.fallback = config.fallback
         agent.training_info = description or agent.training_info
         self.agent = agent.to(self.device)
         self.sac = DiscreteSAC(self.agent, config.sac)
