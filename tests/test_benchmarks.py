@@ -195,3 +195,32 @@ def test_in_process_ab_rounds_warm_up_each_variant_then_rotate_the_order(scripts
     assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert warm == {"a": 1, "b": 2, "c": 3}
     assert timed == {"a": [4, 9, 11], "b": [5, 7, 12], "c": [6, 8, 10]}
+
+
+def test_averaged_agent_is_the_mean_of_its_sources_and_keeps_their_configuration(tmp_path, monkeypatch):
+    """`average_agents.py`: the saved agent's every weight is the mean of the sources' (a naive mean over their
+    state dicts), its configuration is theirs with the sources recorded; agents of different configurations are
+    refused with what differs."""
+    from mara_hf import MaraAgent
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    average_agents = importlib.import_module("average_agents")
+    sources = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        agent = MaraAgent(state_dim=8, accept_threshold=0.2, training_info=f"run, actor {seed}")
+        agent.save_pretrained(tmp_path / f"actor-{seed}")
+        sources.append(agent)
+    out = tmp_path / "averaged"
+    average_agents.main([str(tmp_path / f"actor-{seed}") for seed in range(3)] + ["--out", str(out)])
+    averaged = MaraAgent.from_pretrained(out)
+    for name, weight in averaged.state_dict().items():
+        expected = torch.stack([agent.state_dict()[name] for agent in sources]).mean(0)
+        torch.testing.assert_close(weight, expected)
+    assert {k: v for k, v in averaged.config.items() if k != "training"} == \
+        {k: v for k, v in sources[0].config.items() if k != "training"}
+    assert averaged.training_info.startswith("uniform weight average of 3 agents (")
+    assert averaged.training_info.endswith("of one run: run, actor 0")
+
+    with pytest.raises(ValueError, match="Agent 1 differs from agent 0 in accept_threshold, top_k: only agents of one"):
+        average_agents.average_agents([sources[0], MaraAgent(state_dim=8, top_k=20)])
