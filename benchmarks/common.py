@@ -68,6 +68,10 @@ RANDOM_MODEL_SHAPES = {
         pad_token_id=1,
     ),
 }
+# Llama-3-8B's depth (32 layers) at the tiny widths: a step's host work (Python, op dispatch) per layer dominates, as in
+# the eager 8B step on an H100 (about 8 GPU-ms of work under 38 ms of host time, `gpu/h100-2026-11-27/`), so a CPU run
+# shows what MARA adds to a host-bound step.
+RANDOM_MODEL_SHAPES["deep-tiny-random"] = {**RANDOM_MODEL_SHAPES["tiny-random"], "num_hidden_layers": 32}
 MODELS = ("smollm2", *RANDOM_MODEL_SHAPES)
 AGENTS = ("accept-all", "calibrated", "reject-all", "shipped", *shipped_agents())
 """Benchmark agents: three made for the model, and mara-hf's trained SmolLM2 agents (`shipped`: the default one, or

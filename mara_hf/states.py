@@ -289,7 +289,9 @@ class DynamicSiblings:
         if keep_kv:
             full = hf.cache_rows(self.cache)[0]
             appended = hf.appended_kv(cache, count)
-            if pick is not None:
+            # A chunk of one sibling per row already holds just the picked entry (a view, read before anything is
+            # written over it): no gather per layer (two kernels per layer at every decode step otherwise).
+            if pick is not None and count > 1:
                 appended = [(_entry(k, pick.index), _entry(v, pick.index)) for k, v in appended]
             self.kv_parts.append([(widen(k, rows, full), widen(v, rows, full)) for k, v in appended])
         return out

@@ -76,3 +76,44 @@ def test_committed_sibling_continues_like_plain_decoding(arch):
         with torch.no_grad():
             expected = model(torch.tensor([full])).logits[0, -1]
         torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
+
+
+class _PickFirst:
+    """A `pick` keeping each row's first sibling of the chunk (`index`, as `decide.Picker` records it)."""
+
+    def __call__(self, states):
+        self.index = torch.zeros(states.shape[0], dtype=torch.long)
+        return self.index
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_decode_step_keeps_views_of_its_entries_and_a_later_commit_is_exact(arch):
+    """The fused loop's decode step (one sibling for every row) keeps its entries as views of the decoded cache (no
+    gather per layer); a later chunk for one row, then a commit of that row's sibling and the other row's top-1,
+    leaves the cache as if those tokens had been decoded normally."""
+    from mara_hf.states import select_picked
+
+    model = tiny_model(arch)
+    prompts = random_prompts(2, lengths=(9, 7), seed=5)
+    ids, mask = left_padded(prompts)
+    cache = prefill(model, ids, mask)
+    positions = mask.sum(-1, keepdim=True)
+    siblings = DynamicSiblings(model, cache, mask)
+    with torch.no_grad():
+        siblings.forward(torch.tensor([[10], [20]]), positions, 0, logits="pick", pick=_PickFirst(), keep_kv=True)
+        keys = siblings.kv_parts[0][0][0]
+        assert keys.untyped_storage().data_ptr() == cache.layers[0].keys.untyped_storage().data_ptr()
+        siblings.restore()
+        rows = torch.tensor([1])
+        siblings.forward(torch.tensor([[21, 22]]), positions[rows], 1, rows, logits="pick", pick=_PickFirst(),
+                         keep_kv=True)
+        siblings.restore()
+        siblings.commit(select_picked(siblings.kv_parts, torch.tensor([0, 1])))  # row 0: its top-1; row 1: 21
+        follow = torch.tensor([[30], [31]])
+        mask2 = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=-1)
+        logits = model(input_ids=follow, attention_mask=mask2, position_ids=positions + 1,
+                       **{cache_keyword(model): cache}).logits[:, -1]
+    for row, (prompt, taken) in enumerate(zip(prompts, (10, 21))):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt + [taken, follow[row].item()]])).logits[0, -1]
+        torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)

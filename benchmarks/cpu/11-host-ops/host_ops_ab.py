@@ -1,0 +1,127 @@
+"""What the fused loop adds to a host-bound step, with and without a gather per layer at every decode step.
+
+On an H100 an eager 8B decode step is bound by the host (about 8 GPU-ms of work under 38 ms of host time,
+`../../gpu/h100-2026-11-27/`): what MARA adds there is host work, roughly in proportion to the ops it dispatches. This
+A/B measures that on the CPU with `deep-tiny-random` (Llama-3-8B's 32 layers at tiny widths, float32, one thread,
+random 32-token prompts; its matrix work is negligible, so a step costs its host work), greedy, 32 new tokens, batch
+1 and 16: plain greedy `generate()` and the fused loop with the `accept-all` and `calibrated` agents (the latter
+rejects 30% of plain greedy's top-1), each fused one as it is now and as it was before it dropped the gather of the
+decode step's kept keys/values (`gather` variants: `DynamicSiblings.forward` patched here to gather them as before).
+A warm-up per variant, then `--rounds` rounds in rotated order. Besides the times, whether the tokens are identical
+and, for plain greedy and the accept-all variants, the aten ops dispatched per decode step (a `TorchDispatchMode`
+counting every op of a 17-token call less a 9-token one, over 8; the calibrated agent's count depends on which chunks
+the `"auto"` schedule has learnt to run by then, so it is not counted). Writes `host_ops_ab.json` beside this script.
+
+    python benchmarks/cpu/11-host-ops/host_ops_ab.py --rounds 7
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # benchmarks/
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import common  # noqa: E402
+from mara_hf import mara_generate  # noqa: E402
+from mara_hf.states import DynamicSiblings, _entry  # noqa: E402
+
+TOKENS = 32
+VARIANTS = ("plain", "accept-all", "accept-all gather", "calibrated", "calibrated gather")
+_forward = DynamicSiblings.forward
+
+
+def _gather_forward(self, tokens, position_ids, start, rows=None, *, logits="none", pick=None, keep_kv=False):
+    """`DynamicSiblings.forward` as before: the decode step (one sibling for every row) gathers its kept entry on
+    every layer."""
+    out = _forward(self, tokens, position_ids, start, rows, logits=logits, pick=pick, keep_kv=keep_kv)
+    if keep_kv and pick is not None and tokens.shape[1] == 1 and rows is None:
+        self.kv_parts[-1] = [(_entry(k, pick.index), _entry(v, pick.index)) for k, v in self.kv_parts[-1]]
+    return out
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per batch size (default 3)")
+    args = parser.parse_args()
+    common.set_threads(None, "cpu")
+    model, _ = common.load_model("deep-tiny-random", "cpu", torch.float32)
+    record = {"command": " ".join(["python benchmarks/cpu/11-host-ops/host_ops_ab.py", *sys.argv[1:]]),
+              "model": "deep-tiny-random", "max_new_tokens": TOKENS, "rounds": args.rounds,
+              "environment": common.environment("cpu"), "results": []}
+    for batch_size in (1, 16):
+        batch = common.random_batch(model.config.vocab_size, batch_size, 32, batch_size, "cpu")
+        agents = {"accept-all": common.accept_all_agent(common.hidden_size(model)),
+                  "calibrated": common.calibrated_agent(model, batch)[0]}
+
+        def call(variant, tokens=TOKENS):
+            kwargs = common.base_generate_kwargs(model, tokens)
+            if variant == "plain":
+                return model.generate(**batch, **kwargs)
+            DynamicSiblings.forward = _gather_forward if variant.endswith("gather") else _forward
+            try:
+                return model.generate(**batch, **kwargs, custom_generate=mara_generate,
+                                      mara_agent=agents[variant.split()[0]])
+            finally:
+                DynamicSiblings.forward = _forward
+
+        def run(variant):
+            start = time.perf_counter()
+            tokens = call(variant)
+            return time.perf_counter() - start, tokens
+
+        def ops_per_step(variant):
+            counts = []
+            for tokens in (9, 17):
+                with torch.no_grad(), CountOps() as counter:
+                    call(variant, tokens)
+                counts.append(counter.count)
+            return (counts[1] - counts[0]) / 8
+
+        warm, timed = common.interleaved(run, VARIANTS, args.rounds)
+        seconds = {v: [t for t, _ in timed[v]] for v in VARIANTS}
+        plain = statistics.median(seconds["plain"])
+        result = {"batch_size": batch_size, "prompt_tokens": 32}
+        for v in VARIANTS:
+            med = statistics.median(seconds[v])
+            result[v] = {"seconds": seconds[v], "ms_per_step": 1e3 * med / TOKENS, "ratio_vs_plain": plain / med,
+                         "paired_ratios": [p / s for p, s in zip(seconds["plain"], seconds[v])],
+                         "ops_per_step": None if v.startswith("calibrated") else ops_per_step(v)}
+            ops = "" if result[v]["ops_per_step"] is None else f"  ops/step {result[v]['ops_per_step']:.1f}"
+            print(f"batch {batch_size:2d} {v:18s} {result[v]['ms_per_step']:6.2f} ms/step  vs plain "
+                  f"{result[v]['ratio_vs_plain']:.3f} (rounds {min(result[v]['paired_ratios']):.3f}-"
+                  f"{max(result[v]['paired_ratios']):.3f}){ops}", flush=True)
+        for agent in ("accept-all", "calibrated"):
+            paired = [g / n for g, n in zip(seconds[f"{agent} gather"], seconds[agent])]
+            same = torch.equal(warm[agent][1], warm[f"{agent} gather"][1])
+            result[f"{agent} speedup_paired"] = {"median": statistics.median(paired), "rounds": paired,
+                                                 "identical_tokens": same}
+            print(f"batch {batch_size:2d} {agent}: without the gather vs with it, paired by round: median "
+                  f"{statistics.median(paired):.3f}x, rounds {min(paired):.3f}-{max(paired):.3f}; identical tokens: "
+                  f"{same}", flush=True)
+        result["accept-all identical to plain"] = torch.equal(warm["plain"][1], warm["accept-all"][1])
+        record["results"].append(result)
+    (HERE / "host_ops_ab.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
