@@ -74,9 +74,9 @@ class StepEvaluation:
         if isinstance(self.siblings, StaticSiblings):
             self.siblings.commit_index(index)
         elif self.picked:
-            self.siblings.commit(select_picked(self.siblings.kv_parts, chunk))
+            self.siblings.commit(select_picked(self.siblings.kept_kv(), chunk))
         else:
-            self.siblings.commit(select_kv(self.siblings.kv_parts, index))
+            self.siblings.commit(select_kv(self.siblings.kept_kv(), index))
         self.committed = True
         if self.deferred:
             head = self.siblings.model.get_output_embeddings()

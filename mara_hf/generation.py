@@ -256,6 +256,7 @@ def mara_generate(
             break
         logits = next_logits.to(dtype=torch.float32, device=input_ids.device)
 
+    schedule.finish(stats)
     if streamer is not None:
         streamer.end()
     warn_nonfinite(agent, stats.nonfinite - nonfinite_before)

@@ -182,6 +182,12 @@ class DynamicSnapshot:
             layer.__dict__.clear()
             layer.__dict__.update(saved)
 
+    def last_entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, views of the last entry `(B, heads, 1, head_dim)` of the keys/values as they were when the
+        snapshot was taken, read from the kept attribute dicts (`DynamicLayer.keys` / `.values`: whole records of a
+        full-attention layer)."""
+        return [(saved["keys"][..., -1:, :], saved["values"][..., -1:, :]) for saved in self.saved]
+
     def keep_appended(self) -> None:
         """Make sliding layers keep every entry appended from now on (until `restore`), so that more siblings than
         the window holds can still be read back. Mirrors `DynamicSlidingWindowLayer.update`, which keeps the full

@@ -164,6 +164,8 @@ class MaraLogitsProcessor(LogitsProcessor):
         batch = input_ids.shape[0]
         first_step = self._call is None or self._call[0]() is not cache
         if first_step:  # a new generate call: check it once, start fresh statistics and schedule
+            if self._call is not None:
+                self._call[1].finish(self.stats)  # the previous call's last steps, for the agent's memory
             check_left_padding(state["attention_mask"] if state["attention_mask"] is None
                                else state["attention_mask"][:, : input_ids.shape[1]])
             self.stats = MaraStats(self.top_k, device=self.device)

@@ -13,6 +13,7 @@ behaviour, the boundaries that minimise the expected cost of a step.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -111,6 +112,9 @@ class FixedSchedule:
     def observe(self, stats) -> None:
         pass
 
+    def finish(self, stats) -> None:
+        pass
+
 
 class AutoSchedule:
     """Boundaries that minimise a step's expected cost, re-planned from the agent's behaviour as decoding goes.
@@ -130,8 +134,11 @@ class AutoSchedule:
 
     **Learning.** The counts start from a prior (70% of decisions accept the top-1, 20% one of the next 7, 10%
     reject all, all with `width` candidates; weight 8 decisions) plus what earlier calls saw of the same agent on
-    the same model (`memory`), and grow with the counts of [`MaraStats`] after steps 1, 2, 4 and then every
-    `replan_every` steps (one host read each).
+    the same model (`memory`), and grow with the counts of [`MaraStats`], read (one host read each) and re-planned
+    once the decisions since the last plan (about `batch_size` per step) reach `replan_growth` times the decisions
+    that plan rested on, and at least every `MAX_REPLAN_SPACING` steps: a fresh agent at batch 1 re-plans after steps
+    4, 10, 19, 33, ..., at batch 16 after 1, 2, 4, 7, 11, ...; one remembered over many decisions hardly ever (new
+    counts would hardly move its plan, and each re-plan costs host time that a host-bound step cannot hide).
 
     Args:
         tokens_per_forward (`float`): `F / g` of the device (see the module docstring).
@@ -141,7 +148,8 @@ class AutoSchedule:
             at the largest candidate count; False (a static cache): every chunk runs for all rows at full width.
         first_for_all (`bool`): the first chunk runs for every row (the fused loop's first chunk is its decode
             step); False: only when some row has more than one candidate (the processor).
-        replan_every (`int`): steps between re-plans.
+        replan_growth (`float`, *optional*, defaults to 0.5): re-plan once the decisions seen since the last plan
+            reach this share of those it rested on.
         menu (`tuple[tuple[int, ...]]`, *optional*): choose the cheapest of these schedules instead of any
             (compiled steps, which record a graph per distinct chunk).
         memory (`list[list[float]]`, *optional*): `(l, n)` counts of earlier calls, updated in place.
@@ -151,20 +159,23 @@ class AutoSchedule:
 
     PRIOR = ((1, 0.7), (2, 0.06), (3, 0.04), (4, 0.03), (5, 0.025), (6, 0.02), (7, 0.015), (8, 0.01), (None, 0.1))
     PRIOR_WEIGHT = 8.0
+    MAX_REPLAN_SPACING = 64
     COMMIT_COST = 0.05
     """Cost of committing the taken siblings (keys/values of every layer gathered and stored), in forwards."""
 
     def __init__(self, tokens_per_forward: float, *, batch_size: int, width: int, narrows: bool = True,
-                 first_for_all: bool = True, replan_every: int = 8, menu=None, memory=None,
+                 first_for_all: bool = True, replan_growth: float = 0.5, menu=None, memory=None,
                  single_token_cost: float = 1.0):
         if not tokens_per_forward > 0:
             raise ValueError(f"`tokens_per_forward` has to be positive, but is {tokens_per_forward!r}.")
+        if not replan_growth > 0:
+            raise ValueError(f"`replan_growth` has to be positive, but is {replan_growth!r}.")
         if not single_token_cost > 0:
             raise ValueError(f"`single_token_cost` has to be positive, but is {single_token_cost!r}.")
         self.tokens_per_forward = float(tokens_per_forward)
         self.single_token_cost = float(single_token_cost)
         self.batch_size, self.width = batch_size, width
-        self.narrows, self.first_for_all, self.replan_every = narrows, first_for_all, replan_every
+        self.narrows, self.first_for_all, self.replan_growth = narrows, first_for_all, float(replan_growth)
         self.menu = None if menu is None else tuple(validate_schedule(m) for m in menu)
         self.prior = torch.zeros(width + 1, width + 1, dtype=torch.float64)
         for length, share in self.PRIOR:
@@ -175,7 +186,9 @@ class AutoSchedule:
             self.counts += torch.tensor(memory, dtype=torch.float64)
         self.steps = 0
         self.seen = None  # the stats' (l, n) counts at the last read
+        self.read_at = 0  # the step of the last read
         self.boundaries = self.plan(self.counts)
+        self.next_plan = self._next_plan()
 
     def current(self) -> tuple[int, ...]:
         return self.boundaries
@@ -185,20 +198,36 @@ class AutoSchedule:
         self.seen = self._read(stats) if stats is not None else None
 
     def observe(self, stats) -> None:
-        """Count one step; after steps 1, 2, 4 and every `replan_every`, re-plan from `stats` (a [`MaraStats`])."""
+        """Count one step; when a re-plan is due (see the class docstring), re-plan from `stats` (a [`MaraStats`])."""
         self.steps += 1
-        due = self.steps in (1, 2, 4) or self.steps % self.replan_every == 0
-        if not due or stats is None:
+        if self.steps < self.next_plan or stats is None:
             return
-        counts = self._read(stats)  # one host read
+        self._add(stats)
+        self.boundaries = self.plan(self.counts)
+        self.next_plan = self._next_plan()
+
+    def finish(self, stats) -> None:
+        """At the end of a call: add what `stats` counted since the last read to the memory of later calls (one
+        host read; re-plans are sparse, so the last steps of a call would otherwise never be remembered)."""
+        if stats is not None and self.memory is not None and self.read_at != self.steps:
+            self._add(stats)
+
+    def _add(self, stats) -> None:
+        """Read `stats`' counts (one host read) and add what is new since the last read to the counts and memory."""
+        counts = self._read(stats)
         new = counts - (self.seen if self.seen is not None else 0.0)
-        self.seen = counts
+        self.seen, self.read_at = counts, self.steps
         self.counts = self.counts + new
         if self.memory is not None:
             cells = new.nonzero()
             for (length, count), value in zip(cells.tolist(), new[cells[:, 0], cells[:, 1]].tolist()):
                 self.memory[length][count] += value
-        self.boundaries = self.plan(self.counts)
+
+    def _next_plan(self) -> int:
+        """The step after which the next re-plan is due: once about `replan_growth` times the decisions the plan rested
+        on have been added (`batch_size` per step), at least one and at most `MAX_REPLAN_SPACING` steps later."""
+        wait = math.ceil(self.replan_growth * float(self.counts.sum()) / max(self.batch_size, 1))
+        return self.steps + min(max(wait, 1), self.MAX_REPLAN_SPACING)
 
     def _read(self, stats) -> torch.Tensor:
         counts = torch.tensor(stats.search_count_histogram, dtype=torch.float64)

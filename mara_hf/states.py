@@ -251,7 +251,7 @@ class DynamicSiblings:
 
     A chunk may run for some rows only (`rows`): it then runs on a throwaway copy of those rows' cache, so the
     shared cache is not touched and the other rows pay nothing. With `keep_kv`, a chunk keeps its siblings'
-    keys/values for `commit` (`kv_parts`): all of them, or with a `pick` only the sibling each row may keep.
+    keys/values for `commit` (`kept_kv()`): all of them, or with a `pick` only the sibling each row may keep.
 
     A first chunk of one sibling for all rows with `keep_kv` is the fused loop's decode step: on full-attention
     layers its cache (`decoded`) is kept, and `commit` writes the taken siblings over its last entry instead of
@@ -284,17 +284,26 @@ class DynamicSiblings:
         else:
             mask = _direct_mask(self.model, context_mask, self.past, 0, count, self.past + count, batch, device)
         out = run_siblings(self.model, cache, tokens, position_ids, mask, logits=logits, pick=pick)
-        if keep_kv and start == 0 and count == 1 and rows is None and not self.sliding:
+        decode_step = keep_kv and start == 0 and count == 1 and rows is None and not self.sliding
+        if decode_step:
             self.decoded = hf.DynamicSnapshot(self.cache)  # the cache with each row's top-1 appended
-        if keep_kv:
+            # Its entries are read from there only if a commit needs them (`kept_kv`): most decode steps commit
+            # themselves, and a host-bound step pays for every op per layer.
+            self.kv_parts.append(None)
+        elif keep_kv:
             full = hf.cache_rows(self.cache)[0]
             appended = hf.appended_kv(cache, count)
             # A chunk of one sibling per row already holds just the picked entry (a view, read before anything is
-            # written over it): no gather per layer (two kernels per layer at every decode step otherwise).
+            # written over it): no gather per layer.
             if pick is not None and count > 1:
                 appended = [(_entry(k, pick.index), _entry(v, pick.index)) for k, v in appended]
             self.kv_parts.append([(widen(k, rows, full), widen(v, rows, full)) for k, v in appended])
         return out
+
+    def kept_kv(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The chunks' kept keys/values (`kv_parts`), the decode step's read from its kept cache (views of each
+        layer's last entry)."""
+        return [self.decoded.last_entries() if part is None else part for part in self.kv_parts]
 
     def restore(self) -> None:
         """The cache exactly as before the first sibling forward."""

@@ -70,30 +70,46 @@ class FakeStats:
             self.search_count_histogram[length][40 if length else 1] = count
 
 
-def test_replans_after_steps_1_2_4_and_then_every_few_steps():
-    schedule = AutoSchedule(1024, batch_size=16, width=40, replan_every=8)
-    assert schedule.current() == (40,)  # the prior: at batch 16 some row rejects at every step, tokens nearly free
-    reads = []
+def test_replans_as_the_decisions_grow_by_half_and_rarely_for_a_well_known_agent():
+    """A re-plan (one host read) is due once the decisions since the last plan reach half of those it rested on:
+    often while the counts are few, rarely once they are many (earlier calls' memory), at least every 64 steps."""
+    for batch_size, memory, expected in ((16, None, [1, 2, 4, 7, 11]), (1, None, [4, 10]),
+                                         (16, 2000.0, []), (1, 10_000.0, [])):
+        remembered = None
+        if memory is not None:
+            remembered = [[0.0] * 41 for _ in range(41)]
+            remembered[1][40] = memory
+        schedule = AutoSchedule(1024, batch_size=batch_size, width=40, memory=remembered)
+        if memory is None and batch_size == 16:
+            assert schedule.current() == (40,)  # the prior: at batch 16 some row rejects at every step
+        reads = []
 
-    class Counting:
-        @property
-        def search_count_histogram(self):
-            reads.append(schedule.steps)
-            return FakeStats([0, 1000 * len(reads)] + [0] * 39).search_count_histogram
+        class Counting:  # every row of every step took its top-1
+            @property
+            def search_count_histogram(self):
+                reads.append(schedule.steps)
+                return FakeStats([0, batch_size * schedule.steps] + [0] * 39).search_count_histogram
 
-    stats = Counting()
-    schedule.start(None)
-    for _ in range(16):
-        schedule.observe(stats)
-    assert reads == [1, 2, 4, 8, 16]
-    assert schedule.current()[0] == 1  # every row took its top-1: the decode step alone first
+        schedule.start(None)
+        for _ in range(16):
+            schedule.observe(Counting())
+        assert reads == expected, (batch_size, memory)
+        if batch_size == 16 and expected:
+            assert schedule.current()[0] == 1  # every row took its top-1: the decode step alone first
+    many = AutoSchedule(1024, batch_size=1, width=40, memory=[[0.0] * 41 for _ in range(40)] + [[0.0] * 40 + [1e6]])
+    many.start(None)
+    for _ in range(64):
+        many.observe(FakeStats([0, 1] + [0] * 39))
+    assert many.next_plan == 128  # read once, at step 64 (the longest spacing), not at every step
 
 
 def test_auto_schedule_remembers_an_agent_on_a_model_across_calls():
     model, agent, other = torch.nn.Linear(1, 1), object.__new__(type("Agent", (), {})), torch.nn.Linear(1, 1)
     first = make_schedule("auto", device="cuda", batch_size=1, width=40, agent=agent, model=model)
     first.start(None)
-    first.observe(FakeStats([0, 500] + [0] * 39))
+    first.observe(FakeStats([0, 500] + [0] * 39))  # no re-plan due at step 1 of batch 1: nothing read yet
+    assert first.read_at == 0
+    first.finish(FakeStats([0, 500] + [0] * 39))  # the end of the call: read once, into the memory
     again = make_schedule("auto", device="cuda", batch_size=1, width=40, agent=agent, model=model)
     assert again.current()[0] == 1 and again.counts[1].sum() > 500
     fresh = make_schedule("auto", device="cuda", batch_size=1, width=40, agent=agent, model=other)

@@ -65,7 +65,7 @@ def test_committed_sibling_continues_like_plain_decoding(arch):
     with torch.no_grad():
         siblings.forward(candidates, positions, 0, keep_kv=True)
     chosen = torch.tensor([2, 0])
-    siblings.commit(select_kv(siblings.kv_parts, chosen))
+    siblings.commit(select_kv(siblings.kept_kv(), chosen))
     follow = torch.tensor([[30], [31]])
     mask2 = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=-1)
     with torch.no_grad():
@@ -89,7 +89,7 @@ class _PickFirst:
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_decode_step_keeps_views_of_its_entries_and_a_later_commit_is_exact(arch):
     """The fused loop's decode step (one sibling for every row) keeps its entries as views of the decoded cache (no
-    gather per layer); a later chunk for one row, then a commit of that row's sibling and the other row's top-1,
+    op per layer unless a commit needs them); a later chunk for one row, then a commit of that row's sibling and the other row's top-1,
     leaves the cache as if those tokens had been decoded normally."""
     from mara_hf.states import select_picked
 
@@ -101,14 +101,14 @@ def test_decode_step_keeps_views_of_its_entries_and_a_later_commit_is_exact(arch
     siblings = DynamicSiblings(model, cache, mask)
     with torch.no_grad():
         siblings.forward(torch.tensor([[10], [20]]), positions, 0, logits="pick", pick=_PickFirst(), keep_kv=True)
-        keys = siblings.kv_parts[0][0][0]
+        keys = siblings.kept_kv()[0][0][0]
         assert keys.untyped_storage().data_ptr() == cache.layers[0].keys.untyped_storage().data_ptr()
         siblings.restore()
         rows = torch.tensor([1])
         siblings.forward(torch.tensor([[21, 22]]), positions[rows], 1, rows, logits="pick", pick=_PickFirst(),
                          keep_kv=True)
         siblings.restore()
-        siblings.commit(select_picked(siblings.kv_parts, torch.tensor([0, 1])))  # row 0: its top-1; row 1: 21
+        siblings.commit(select_picked(siblings.kept_kv(), torch.tensor([0, 1])))  # row 0: its top-1; row 1: 21
         follow = torch.tensor([[30], [31]])
         mask2 = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=-1)
         logits = model(input_ids=follow, attention_mask=mask2, position_ids=positions + 1,

@@ -1,16 +1,17 @@
-"""What the fused loop adds to a host-bound step, with and without a gather per layer at every decode step.
+"""What the fused loop adds to a host-bound step, now and before two cuts of its host work.
 
 On an H100 an eager 8B decode step is bound by the host (about 8 GPU-ms of work under 38 ms of host time,
-`../../gpu/h100-2026-11-27/`): what MARA adds there is host work, roughly in proportion to the ops it dispatches. This
-A/B measures that on the CPU with `deep-tiny-random` (Llama-3-8B's 32 layers at tiny widths, float32, one thread,
-random 32-token prompts; its matrix work is negligible, so a step costs its host work), greedy, 32 new tokens, batch
-1 and 16: plain greedy `generate()` and the fused loop with the `accept-all` and `calibrated` agents (the latter
-rejects 30% of plain greedy's top-1), each fused one as it is now and as it was before it dropped the gather of the
-decode step's kept keys/values (`gather` variants: `DynamicSiblings.forward` patched here to gather them as before).
-A warm-up per variant, then `--rounds` rounds in rotated order. Besides the times, whether the tokens are identical
-and, for plain greedy and the accept-all variants, the aten ops dispatched per decode step (a `TorchDispatchMode`
-counting every op of a 17-token call less a 9-token one, over 8; the calibrated agent's count depends on which chunks
-the `"auto"` schedule has learnt to run by then, so it is not counted). Writes `host_ops_ab.json` beside this script.
+`../../gpu/h100-2026-11-27/`): what MARA adds there is host work. This A/B measures that on the CPU with
+`deep-tiny-random` (Llama-3-8B's 32 layers at tiny widths, float32, one thread, random 32-token prompts; its matrix
+work is negligible, so a step costs its host work), greedy, 32 new tokens, batch 1 and 16: plain greedy `generate()`
+and the fused loop with the `accept-all` and `calibrated` agents (the latter rejects 30% of plain greedy's top-1),
+each as it is now and as it was before (`before` variants, patched here only): the decode step sliced and gathered
+its kept keys/values on every layer (`DynamicSiblings.forward` patched to do so again), and the `"auto"` schedule
+re-planned after steps 1, 2, 4 and then every 8 (`AutoSchedule._next_plan` patched). A warm-up per variant, then
+`--rounds` rounds in rotated order. Besides the times, whether the tokens are identical and, for plain greedy and
+the accept-all variants, the aten ops dispatched per decode step (a `TorchDispatchMode` counting every op of a
+17-token call less a 9-token one, over 8; the calibrated agent's count depends on which chunks the `"auto"` schedule
+has learnt to run by then, so it is not counted). Writes `host_ops_ab.json` beside this script.
 
     python benchmarks/cpu/11-host-ops/host_ops_ab.py --rounds 7
 """
@@ -30,20 +31,27 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import common  # noqa: E402
 from mara_hf import mara_generate  # noqa: E402
+from mara_hf import hf_internals as hf  # noqa: E402
+from mara_hf.schedule import AutoSchedule  # noqa: E402
 from mara_hf.states import DynamicSiblings, _entry  # noqa: E402
 
 TOKENS = 32
-VARIANTS = ("plain", "accept-all", "accept-all gather", "calibrated", "calibrated gather")
-_forward = DynamicSiblings.forward
+VARIANTS = ("plain", "accept-all", "accept-all before", "calibrated", "calibrated before")
+_forward, _next_plan = DynamicSiblings.forward, AutoSchedule._next_plan
 
 
 def _gather_forward(self, tokens, position_ids, start, rows=None, *, logits="none", pick=None, keep_kv=False):
-    """`DynamicSiblings.forward` as before: the decode step (one sibling for every row) gathers its kept entry on
-    every layer."""
+    """`DynamicSiblings.forward` as before: the decode step (one sibling for every row) sliced and gathered its
+    kept entry on every layer."""
     out = _forward(self, tokens, position_ids, start, rows, logits=logits, pick=pick, keep_kv=keep_kv)
     if keep_kv and pick is not None and tokens.shape[1] == 1 and rows is None:
-        self.kv_parts[-1] = [(_entry(k, pick.index), _entry(v, pick.index)) for k, v in self.kv_parts[-1]]
+        self.kv_parts[-1] = [(_entry(k, pick.index), _entry(v, pick.index)) for k, v in hf.appended_kv(self.cache, 1)]
     return out
+
+
+def _every_8(self):
+    """`AutoSchedule._next_plan` as before: after steps 1, 2, 4, then every 8."""
+    return {0: 1, 1: 2, 2: 4}.get(self.steps, (self.steps // 8 + 1) * 8)
 
 
 class CountOps(TorchDispatchMode):
@@ -76,12 +84,14 @@ def main() -> dict:
             kwargs = common.base_generate_kwargs(model, tokens)
             if variant == "plain":
                 return model.generate(**batch, **kwargs)
-            DynamicSiblings.forward = _gather_forward if variant.endswith("gather") else _forward
+            before = variant.endswith("before")
+            DynamicSiblings.forward = _gather_forward if before else _forward
+            AutoSchedule._next_plan = _every_8 if before else _next_plan
             try:
                 return model.generate(**batch, **kwargs, custom_generate=mara_generate,
                                       mara_agent=agents[variant.split()[0]])
             finally:
-                DynamicSiblings.forward = _forward
+                DynamicSiblings.forward, AutoSchedule._next_plan = _forward, _next_plan
 
         def run(variant):
             start = time.perf_counter()
@@ -110,11 +120,11 @@ def main() -> dict:
                   f"{result[v]['ratio_vs_plain']:.3f} (rounds {min(result[v]['paired_ratios']):.3f}-"
                   f"{max(result[v]['paired_ratios']):.3f}){ops}", flush=True)
         for agent in ("accept-all", "calibrated"):
-            paired = [g / n for g, n in zip(seconds[f"{agent} gather"], seconds[agent])]
-            same = torch.equal(warm[agent][1], warm[f"{agent} gather"][1])
+            paired = [g / n for g, n in zip(seconds[f"{agent} before"], seconds[agent])]
+            same = torch.equal(warm[agent][1], warm[f"{agent} before"][1])
             result[f"{agent} speedup_paired"] = {"median": statistics.median(paired), "rounds": paired,
                                                  "identical_tokens": same}
-            print(f"batch {batch_size:2d} {agent}: without the gather vs with it, paired by round: median "
+            print(f"batch {batch_size:2d} {agent}: now vs before, paired by round: median "
                   f"{statistics.median(paired):.3f}x, rounds {min(paired):.3f}-{max(paired):.3f}; identical tokens: "
                   f"{same}", flush=True)
         result["accept-all identical to plain"] = torch.equal(warm["plain"][1], warm["accept-all"][1])
