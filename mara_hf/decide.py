@@ -249,10 +249,15 @@ class Picker:
     def __call__(self, states: torch.Tensor) -> torch.LongTensor | None:
         self.p_accept = p = self.agent.accept_probability(states)
         p = p.to(self.valid.device)
-        self.index = index = keepable(p, self.thresholds, self.valid, self.target, self.start).to(states.device)
+        if states.shape[1] == 1:  # one sibling per row (the decode step): it is the one each row may keep
+            index = torch.zeros(states.shape[0], dtype=torch.long, device=states.device)
+        else:
+            index = keepable(p, self.thresholds, self.valid, self.target, self.start).to(states.device)
+        self.index = index
         if not self.defer:
             return index
-        self.kept = states.gather(1, index.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
+        self.kept = states if states.shape[1] == 1 else states.gather(
+            1, index.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
         if self.start == 0:
             decided = self.decided | ((p > self.thresholds) & self.valid).any(dim=-1)
             need = ~decided & (self.counts > self.end)

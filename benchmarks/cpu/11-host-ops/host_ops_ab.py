@@ -1,4 +1,4 @@
-"""What the fused loop adds to a host-bound step, now and before two cuts of its host work.
+"""What the fused loop adds to a host-bound step, now and before three cuts of its host work.
 
 On an H100 an eager 8B decode step is bound by the host (about 8 GPU-ms of work under 38 ms of host time,
 `../../gpu/h100-2026-11-27/`): what MARA adds there is host work. This A/B measures that on the CPU with
@@ -6,8 +6,9 @@ On an H100 an eager 8B decode step is bound by the host (about 8 GPU-ms of work 
 work is negligible, so a step costs its host work), greedy, 32 new tokens, batch 1 and 16: plain greedy `generate()`
 and the fused loop with the `accept-all` and `calibrated` agents (the latter rejects 30% of plain greedy's top-1),
 each as it is now and as it was before (`before` variants, patched here only): the decode step sliced and gathered
-its kept keys/values on every layer (`DynamicSiblings.forward` patched to do so again), and the `"auto"` schedule
-re-planned after steps 1, 2, 4 and then every 8 (`AutoSchedule._next_plan` patched). A warm-up per variant, then
+its kept keys/values on every layer (`DynamicSiblings.forward` patched to do so again), ran the decision rule on its
+one sibling per row and gathered its state (`decide.Picker.__call__` patched), and the `"auto"` schedule re-planned
+after steps 1, 2, 4 and then every 8 (`AutoSchedule._next_plan` patched). A warm-up per variant, then
 `--rounds` rounds in rotated order. Besides the times, whether the tokens are identical and, for plain greedy and
 the accept-all variants, the aten ops dispatched per decode step (a `TorchDispatchMode` counting every op of a
 17-token call less a 9-token one, over 8; the calibrated agent's count depends on which chunks the `"auto"` schedule
@@ -32,12 +33,14 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import common  # noqa: E402
 from mara_hf import mara_generate  # noqa: E402
 from mara_hf import hf_internals as hf  # noqa: E402
+from mara_hf.candidates import keepable  # noqa: E402
+from mara_hf.decide import Picker, _read_need  # noqa: E402
 from mara_hf.schedule import AutoSchedule  # noqa: E402
 from mara_hf.states import DynamicSiblings, _entry  # noqa: E402
 
 TOKENS = 32
 VARIANTS = ("plain", "accept-all", "accept-all before", "calibrated", "calibrated before")
-_forward, _next_plan = DynamicSiblings.forward, AutoSchedule._next_plan
+_forward, _next_plan, _pick = DynamicSiblings.forward, AutoSchedule._next_plan, Picker.__call__
 
 
 def _gather_forward(self, tokens, position_ids, start, rows=None, *, logits="none", pick=None, keep_kv=False):
@@ -47,6 +50,24 @@ def _gather_forward(self, tokens, position_ids, start, rows=None, *, logits="non
     if keep_kv and pick is not None and tokens.shape[1] == 1 and rows is None:
         self.kv_parts[-1] = [(_entry(k, pick.index), _entry(v, pick.index)) for k, v in hf.appended_kv(self.cache, 1)]
     return out
+
+
+def _old_pick(self, states):
+    """`decide.Picker.__call__` as before: the decision rule (`keepable`) and a gather even for one sibling per row."""
+    self.p_accept = p = self.agent.accept_probability(states)
+    p = p.to(self.valid.device)
+    self.index = index = keepable(p, self.thresholds, self.valid, self.target, self.start).to(states.device)
+    if not self.defer:
+        return index
+    self.kept = states.gather(1, index.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
+    if self.start == 0:
+        decided = self.decided | ((p > self.thresholds) & self.valid).any(dim=-1)
+        need = ~decided & (self.counts > self.end)
+        self.read = _read_need(need, self.counts)
+        if not self.read[0]:
+            return index
+    self.deferred = True
+    return None
 
 
 def _every_8(self):
@@ -87,11 +108,12 @@ def main() -> dict:
             before = variant.endswith("before")
             DynamicSiblings.forward = _gather_forward if before else _forward
             AutoSchedule._next_plan = _every_8 if before else _next_plan
+            Picker.__call__ = _old_pick if before else _pick
             try:
                 return model.generate(**batch, **kwargs, custom_generate=mara_generate,
                                       mara_agent=agents[variant.split()[0]])
             finally:
-                DynamicSiblings.forward, AutoSchedule._next_plan = _forward, _next_plan
+                DynamicSiblings.forward, AutoSchedule._next_plan, Picker.__call__ = _forward, _next_plan, _pick
 
         def run(variant):
             start = time.perf_counter()
