@@ -103,6 +103,11 @@ def test_replans_as_the_decisions_grow_by_half_and_rarely_for_a_well_known_agent
     assert many.next_plan == 128  # read once, at step 64 (the longest spacing), not at every step
 
 
+def test_auto_schedule_refuses_a_replan_growth_that_is_not_positive():
+    with pytest.raises(ValueError, match="`replan_growth` has to be positive, but is 0"):
+        AutoSchedule(1024, batch_size=1, width=40, replan_growth=0)
+
+
 def test_auto_schedule_remembers_an_agent_on_a_model_across_calls():
     model, agent, other = torch.nn.Linear(1, 1), object.__new__(type("Agent", (), {})), torch.nn.Linear(1, 1)
     first = make_schedule("auto", device="cuda", batch_size=1, width=40, agent=agent, model=model)

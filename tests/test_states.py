@@ -89,8 +89,8 @@ class _PickFirst:
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_decode_step_keeps_views_of_its_entries_and_a_later_commit_is_exact(arch):
     """The fused loop's decode step (one sibling for every row) keeps its entries as views of the decoded cache (no
-    op per layer unless a commit needs them); a later chunk for one row, then a commit of that row's sibling and the other row's top-1,
-    leaves the cache as if those tokens had been decoded normally."""
+    op per layer unless a commit needs them); a later chunk for one row, then a commit of that row's sibling and
+    the other row's top-1, leaves the cache as if those tokens had been decoded normally."""
     from mara_hf.states import select_picked
 
     model = tiny_model(arch)
