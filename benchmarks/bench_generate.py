@@ -468,9 +468,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", choices=common.MODELS, default=None,
                         help="llama3-8b-random (random Llama-3-8B shape; default on CUDA, CUDA only), "
                              "llama3-8b-4layers-random (its widths, 4 layers: quick to compile, for --identity), "
-                             "smollm2 (SmolLM2-135M-Instruct; default on CPU), tiny-random (smoke test) or deep-tiny-random "
-                             "(tiny-random's widths at Llama-3-8B's 32 layers: a host-bound step, as eager 8B steps "
-                             "on a GPU are)")
+                             "smollm2 (SmolLM2-135M-Instruct; default on CPU), tiny-random (smoke test) or "
+                             "deep-tiny-random (tiny-random's widths at Llama-3-8B's 32 layers: a host-bound step, as "
+                             "eager 8B steps on a GPU are)")
     parser.add_argument("--dtype", choices=common.DTYPES, default=None,
                         help="model dtype (default: bfloat16 for random models on CUDA, else float32; --identity "
                              "always float32)")
