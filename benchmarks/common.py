@@ -446,3 +446,26 @@ def interleaved(run, variants: tuple[str, ...], rounds: int):
         for v in variants[first:] + variants[:first]:
             timed[v].append(run(v))
     return warm, timed
+
+
+def ops_per_step(generate, short: int = 5, long: int = 9) -> float:
+    """Aten ops dispatched per decode step by `generate(max_new_tokens)` (a call that decodes exactly that many
+    tokens): the ops of a `long`-token call less those of a `short`-token one, over the difference (the prompt's
+    forward and the call's setup cancel). What a host-bound step pays for, whatever the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for tokens in (short, long):
+        with torch.no_grad(), CountOps() as counter:
+            generate(tokens)
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) / (long - short)

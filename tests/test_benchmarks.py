@@ -224,3 +224,30 @@ def test_averaged_agent_is_the_mean_of_its_sources_and_keeps_their_configuration
 
     with pytest.raises(ValueError, match="Agent 1 differs from agent 0 in accept_threshold, top_k: only agents of one"):
         average_agents.average_agents([sources[0], MaraAgent(state_dim=8, top_k=20)])
+
+
+def test_an_accept_all_fused_step_adds_no_op_per_layer(scripts):
+    """What the fused loop dispatches per accept-all step on top of plain greedy (`common.ops_per_step`, what
+    `cpu/11-host-ops/` counts) does not grow with the model's depth: its decode step keeps no keys/values per layer
+    until a commit needs them (a host-bound step, as an eager step of a large model on a GPU is, pays for every op)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import COMMON, constant_agent
+    from mara_hf import mara_generate
+
+    common = scripts["common"]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    extra = {}
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "num_hidden_layers": layers})).eval()
+
+        def generate(tokens, **mara):
+            return model.generate(input_ids=ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                  pad_token_id=0, **mara)
+
+        # A fixed schedule: a re-plan of "auto" would fall into one of the two counted calls only.
+        fused = common.ops_per_step(lambda n: generate(n, custom_generate=mara_generate,
+                                                       mara_agent=constant_agent(accept=True), mara_schedule=(1, 40)))
+        extra[layers] = fused - common.ops_per_step(generate)
+    assert extra[2] == extra[6] > 0

@@ -164,45 +164,6 @@ def test_accept_all_agent_is_plain_greedy_with_one_forward_per_token():
     assert (out.mara_steps["index"] == 0).all()
 
 
-def test_an_accept_all_step_adds_no_op_per_layer():
-    """What the fused loop dispatches per accept-all step on top of plain greedy does not grow with the model's depth:
-    its decode step keeps no keys/values per layer until a commit needs them (a host-bound step, as an eager step of a
-    large model on a GPU is, pays for every op)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from conftest import COMMON
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += 1
-            return func(*args, **(kwargs or {}))
-
-    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-
-    def ops_per_step(model, **mara):
-        counts = []
-        for tokens in (5, 9):
-            with torch.no_grad(), CountOps() as counter:
-                model.generate(input_ids=ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                               pad_token_id=0, **mara)
-            counts.append(counter.count)
-        return (counts[1] - counts[0]) / 4
-
-    extra = {}
-    for layers in (2, 6):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "num_hidden_layers": layers})).eval()
-        fused = ops_per_step(model, custom_generate=mara_generate, mara_agent=constant_agent(accept=True),
-                             mara_schedule=(1, 40))  # a fixed schedule: no re-plan falls into one count only
-        extra[layers] = fused - ops_per_step(model)
-    assert extra[2] == extra[6] > 0
-
-
 def test_sampling_equals_processor_for_the_same_seed():
     model = tiny_model("llama")
     agent = decisive_agent(reject_bias=5.0)

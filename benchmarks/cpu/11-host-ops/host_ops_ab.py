@@ -10,9 +10,9 @@ its kept keys/values on every layer (`DynamicSiblings.forward` patched to do so 
 one sibling per row and gathered its state (`decide.Picker.__call__` patched), and the `"auto"` schedule re-planned
 after steps 1, 2, 4 and then every 8 (`AutoSchedule._next_plan` patched). A warm-up per variant, then
 `--rounds` rounds in rotated order. Besides the times, whether the tokens are identical and, for plain greedy and
-the accept-all variants, the aten ops dispatched per decode step (a `TorchDispatchMode` counting every op of a
-17-token call less a 9-token one, over 8; the calibrated agent's count depends on which chunks the `"auto"` schedule
-has learnt to run by then, so it is not counted). Writes `host_ops_ab.json` beside this script.
+the accept-all variants, the aten ops dispatched per decode step (`common.ops_per_step`: a 17-token call less a
+9-token one, over 8; the calibrated agent's count depends on which chunks the `"auto"` schedule has learnt to run by
+then, so it is not counted). Writes `host_ops_ab.json` beside this script.
 
     python benchmarks/cpu/11-host-ops/host_ops_ab.py --rounds 7
 """
@@ -28,13 +28,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # benchmarks/
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import common  # noqa: E402
 from mara_hf import mara_generate  # noqa: E402
 from mara_hf import hf_internals as hf  # noqa: E402
 from mara_hf.candidates import keepable  # noqa: E402
-from mara_hf.decide import Picker, _read_need  # noqa: E402
+from mara_hf.decide import Picker  # noqa: E402
 from mara_hf.schedule import AutoSchedule  # noqa: E402
 from mara_hf.states import DynamicSiblings, _entry  # noqa: E402
 
@@ -53,38 +52,20 @@ def _gather_forward(self, tokens, position_ids, start, rows=None, *, logits="non
 
 
 def _old_pick(self, states):
-    """`decide.Picker.__call__` as before: the decision rule (`keepable`) and a gather even for one sibling per row."""
-    self.p_accept = p = self.agent.accept_probability(states)
-    p = p.to(self.valid.device)
-    self.index = index = keepable(p, self.thresholds, self.valid, self.target, self.start).to(states.device)
-    if not self.defer:
-        return index
-    self.kept = states.gather(1, index.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
-    if self.start == 0:
-        decided = self.decided | ((p > self.thresholds) & self.valid).any(dim=-1)
-        need = ~decided & (self.counts > self.end)
-        self.read = _read_need(need, self.counts)
-        if not self.read[0]:
-            return index
-    self.deferred = True
-    return None
+    """`decide.Picker.__call__` as before: on a chunk of one it also ran the decision rule (`keepable`) and gathered
+    the kept state (the same values as now: index 0 and the state itself)."""
+    result = _pick(self, states)
+    if states.shape[1] == 1:
+        p = self.p_accept.to(self.valid.device)
+        self.index = keepable(p, self.thresholds, self.valid, self.target, self.start).to(states.device)
+        if self.defer:
+            self.kept = states.gather(1, self.index.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
+    return result
 
 
 def _every_8(self):
     """`AutoSchedule._next_plan` as before: after steps 1, 2, 4, then every 8."""
     return {0: 1, 1: 2, 2: 4}.get(self.steps, (self.steps // 8 + 1) * 8)
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> dict:
@@ -121,12 +102,7 @@ def main() -> dict:
             return time.perf_counter() - start, tokens
 
         def ops_per_step(variant):
-            counts = []
-            for tokens in (9, 17):
-                with torch.no_grad(), CountOps() as counter:
-                    call(variant, tokens)
-                counts.append(counter.count)
-            return (counts[1] - counts[0]) / 8
+            return common.ops_per_step(lambda tokens: call(variant, tokens), short=9, long=17)
 
         warm, timed = common.interleaved(run, VARIANTS, args.rounds)
         seconds = {v: [t for t, _ in timed[v]] for v in VARIANTS}
