@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from pathlib import Path
 
-import torch
 from torch.optim.swa_utils import AveragedModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mara_hf import MaraAgent  # noqa: E402
+from mara_hf import MaraAgent
 
 logger = logging.getLogger("average_agents")
 

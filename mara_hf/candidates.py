@@ -84,6 +84,8 @@ def keepable(p_accept: torch.Tensor, thresholds, valid: torch.BoolTensor, target
     `(B, n)`) that the row may keep: its first accepted one; else the fallback candidate `target` (absolute index)
     when it lies in the chunk; else 0. Pure tensor code, shared by the eager and the compiled step."""
     count = p_accept.shape[-1]
+    if count == 1:  # a chunk of one sibling per row (the fused loop's decode step): that one, whatever the agent says
+        return torch.zeros_like(target)
     any_accepted, first = first_accepted((p_accept > thresholds) & valid)
     in_chunk = (target >= start) & (target < start + count)
     return torch.where(any_accepted | ~in_chunk, first, (target - start).clamp(0, count - 1))

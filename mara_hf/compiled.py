@@ -22,7 +22,7 @@ import torch
 
 from . import hf_internals as hf
 from .candidates import keepable
-from .states import eager_dtype, sibling_mask
+from .states import eager_dtype, picked_states, sibling_mask
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -81,8 +81,7 @@ class CompiledStep:
         states = out.last_hidden_state
         p = self.agent.accept_probability(states)
         pick = keepable(p, thresholds, valid, target, start)
-        chosen = states.gather(1, pick.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
-        logits = self.head(chosen)[:, 0].float()
+        logits = self.head(picked_states(states, pick))[:, 0].float()
         return states, p, pick, logits
 
     def _commit(self, cache, length, index):

@@ -17,7 +17,7 @@ import torch
 
 from .candidates import CandidateSet, build_candidates, fallback_index, first_accepted, keepable
 from .schedule import LAZY_SCHEDULE
-from .states import DynamicSiblings, StaticSiblings, select_kv, select_picked, widen
+from .states import DynamicSiblings, StaticSiblings, picked_states, select_kv, select_picked, widen
 from .stats import StepDecision
 
 
@@ -84,7 +84,7 @@ class StepEvaluation:
         if self.picked:
             return select_picked([logits[:, 0] for logits in self.logits_parts], chunk)
         logits = torch.cat(self.logits_parts, dim=1) if len(self.logits_parts) > 1 else self.logits_parts[0]
-        return logits.gather(1, index.view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1)
+        return picked_states(logits, index).squeeze(1)
 
     def next_logits(self) -> torch.Tensor:
         """Fused loop, after `commit` or when the first chunk already committed the step: the taken token's logits."""
@@ -249,15 +249,10 @@ class Picker:
     def __call__(self, states: torch.Tensor) -> torch.LongTensor | None:
         self.p_accept = p = self.agent.accept_probability(states)
         p = p.to(self.valid.device)
-        if states.shape[1] == 1:  # one sibling per row (the decode step): it is the one each row may keep
-            index = torch.zeros(states.shape[0], dtype=torch.long, device=states.device)
-        else:
-            index = keepable(p, self.thresholds, self.valid, self.target, self.start).to(states.device)
-        self.index = index
+        self.index = index = keepable(p, self.thresholds, self.valid, self.target, self.start).to(states.device)
         if not self.defer:
             return index
-        self.kept = states if states.shape[1] == 1 else states.gather(
-            1, index.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
+        self.kept = picked_states(states, index)
         if self.start == 0:
             decided = self.decided | ((p > self.thresholds) & self.valid).any(dim=-1)
             need = ~decided & (self.counts > self.end)

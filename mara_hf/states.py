@@ -219,8 +219,7 @@ def run_siblings(model, cache, tokens: torch.LongTensor, position_ids: torch.Lon
         states = captured["states"] = args[0]
         index = pick(states) if logits == "pick" else None
         if index is not None:
-            index = index.view(-1, 1, 1).expand(-1, 1, states.shape[-1])
-            return (states.gather(1, index),) + tuple(args[1:])
+            return (picked_states(states, index),) + tuple(args[1:])
         if logits == "all":
             return None
         return (states[:, :0],) + tuple(args[1:])  # "none", or a pick that defers: lm_head projects nothing
@@ -293,9 +292,7 @@ class DynamicSiblings:
         elif keep_kv:
             full = hf.cache_rows(self.cache)[0]
             appended = hf.appended_kv(cache, count)
-            # A chunk of one sibling per row already holds just the picked entry (a view, read before anything is
-            # written over it): no gather per layer.
-            if pick is not None and count > 1:
+            if pick is not None:
                 appended = [(_entry(k, pick.index), _entry(v, pick.index)) for k, v in appended]
             self.kv_parts.append([(widen(k, rows, full), widen(v, rows, full)) for k, v in appended])
         return out
@@ -407,8 +404,19 @@ def select_picked(parts, chunk: torch.LongTensor):
     return torch.stack(parts)[chunk.to(parts[0].device), torch.arange(chunk.shape[0], device=parts[0].device)]
 
 
+def picked_states(states: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
+    """Sibling `index[b]` of each row of `(B, k, d)` states (or logits): `(B, 1, d)`; with one sibling per row
+    (`k = 1`) the tensor itself (no gather)."""
+    if states.shape[1] == 1:
+        return states
+    return states.gather(1, index.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
+
+
 def _entry(part: torch.Tensor, index: torch.LongTensor) -> torch.Tensor:
-    """Entry `index[b]` of each row of keys or values `(B, heads, n, head_dim)`: `(B, heads, 1, head_dim)`."""
+    """Entry `index[b]` of each row of keys or values `(B, heads, n, head_dim)`: `(B, heads, 1, head_dim)`. With one
+    entry (`n = 1`) that entry itself, a view (no gather; whoever writes over it reads it first)."""
+    if part.shape[-2] == 1:
+        return part
     gather = index.to(part.device).view(-1, 1, 1, 1).expand(-1, part.shape[1], 1, part.shape[-1])
     return part.gather(-2, gather)
 

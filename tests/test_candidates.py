@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mara_hf.candidates import build_candidates, fallback_index, first_accepted
+from mara_hf.candidates import build_candidates, fallback_index, first_accepted, keepable
 from reference import naive_candidates
 
 
@@ -81,3 +81,16 @@ def test_min_p_is_transformers_min_p_warper_after_top_k_and_top_p(top_k, top_p, 
         assert cands.tokens[row, :count].tolist() == expected
         gaps = cands.logprobs[row, :1] - cands.logprobs[row, :count]
         assert (gaps <= -torch.log(torch.tensor(min_p)) + 1e-5).all()
+
+
+def test_keepable_is_the_first_accepted_else_the_fallback_in_the_chunk_and_the_only_sibling_of_a_chunk_of_one():
+    """The sibling a row may keep from a chunk: its first accepted one; else the fallback candidate when the chunk
+    holds it; else 0. A chunk of one sibling per row (the decode step) keeps that one, whatever the agent says."""
+    p = torch.tensor([[0.1, 0.9, 0.8], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3]])
+    valid = torch.ones(3, 3, dtype=torch.bool)
+    target = torch.tensor([0, 4, 6])  # row 1: its "last" fallback (index 4) lies in the chunk 2..4; row 2's does not
+    assert keepable(p, 0.5, valid, target, start=2).tolist() == [1, 2, 0]
+    for accept in (0.0, 1.0):
+        one = torch.full((3, 1), accept)
+        assert keepable(one, 0.5, valid[:, :1], target, start=0).tolist() == [0, 0, 0]
+        assert keepable(one, 0.5, valid[:, :1], target, start=4).tolist() == [0, 0, 0]

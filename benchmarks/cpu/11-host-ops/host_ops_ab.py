@@ -7,8 +7,9 @@ work is negligible, so a step costs its host work), greedy, 32 new tokens, batch
 and the fused loop with the `accept-all` and `calibrated` agents (the latter rejects 30% of plain greedy's top-1),
 each as it is now and as it was before (`before` variants, patched here only): the decode step sliced and gathered
 its kept keys/values on every layer (`DynamicSiblings.forward` patched to do so again), ran the decision rule on its
-one sibling per row and gathered its state (`decide.Picker.__call__` patched), and the `"auto"` schedule re-planned
-after steps 1, 2, 4 and then every 8 (`AutoSchedule._next_plan` patched). A warm-up per variant, then
+one sibling per row and gathered its state (`keepable` and `picked_states` as used by `decide` and `states`
+patched), and the `"auto"` schedule re-planned after steps 1, 2, 4 and then every 8 (`AutoSchedule._next_plan`
+patched). A warm-up per variant, then
 `--rounds` rounds in rotated order. Besides the times, whether the tokens are identical and, for plain greedy and
 the accept-all variants, the aten ops dispatched per decode step (`common.ops_per_step`: a 17-token call less a
 9-token one, over 8; the calibrated agent's count depends on which chunks the `"auto"` schedule has learnt to run by
@@ -30,42 +31,59 @@ sys.path.insert(0, str(HERE.parents[1]))  # benchmarks/
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from mara_hf import mara_generate  # noqa: E402
+from mara_hf import decide, mara_generate, states  # noqa: E402
 from mara_hf import hf_internals as hf  # noqa: E402
-from mara_hf.candidates import keepable  # noqa: E402
-from mara_hf.decide import Picker  # noqa: E402
+from mara_hf.candidates import first_accepted  # noqa: E402
 from mara_hf.schedule import AutoSchedule  # noqa: E402
-from mara_hf.states import DynamicSiblings, _entry  # noqa: E402
+from mara_hf.states import DynamicSiblings  # noqa: E402
 
 TOKENS = 32
 VARIANTS = ("plain", "accept-all", "accept-all before", "calibrated", "calibrated before")
-_forward, _next_plan, _pick = DynamicSiblings.forward, AutoSchedule._next_plan, Picker.__call__
+NOW = {(DynamicSiblings, "forward"): DynamicSiblings.forward, (AutoSchedule, "_next_plan"): AutoSchedule._next_plan,
+       (decide, "keepable"): decide.keepable, (decide, "picked_states"): decide.picked_states,
+       (states, "picked_states"): states.picked_states}
+
+
+def _gather(part, index):
+    """The gather of one entry per row that the old code ran even when there was only one."""
+    return part.gather(-2, index.view(-1, 1, 1, 1).expand(-1, part.shape[1], 1, part.shape[-1]))
 
 
 def _gather_forward(self, tokens, position_ids, start, rows=None, *, logits="none", pick=None, keep_kv=False):
     """`DynamicSiblings.forward` as before: the decode step (one sibling for every row) sliced and gathered its
     kept entry on every layer."""
-    out = _forward(self, tokens, position_ids, start, rows, logits=logits, pick=pick, keep_kv=keep_kv)
+    out = NOW[DynamicSiblings, "forward"](self, tokens, position_ids, start, rows, logits=logits, pick=pick,
+                                          keep_kv=keep_kv)
     if keep_kv and pick is not None and tokens.shape[1] == 1 and rows is None:
-        self.kv_parts[-1] = [(_entry(k, pick.index), _entry(v, pick.index)) for k, v in hf.appended_kv(self.cache, 1)]
+        self.kv_parts[-1] = [(_gather(k, pick.index), _gather(v, pick.index)) for k, v in hf.appended_kv(self.cache, 1)]
     return out
 
 
-def _old_pick(self, states):
-    """`decide.Picker.__call__` as before: on a chunk of one it also ran the decision rule (`keepable`) and gathered
-    the kept state (the same values as now: index 0 and the state itself)."""
-    result = _pick(self, states)
-    if states.shape[1] == 1:
-        p = self.p_accept.to(self.valid.device)
-        self.index = keepable(p, self.thresholds, self.valid, self.target, self.start).to(states.device)
-        if self.defer:
-            self.kept = states.gather(1, self.index.view(-1, 1, 1).expand(-1, 1, states.shape[-1]))
-    return result
+def _old_keepable(p_accept, thresholds, valid, target, start):
+    """`candidates.keepable` as before: the decision rule also on a chunk of one sibling per row."""
+    any_accepted, first = first_accepted((p_accept > thresholds) & valid)
+    in_chunk = (target >= start) & (target < start + p_accept.shape[-1])
+    return torch.where(any_accepted | ~in_chunk, first, (target - start).clamp(0, p_accept.shape[-1] - 1))
+
+
+def _always_gather(tensor, index):
+    """`states.picked_states` as before: a gather even of the only sibling."""
+    return tensor.gather(1, index.view(-1, 1, 1).expand(-1, 1, tensor.shape[-1]))
 
 
 def _every_8(self):
     """`AutoSchedule._next_plan` as before: after steps 1, 2, 4, then every 8."""
     return {0: 1, 1: 2, 2: 4}.get(self.steps, (self.steps // 8 + 1) * 8)
+
+
+BEFORE = {(DynamicSiblings, "forward"): _gather_forward, (AutoSchedule, "_next_plan"): _every_8,
+          (decide, "keepable"): _old_keepable, (decide, "picked_states"): _always_gather,
+          (states, "picked_states"): _always_gather}
+
+
+def _use(code):
+    for (owner, name), value in code.items():
+        setattr(owner, name, value)
 
 
 def main() -> dict:
@@ -86,15 +104,12 @@ def main() -> dict:
             kwargs = common.base_generate_kwargs(model, tokens)
             if variant == "plain":
                 return model.generate(**batch, **kwargs)
-            before = variant.endswith("before")
-            DynamicSiblings.forward = _gather_forward if before else _forward
-            AutoSchedule._next_plan = _every_8 if before else _next_plan
-            Picker.__call__ = _old_pick if before else _pick
+            _use(BEFORE if variant.endswith("before") else NOW)
             try:
                 return model.generate(**batch, **kwargs, custom_generate=mara_generate,
                                       mara_agent=agents[variant.split()[0]])
             finally:
-                DynamicSiblings.forward, AutoSchedule._next_plan, Picker.__call__ = _forward, _next_plan, _pick
+                _use(NOW)
 
         def run(variant):
             start = time.perf_counter()
