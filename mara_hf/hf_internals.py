@@ -21,6 +21,7 @@ from transformers.cache_utils import (
     DynamicCache,
     DynamicLayer,
     DynamicSlidingWindowLayer,
+    LinearAttentionCacheLayerMixin,
     StaticCache,
     StaticLayer,
 )
@@ -143,6 +144,12 @@ def cache_kind(cache) -> str | None:
     return None
 
 
+def has_recurrent_layers(cache) -> bool:
+    """Whether some layer of `cache` keeps a recurrent state (linear attention, state-space layers): transformers'
+    `LinearAttentionCacheLayerMixin`, alone or combined with attention keys/values."""
+    return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in getattr(cache, "layers", []))
+
+
 def has_sliding_layers(cache) -> bool:
     return True in layer_kinds(cache)
 
@@ -249,11 +256,11 @@ def commit_static_slot(cache: Cache, length: torch.Tensor | int, index: torch.Lo
     """Move each row's entry at slot `length + index[b]` to slot `length` in every layer and set the length to
     `length + 1` (in place: static addresses stay, as `StaticLayer.update` keeps them)."""
     for layer in cache.layers:
-        keys, values = layer.keys, layer.values
-        at = (length + index).view(-1, 1, 1, 1).to(keys.device).expand(-1, keys.shape[1], 1, keys.shape[-1])
-        slot = torch.as_tensor(length, device=keys.device).view(1)
-        keys.index_copy_(2, slot, keys.gather(2, at))
-        values.index_copy_(2, slot, values.gather(2, at))
+        slot = torch.as_tensor(length, device=layer.keys.device).view(1)
+        for entries in (layer.keys, layer.values):  # their head sizes may differ (multi-head latent attention)
+            at = (length + index).view(-1, 1, 1, 1).to(entries.device)
+            at = at.expand(-1, entries.shape[1], 1, entries.shape[-1])
+            entries.index_copy_(2, slot, entries.gather(2, at))
     set_static_length(cache, length + 1)
 
 

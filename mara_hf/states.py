@@ -14,6 +14,7 @@ Either keeps one chosen sibling per row as the committed token (the fused loop) 
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -30,7 +31,22 @@ _PLAIN_HEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def check_model(model) -> None:
-    """Refuse models whose attention cannot take a sibling mask, with the fix in the message."""
+    """Refuse models whose attention cannot take a sibling mask, or that cannot place a token at a chosen position,
+    with the fix (or the reason) in the message."""
+    name = type(model).__name__
+    if "position_ids" not in inspect.signature(type(model).forward).parameters:
+        raise ValueError(
+            f"MARA evaluates a step's candidates side by side, all at the row's next position, which it sets through "
+            f"`position_ids`; {name}.forward takes none (its positions come from the attention mask, as with ALiBi, "
+            "or it keeps a recurrent state), so its candidates cannot be evaluated this way. MARA supports models "
+            "with rotary or learned position embeddings (Llama, Qwen, Mistral, Gemma, GPT-2, ...)."
+        )
+    if getattr(model.config, "alibi", False):
+        raise ValueError(
+            f"{name} with `alibi=True` derives its ALiBi positions from the attention mask, not from `position_ids`, "
+            "so MARA cannot place candidates side by side at the same position; it supports this architecture "
+            "with rotary position embeddings (`alibi=False`)."
+        )
     attn = hf.attention_implementation(model)
     if attn is not None and attn not in SUPPORTED_ATTENTION:
         raise ValueError(
@@ -47,7 +63,8 @@ def check_cache(cache, *, static: bool = False) -> str:
     of again. `static=False` refuses static caches too (only the fused loop writes siblings to scratch slots)."""
     if cache is None:
         raise ValueError(
-            "MARA decodes on top of the KV cache, but generation runs without one: do not pass `use_cache=False`."
+            "MARA decodes on top of the KV cache, but generation runs without one (`use_cache=False`, passed to "
+            "`generate` or set in the model's config or generation config): pass `use_cache=True`."
         )
     kind = hf.cache_kind(cache)
     if kind == "dynamic" or (kind == "static" and static):
@@ -59,6 +76,12 @@ def check_cache(cache, *, static: bool = False) -> str:
             "fused loop (`custom_generate=mara_generate`), which supports `cache_implementation=\"static\"`."
         )
     layers = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+    if hf.has_recurrent_layers(cache):
+        raise ValueError(
+            f"MARA cannot put candidate siblings into a {name} (layers: {', '.join(layers)}): linear-attention and "
+            "state-space layers keep one recurrent state per row, which cannot hold a step's candidates side by "
+            "side. MARA supports models whose layers all keep attention keys and values."
+        )
     raise ValueError(
         f"MARA cannot put candidate siblings into a {name} (layers: {', '.join(layers) or 'none'}). Use the default "
         "dynamic cache, or `cache_implementation=\"static\"` with the fused loop on a model without sliding-window "
