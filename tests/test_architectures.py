@@ -1,6 +1,7 @@
 """More decoder architectures than the core tests' five: MARA's decisions equal the naive reference on each through
-the processor, the fused loop and (full attention only) the static cache; architectures whose positions or states
-cannot hold candidates side by side are refused before anything runs, in a message that says why."""
+the processor, the fused loop and (full attention only) the static cache, and training rollouts the naive serial
+MDP; architectures whose positions or states cannot hold candidates side by side are refused before anything runs,
+in a message that says why."""
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import COMMON, assert_model_untouched, constant_agent, decisive_agent, left_padded, random_prompts
 from mara_hf import MaraLogitsProcessor, mara_generate
+from mara_hf.train.rollout import rollout
 from reference import naive_mara_greedy
+from test_train import naive_rollout
 
 IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 GPT2_LIKE = dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=512, **IDS)
@@ -121,3 +124,21 @@ def test_an_agent_that_accepts_everything_gives_plain_greedy(name):
     if static:
         assert torch.equal(model.generate(**common, custom_generate=mara_generate, mara_agent=agent,
                                           cache_implementation="static"), plain)
+
+
+@pytest.mark.parametrize("name", list(SUPPORTED))
+def test_training_rollouts_match_the_naive_serial_mdp(name):
+    config_class, arguments, _ = SUPPORTED[name]
+    model = build(config_class, arguments)
+    agent = decisive_agent(model.get_output_embeddings().weight.shape[-1], seed=3, sharpness=3.0)
+    prompts = random_prompts(3)
+    ids, mask = left_padded(prompts)
+    out = rollout(model, agent, ids, mask, max_new_tokens=6, eos_token_ids=[2], pad_token_id=0,
+                  generator=torch.Generator().manual_seed(5), fallback="last")
+    tokens, events = naive_rollout(model, agent, prompts, 6, torch.Generator().manual_seed(5), 2, "last")
+    for row in range(3):
+        assert out.tokens[row, : out.lengths[row]].tolist() == tokens[row]
+    events = sorted(events, key=lambda e: e[:3])
+    assert [(r, p, c, a) for r, p, c, a, _ in events] == list(zip(
+        out.rows.tolist(), out.positions.tolist(), out.candidates.tolist(), out.actions.tolist()))
+    torch.testing.assert_close(out.states, torch.stack([s for *_, s in events]), atol=1e-4, rtol=1e-4)
