@@ -140,7 +140,7 @@ def mara_generate(
     static = cache is not None and check_cache(cache, static=True) == "static"
     width = min(top_k, model.get_output_embeddings().weight.shape[0])
     if static:
-        cache = _static_cache_with_scratch(model, cache, generation_config, model_kwargs, width)
+        cache = _static_cache_with_scratch(model, cache, generation_config, input_ids, model_kwargs, width)
     device = hf.execution_device(model.get_output_embeddings())
     batch_size = input_ids.shape[0]
     compiling = static and hf.generate_would_compile(model, model_kwargs, generation_config)
@@ -186,7 +186,9 @@ def mara_generate(
                        "MARA step runs uncompiled for it.", type(model).__name__)
     defer_head = defer_head and bool(plain)
     del outputs, head_input
-    length = input_ids.shape[1]  # cache length (a static cache's scratch slots start here)
+    # The cache's length (a static cache's scratch slots start here): the prompt's, also when it came as
+    # `inputs_embeds` and `input_ids` holds none of it (one host read per call on a static cache).
+    length = int(cache.get_seq_length())
 
     while True:
         scores = processors(input_ids, logits)
@@ -284,18 +286,19 @@ def _prefill(model, input_ids, generation_config, model_kwargs: dict, *, capture
     return outputs, head_input.states
 
 
-def _static_cache_with_scratch(model, cache, generation_config, model_kwargs: dict, width: int):
+def _static_cache_with_scratch(model, cache, generation_config, input_ids, model_kwargs: dict, width: int):
     """The static cache with room for `width` scratch slots after the longest context of this call: generate's
     own one when it is large enough, else (when `generate` made it for `cache_implementation="static"`) a larger
     one put in its place; a cache the caller passed that is too small is refused."""
-    needed = generation_config.max_length - 1 + width
+    longest = hf.longest_context(generation_config, input_ids, model_kwargs)
+    needed = longest + width
     if hf.static_capacity(cache) >= needed:
         return cache
     if generation_config.cache_implementation is None:
         raise ValueError(
             f"The static cache passed to generate has {hf.static_capacity(cache)} slots, but MARA needs "
-            f"{needed}: the longest context ({generation_config.max_length - 1} tokens) plus one scratch slot per "
-            f"candidate ({width}). Create it with `max_cache_len={needed}` or more."
+            f"{needed}: the longest context ({longest} tokens) plus one scratch slot per candidate ({width}). "
+            f"Create it with `max_cache_len={needed}` or more."
         )
     bigger = hf.new_static_cache(model, needed)
     for key in hf.CACHE_KEYS:

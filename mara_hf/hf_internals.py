@@ -73,6 +73,17 @@ def pad_token(generation_config) -> torch.Tensor | None:
     return generation_config._pad_token_tensor
 
 
+def longest_context(generation_config, input_ids: torch.LongTensor, model_kwargs: dict) -> int:
+    """The most tokens the cache holds before the last step of this call. Mirrors `generate`'s `max_cache_length`
+    (step 7, "Prepare the cache"): `max_length - 1`, plus the prompt's length when it came as `inputs_embeds`
+    (`_prepare_generated_length` then counts `max_length` without it)."""
+    longest = generation_config.max_length - 1
+    embeds = model_kwargs.get("inputs_embeds")
+    if embeds is not None and embeds.shape[1] != input_ids.shape[1]:
+        longest += embeds.shape[1]
+    return longest
+
+
 def generate_would_compile(model, model_kwargs: dict, generation_config) -> bool:
     """Whether `generate` compiles the decoding forward of this call.
 

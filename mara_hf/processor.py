@@ -22,7 +22,11 @@ SUPPORTED_DECODING = {"_sample": "greedy search or sampling", "_beam_search": "b
 
 
 def unwrap_model(model):
-    """The transformers causal LM inside a PEFT wrapper (LoRA layers stay injected in it), or the model itself."""
+    """The transformers causal LM inside a `torch.compile` wrapper (whose `generate` is the original model's) or a
+    PEFT wrapper (LoRA layers stay injected in it), or the model itself."""
+    # `torch.compile(model)` returns an `OptimizedModule` that keeps the original module in `_orig_mod` (read as
+    # accelerate's `extract_model_from_parallel` reads it); its `generate` is the original's.
+    model = getattr(model, "_orig_mod", model)
     get_base_model = getattr(model, "get_base_model", None)
     if get_base_model is not None and hasattr(model, "peft_config"):
         config = model.active_peft_config
@@ -95,7 +99,8 @@ class MaraLogitsProcessor(LogitsProcessor):
 
     Args:
         agent ([`MaraAgent`]): the accept/reject agent; its `state_dim` must equal the model's hidden size.
-        model: the causal LM that `generate` runs (a `PreTrainedModel` or a LoRA-style `PeftModel` around one).
+        model: the causal LM that `generate` runs (a `PreTrainedModel`, a LoRA-style `PeftModel` around one, or
+            `torch.compile(model)`).
         top_k (`int`, *optional*): candidate set size; defaults to the agent's config (40 for released agents).
         top_p (`float`, *optional*): nucleus mass of the candidate set; defaults to the agent's config (0.95).
         min_p (`float`, *optional*): drop candidates less probable than `min_p` times the top-1; defaults to the
@@ -162,23 +167,23 @@ class MaraLogitsProcessor(LogitsProcessor):
         state = _generation_state(self.model)
         cache = state["cache"]
         batch = input_ids.shape[0]
+        past = cache.get_seq_length()
+        if past < input_ids.shape[1]:  # more when the prompt came as `inputs_embeds`: `input_ids` then lacks it
+            raise RuntimeError(
+                f"MaraLogitsProcessor expected generate's cache to hold the {input_ids.shape[1]} tokens of "
+                f"`input_ids`, but it holds {past}."
+            )
         first_step = self._call is None or self._call[0]() is not cache
         if first_step:  # a new generate call: check it once, start fresh statistics and schedule
             if self._call is not None:
                 self._call[1].finish(self.stats)  # the previous call's last steps, for the agent's memory
             check_left_padding(state["attention_mask"] if state["attention_mask"] is None
-                               else state["attention_mask"][:, : input_ids.shape[1]])
+                               else state["attention_mask"][:, :past])  # the prompt's columns
             self.stats = MaraStats(self.top_k, device=self.device)
             schedule = make_schedule(self.schedule, device=self.device, batch_size=batch, width=self.top_k,
                                      first_for_all=False, agent=self._user_agent, model=self.model)
             self._call = (weakref.ref(cache), schedule)
         schedule = self._call[1]
-        past = cache.get_seq_length()
-        if past != input_ids.shape[1]:
-            raise RuntimeError(
-                f"MaraLogitsProcessor expected generate's cache to hold the {input_ids.shape[1]} tokens of "
-                f"`input_ids`, but it holds {past}."
-            )
         context_mask = state["attention_mask"]
         position_ids = next_position_ids(state["position_ids"], context_mask, past, batch, input_ids.device)
 

@@ -311,3 +311,40 @@ def test_hub_custom_generate_layout_from_a_local_directory(tmp_path):
     assert torch.equal(got, expected)
     with pytest.raises(FileNotFoundError, match="not a native MARA agent folder"):
         export_custom_generate(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_prompt_given_as_inputs_embeds_decodes_as_its_ids(arch):
+    """`input_ids` then holds none of the prompt, which only the cache does: positions, the static cache's scratch
+    slots and the processor's checks must come from the cache (they came from `input_ids` and went wrong)."""
+    model = tiny_model(arch)
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(5, 11, 8), seed=3))
+    embeds = model.get_input_embeddings()(ids).detach()
+    common = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    expected = model.generate(input_ids=ids, **common, custom_generate=mara_generate, mara_agent=agent)
+    expected = expected[:, ids.shape[1]:]
+    paths = {
+        "processor": dict(logits_processor=[MaraLogitsProcessor(agent, model)]),
+        "fused": dict(custom_generate=mara_generate, mara_agent=agent),
+    }
+    if arch == "llama":  # full attention: a static cache too
+        paths["fused, static cache"] = dict(custom_generate=mara_generate, mara_agent=agent,
+                                            cache_implementation="static")
+    for path, extra in paths.items():
+        assert torch.equal(model.generate(inputs_embeds=embeds, **common, **extra), expected), path
+
+
+def test_a_torch_compiled_model_is_used_through_its_original():
+    """`torch.compile(model)` wraps the model in an `OptimizedModule` whose `generate` is the original's."""
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(2, seed=4))
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = model.generate(**common, custom_generate=mara_generate, mara_agent=agent)
+    wrapped = torch.compile(model)
+    assert torch.equal(wrapped.generate(**common, logits_processor=[MaraLogitsProcessor(agent, wrapped)]), expected)
+    assert torch.equal(wrapped.generate(**common, custom_generate=mara_generate, mara_agent=agent), expected)
+    add_mara_generation(wrapped)
+    assert isinstance(model, MaraGenerationMixin)
+    assert torch.equal(wrapped.generate(**common, mara_agent=agent), expected)
