@@ -34,6 +34,11 @@ def check_model(model) -> None:
     """Refuse models whose attention cannot take a sibling mask, or that cannot place a token at a chosen position,
     with the fix (or the reason) in the message."""
     name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{name} is an encoder-decoder model; MARA aligns decoder-only causal LMs (Llama, Qwen, Mistral, Gemma, "
+            "GPT-2, ... and vision-language models built on one)."
+        )
     if "position_ids" not in inspect.signature(type(model).forward).parameters:
         raise ValueError(
             f"MARA evaluates a step's candidates side by side, all at the row's next position, which it sets through "
@@ -196,8 +201,9 @@ def _library_mask(model, cache, context_mask, past: int, count: int, batch: int,
         return (kv_idx < past) | (kv_idx == q_idx)
 
     masks = {}
-    # The cache goes by position: transformers renamed that argument (`past_key_values` -> `cache`) in 5.2x.
-    args = (model.config, embeds, mask_2d, cache)
+    # The cache goes by position: transformers renamed that argument (`past_key_values` -> `cache`) in 5.2x. A
+    # multimodal model's language model builds its masks from its text config (which holds the sliding window).
+    args = (model.config.get_text_config(decoder=True), embeds, mask_2d, cache)
     common = dict(and_mask_function=sees_context_or_itself)
     sliding = hf.layer_kinds(cache)
     if False in sliding:

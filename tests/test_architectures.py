@@ -1,17 +1,17 @@
 """More decoder architectures than the core tests' five: MARA's decisions equal the naive reference on each through
 the processor, the fused loop and (full attention only) the static cache, and training rollouts the naive serial
-MDP; architectures whose positions or states cannot hold candidates side by side are refused before anything runs,
-in a message that says why."""
+MDP; vision-language models decode text after an image as the naive reference does; architectures whose positions
+or states cannot hold candidates side by side are refused before anything runs, in a message that says why."""
 
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
 from conftest import COMMON, assert_model_untouched, constant_agent, decisive_agent, left_padded, random_prompts
 from mara_hf import MaraLogitsProcessor, mara_generate
 from mara_hf.train.rollout import rollout
-from reference import naive_mara_greedy
+from reference import naive_candidates, naive_mara_greedy
 from test_train import naive_rollout
 
 IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -46,12 +46,33 @@ REFUSED = {
     "mamba": ("MambaConfig", dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, **IDS), "takes none"),
     "jamba": ("JambaConfig", dict(COMMON, num_experts=2, attn_layer_period=2, attn_layer_offset=1),
               "recurrent state"),
+    "t5": ("T5Config", dict(vocab_size=96, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                            decoder_start_token_id=0, eos_token_id=2, pad_token_id=0), "encoder-decoder"),
+}
+
+TEXT = dict(COMMON, head_dim=8)
+MROPE = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+VISION_LANGUAGE = {
+    # multimodal rotary positions (M-RoPE): text after an image continues from the image's largest position
+    "qwen2_vl": ("Qwen2VLConfig", dict(
+        text_config=MROPE, image_token_id=90, video_token_id=91, vision_start_token_id=92,
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, in_chans=3, patch_size=2,
+                           spatial_merge_size=1, temporal_patch_size=1))),
+    # the language model's sliding window lives in the text config
+    "gemma3": ("Gemma3Config", dict(
+        text_config=dict(TEXT, sliding_window=8), mm_tokens_per_image=4, image_token_id=90, boi_token_id=91,
+        eoi_token_id=92, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=8, patch_size=4))),
+    "llava": ("LlavaConfig", dict(
+        text_config=dict(COMMON, model_type="llama"), image_token_id=90,
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=8, patch_size=4))),
 }
 
 
-def build(config_class: str, arguments: dict):
+def build(config_class: str, arguments: dict, auto=AutoModelForCausalLM):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**arguments)).eval()
+    return auto.from_config(getattr(transformers, config_class)(**arguments)).eval()
 
 
 def trim_at_eos(tokens, eos=2):
@@ -97,7 +118,7 @@ def test_decisions_equal_the_naive_reference(name):
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_models_that_cannot_hold_siblings_are_refused_and_left_as_they_were(name):
     config_class, arguments, message = REFUSED[name]
-    model = build(config_class, arguments)
+    model = build(config_class, arguments, AutoModelForSeq2SeqLM if name == "t5" else AutoModelForCausalLM)
     hidden = model.get_output_embeddings().weight.shape[-1]
     agent = constant_agent(state_dim=hidden)
     common = dict(input_ids=torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, pad_token_id=0,
@@ -142,3 +163,61 @@ def test_training_rollouts_match_the_naive_serial_mdp(name):
     assert [(r, p, c, a) for r, p, c, a, _ in events] == list(zip(
         out.rows.tolist(), out.positions.tolist(), out.candidates.tolist(), out.actions.tolist()))
     torch.testing.assert_close(out.states, torch.stack([s for *_, s in events]), atol=1e-4, rtol=1e-4)
+
+
+SPECIAL = [90, 91, 92]  # the image and vision tokens of VISION_LANGUAGE: never generated (`suppress_tokens`)
+
+
+def naive_greedy_with_inputs(model, agent, prompt: list[int], n: int, extra) -> list[int]:
+    """`reference.naive_mara_greedy` with more model inputs and no special token generated: `extra(length)` gives
+    the inputs for a sequence of `length` tokens (an image's pixels and, for Qwen2-VL, which tokens are the
+    image's)."""
+    def head_input(ids):
+        captured = {}
+        handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids]), use_cache=False, **extra(len(ids))).logits[0, -1]
+        finally:
+            handle.remove()
+        return captured["x"][:, -1], logits
+
+    ids = list(prompt)
+    for _ in range(n):
+        logits = head_input(ids)[1].index_fill(0, torch.tensor(SPECIAL), -float("inf"))
+        candidates = naive_candidates(logits, 40, 0.95)
+        choice = 0
+        for i, candidate in enumerate(candidates if len(candidates) > 1 else []):
+            with torch.no_grad():
+                if agent(head_input(ids + [candidate])[0].float())[0, 1].item() > 0.5:
+                    choice = i
+                    break
+        ids.append(candidates[choice])
+        if candidates[choice] == 2:
+            break
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("name", list(VISION_LANGUAGE))
+def test_vision_language_models_decode_text_as_the_naive_reference(name):
+    config_class, arguments = VISION_LANGUAGE[name]
+    model = build(config_class, arguments, AutoModelForImageTextToText)
+    agent = decisive_agent(state_dim=32, reject_bias=9.0)
+    prompt = random_prompts(1, lengths=(10,), seed=5, vocab=80)[0]
+    extra = lambda length: {}  # noqa: E731 (text only)
+    if name == "qwen2_vl":  # with an image: 2 x 2 patches of 2 x 2 pixels, its 4 tokens after vision_start
+        prompt = prompt[:2] + [92, 90, 90, 90, 90] + prompt[2:6]
+        torch.manual_seed(1)
+        pixels, grid = torch.randn(4, 12), torch.tensor([[1, 2, 2]])
+        image_tokens = [int(t == 90) for t in prompt]
+
+        def extra(length):
+            return dict(pixel_values=pixels, image_grid_thw=grid,
+                        mm_token_type_ids=torch.tensor([image_tokens + [0] * (length - len(prompt))]))
+    expected = naive_greedy_with_inputs(model, agent, prompt, 8, extra)
+    common = dict(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  suppress_tokens=SPECIAL, **extra(len(prompt)))
+    for path, mara in {"processor": dict(logits_processor=[MaraLogitsProcessor(agent, model)]),
+                       "fused": dict(custom_generate=mara_generate, mara_agent=agent)}.items():
+        assert trim_at_eos(model.generate(**common, **mara)[0, len(prompt):].tolist()) == expected, path
+    assert_model_untouched(model)
