@@ -35,6 +35,23 @@ SUPPORTED = {
                                              head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1), True),
     # sliding and global layers (a static cache's sliding layers are a ring buffer: refused there)
     "gemma3_text": ("Gemma3TextConfig", dict(COMMON, head_dim=8, sliding_window=8), False),
+    "gpt_oss": ("GptOssConfig", dict(COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=8), False),  # attention sinks, sliding and global layers
+    "cohere2": ("Cohere2Config", dict(COMMON, sliding_window=8), False),
+    "olmo3": ("Olmo3Config", dict(COMMON, sliding_window=8), False),
+    "exaone4": ("Exaone4Config", dict(COMMON, sliding_window=8), False),
+    "starcoder2": ("Starcoder2Config", dict(COMMON, sliding_window=8), False),
+    # more full-attention decoders
+    "gemma": ("GemmaConfig", dict(COMMON, head_dim=8), True),
+    "phi": ("PhiConfig", COMMON, True),
+    "gptj": ("GPTJConfig", dict(GPT2_LIKE, rotary_dim=4), True),
+    "olmo2": ("Olmo2Config", COMMON, True),
+    "stablelm": ("StableLmConfig", COMMON, True),
+    "granite": ("GraniteConfig", COMMON, True),
+    "glm4": ("Glm4Config", dict(COMMON, head_dim=8), True),
+    "smollm3": ("SmolLM3Config", COMMON, True),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(COMMON, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32), True),
 }
 
 REFUSED = {
@@ -84,9 +101,10 @@ def test_decisions_equal_the_naive_reference(name):
     config_class, arguments, static = SUPPORTED[name]
     model = build(config_class, arguments)
     hidden = model.get_output_embeddings().weight.shape[-1]
-    prompt = random_prompts(1, lengths=(10,), seed=5)[0]
-    # The first reject bias whose agent takes a later candidate on this model.
-    for bias in (6.0, 9.0, 12.0, 15.0, 20.0):
+    # The first prompt and reject bias whose agent takes a later candidate on this model.
+    searched = ((seed, bias) for seed in (5, 6, 7) for bias in (6.0, 9.0, 12.0, 15.0, 20.0))
+    for seed, bias in searched:
+        prompt = random_prompts(1, lengths=(10,), seed=seed)[0]
         agent = decisive_agent(state_dim=hidden, reject_bias=bias)
         expected, records = naive_mara_greedy(model, agent, prompt, 12, eos_token_id=2)
         if any(r["index"] > 0 for r in records):
@@ -147,12 +165,14 @@ def test_an_agent_that_accepts_everything_gives_plain_greedy(name):
                                           cache_implementation="static"), plain)
 
 
-@pytest.mark.parametrize("name", list(SUPPORTED))
+@pytest.mark.parametrize("name", list(SUPPORTED) + list(VISION_LANGUAGE))
 def test_training_rollouts_match_the_naive_serial_mdp(name):
-    config_class, arguments, _ = SUPPORTED[name]
-    model = build(config_class, arguments)
+    if name in VISION_LANGUAGE:  # on text
+        model = build(*VISION_LANGUAGE[name], AutoModelForImageTextToText)
+    else:
+        model = build(*SUPPORTED[name][:2])
     agent = decisive_agent(model.get_output_embeddings().weight.shape[-1], seed=3, sharpness=3.0)
-    prompts = random_prompts(3)
+    prompts = random_prompts(3, vocab=80)  # no image or vision token
     ids, mask = left_padded(prompts)
     out = rollout(model, agent, ids, mask, max_new_tokens=6, eos_token_ids=[2], pad_token_id=0,
                   generator=torch.Generator().manual_seed(5), fallback="last")
