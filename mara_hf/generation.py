@@ -118,6 +118,14 @@ def mara_generate(
         )
     if synced_gpus:
         raise ValueError("The fused MARA loop does not support `synced_gpus`.")
+    if generation_config.return_dict_in_generate and (
+        generation_config.output_attentions or generation_config.output_hidden_states
+    ):
+        raise ValueError(
+            "The fused MARA loop does not return attentions or hidden states (its forwards run candidates side by "
+            "side): drop `output_attentions` / `output_hidden_states`, or use "
+            "`logits_processor=[MaraLogitsProcessor(agent, model)]` with plain `generate`, which returns them."
+        )
     calling = hf.calling_generate_locals(model, ("streamer", "assistant_model"))
     if calling.get("assistant_model") is not None or generation_config.prompt_lookup_num_tokens is not None:
         raise ValueError(

@@ -273,6 +273,10 @@ def test_fused_refusals():
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ValueError, match="needs an agent"):
         model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, pad_token_id=0)
+    for output in ("output_attentions", "output_hidden_states"):
+        with pytest.raises(ValueError, match="does not return attentions or hidden states"):
+            model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, mara_agent=constant_agent(),
+                           pad_token_id=0, return_dict_in_generate=True, **{output: True})
     with pytest.raises(ValueError, match="does not do beam search"):
         model.generate(ids, max_new_tokens=2, num_beams=2, custom_generate=mara_generate,
                        mara_agent=constant_agent(), pad_token_id=0)
