@@ -25,6 +25,7 @@ from transformers.cache_utils import (
     StaticCache,
     StaticLayer,
 )
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 # ---------------------------------------------------------------------------------------------- names that moved
@@ -133,6 +134,22 @@ def calling_generate_locals(model, names: tuple[str, ...]) -> dict[str, Any]:
             return {name: local.get(name) for name in names}
         frame = frame.f_back
     return {}
+
+
+def stop_strings_as_criteria(kwargs: dict) -> dict:
+    """`generate` keyword arguments in which `stop_strings` (with `tokenizer`) became a `StopStringCriteria` in
+    `stopping_criteria`, for a call that runs a callable `custom_generate`.
+
+    Mirrors `GenerationMixin.generate` of 5.x: `_extract_generation_mode_kwargs` pops `tokenizer` and, for a
+    callable `custom_generate`, keeps only the callable's own arguments, so `_get_stopping_criteria` finds no
+    tokenizer and refuses `stop_strings` ("could not locate a tokenizer") although one was passed. A
+    `StopStringCriteria` built here is what `_get_stopping_criteria` would have added."""
+    if kwargs.get("stop_strings") is None or kwargs.get("tokenizer") is None:
+        return kwargs
+    kwargs = dict(kwargs)
+    criteria = StopStringCriteria(tokenizer=kwargs["tokenizer"], stop_strings=kwargs.pop("stop_strings"))
+    kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), criteria])
+    return kwargs
 
 
 # ------------------------------------------------------------------------------------------------ cache layers

@@ -352,3 +352,42 @@ def test_a_torch_compiled_model_is_used_through_its_original():
     add_mara_generation(wrapped)
     assert isinstance(model, MaraGenerationMixin)
     assert torch.equal(wrapped.generate(**common, mara_agent=agent), expected)
+
+
+def one_character_tokenizer():
+    """A tokenizer of one character per token id (the tiny models' 96 ids), for stop strings."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    characters = list(string.ascii_letters + string.digits + string.punctuation) + ["§", "¶"]
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(characters)}, unk_token=characters[0]))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=characters[0], eos_token=characters[2])
+
+
+def test_stop_strings_stop_the_mixin_and_hub_paths(tmp_path):
+    """A callable `custom_generate` never gets `generate`'s tokenizer, so `stop_strings` failed there ("could not
+    locate a tokenizer"); the mixin and the Hub layout turn them into a `StopStringCriteria` first."""
+    from mara_hf import export_custom_generate
+
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    tokenizer = one_character_tokenizer()
+    ids = torch.tensor([random_prompts(1, seed=5)[0]])
+    common = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    full = model.generate(ids, **common, custom_generate=mara_generate, mara_agent=agent)[0, ids.shape[1]:].tolist()
+    stop = full[6]
+    expected = full[: full.index(stop) + 1]
+    assert len(expected) < len(full)
+    stops = dict(stop_strings=[tokenizer.convert_ids_to_tokens(stop)], tokenizer=tokenizer)
+    processor = MaraLogitsProcessor(agent, model)
+    assert model.generate(ids, **common, **stops, logits_processor=[processor])[0, ids.shape[1]:].tolist() == expected
+    agent.save_pretrained(tmp_path / "agent")
+    export_custom_generate(tmp_path / "agent")
+    hub = model.generate(ids, **common, **stops, custom_generate=str(tmp_path / "agent"), trust_remote_code=True)
+    assert hub[0, ids.shape[1]:].tolist() == expected
+    add_mara_generation(model)
+    assert model.generate(ids, **common, **stops, mara_agent=agent)[0, ids.shape[1]:].tolist() == expected
