@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -30,6 +31,11 @@ _PLAIN_HEAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 """Per model (held weakly): whether its logits are `lm_head`'s output as it is (`plain_head`)."""
 
 
+@lru_cache(maxsize=None)
+def _takes_position_ids(model_class: type) -> bool:
+    return "position_ids" in inspect.signature(model_class.forward).parameters
+
+
 def check_model(model) -> None:
     """Refuse models whose attention cannot take a sibling mask, or that cannot place a token at a chosen position,
     with the fix (or the reason) in the message."""
@@ -39,7 +45,7 @@ def check_model(model) -> None:
             f"{name} is an encoder-decoder model; MARA aligns decoder-only causal LMs (Llama, Qwen, Mistral, Gemma, "
             "GPT-2, ... and vision-language models built on one)."
         )
-    if "position_ids" not in inspect.signature(type(model).forward).parameters:
+    if not _takes_position_ids(type(model)):
         raise ValueError(
             f"MARA evaluates a step's candidates side by side, all at the row's next position, which it sets through "
             f"`position_ids`; {name}.forward takes none (its positions come from the attention mask, as with ALiBi, "
