@@ -26,37 +26,47 @@ def naive_candidates(logits: torch.Tensor, top_k: int, top_p: float, min_p: floa
     return ids[~removed].tolist()
 
 
-def lm_head_inputs(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """The vectors `lm_head` receives for `input_ids` `(B, T)` in a plain forward without cache: `(B, T, d)`."""
+def no_inputs(length: int) -> dict:
+    return {}
+
+
+def lm_head_inputs(model, input_ids: torch.Tensor, model_inputs=no_inputs) -> torch.Tensor:
+    """The vectors `lm_head` receives for `input_ids` `(B, T)` in a plain forward without cache: `(B, T, d)`.
+    `model_inputs(T)`: more inputs of the forward (e.g. an image's pixels)."""
     captured = {}
     handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
     try:
         with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
+            model(input_ids=input_ids, use_cache=False, **model_inputs(input_ids.shape[1]))
     finally:
         handle.remove()
     return captured["x"]
 
 
-def naive_states(model, context: list[int], candidates: list[int]) -> torch.Tensor:
+def naive_states(model, context: list[int], candidates: list[int], model_inputs=no_inputs) -> torch.Tensor:
     """State of each candidate appended to `context` (no padding, no cache): `(len(candidates), d)`."""
     rows = torch.tensor([context + [c] for c in candidates], device=model.device)
-    return lm_head_inputs(model, rows)[:, -1]
+    return lm_head_inputs(model, rows, model_inputs)[:, -1]
 
 
-def naive_next_logits(model, context: list[int]) -> torch.Tensor:
+def naive_next_logits(model, context: list[int], model_inputs=no_inputs) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=torch.tensor([context], device=model.device), use_cache=False).logits[0, -1].float()
+        ids = torch.tensor([context], device=model.device)
+        return model(input_ids=ids, use_cache=False, **model_inputs(len(context))).logits[0, -1].float()
 
 
 def naive_mara_greedy(model, agent, prompt: list[int], max_new_tokens: int, *, top_k=40, top_p=0.95,
-                      fallback="first", eos_token_id=None, threshold=0.5, min_p=0.0) -> tuple[list[int], list[dict]]:
+                      fallback="first", eos_token_id=None, threshold=0.5, min_p=0.0, model_inputs=no_inputs,
+                      suppress=()) -> tuple[list[int], list[dict]]:
     """MARA greedy decoding ("top1" rule: the first candidate with p(accept) > `threshold`) of one unpadded prompt;
-    returns new tokens and per-step records."""
+    returns new tokens and per-step records. `model_inputs(length)`: more inputs of every forward of a sequence of
+    `length` tokens; `suppress`: token ids never generated (`generate`'s `suppress_tokens`)."""
     ids = list(prompt)
     records = []
     for _ in range(max_new_tokens):
-        candidates = naive_candidates(naive_next_logits(model, ids), top_k, top_p, min_p)
+        logits = naive_next_logits(model, ids, model_inputs)
+        logits[list(suppress)] = -float("inf")
+        candidates = naive_candidates(logits, top_k, top_p, min_p)
         record = {"candidates": candidates, "asked": len(candidates) > 1, "fallback": False}
         if len(candidates) == 1:
             choice = 0
@@ -65,7 +75,7 @@ def naive_mara_greedy(model, agent, prompt: list[int], max_new_tokens: int, *, t
             choice, record["p_accept"] = None, []
             for i, candidate in enumerate(candidates):
                 with torch.no_grad():
-                    p_accept = agent(naive_states(model, ids, [candidate]).float())[0, 1].item()
+                    p_accept = agent(naive_states(model, ids, [candidate], model_inputs).float())[0, 1].item()
                 record["p_accept"].append(p_accept)
                 if p_accept > threshold:
                     choice = i

@@ -11,13 +11,14 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Auto
 from conftest import COMMON, assert_model_untouched, constant_agent, decisive_agent, left_padded, random_prompts
 from mara_hf import MaraLogitsProcessor, mara_generate
 from mara_hf.train.rollout import rollout
-from reference import naive_candidates, naive_mara_greedy
+from reference import naive_mara_greedy, no_inputs
 from test_train import naive_rollout
 
 IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 GPT2_LIKE = dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=512, **IDS)
 
-# name: (config class, arguments, static cache supported). Each brings a mechanism the core five lack.
+# name: (config class, arguments, static cache supported); the comments name what a model brings that the core five
+# lack.
 SUPPORTED = {
     "gpt2": ("GPT2Config", GPT2_LIKE, True),  # learned absolute positions, Conv1D projections
     "gpt_bigcode": ("GPTBigCodeConfig", GPT2_LIKE, True),  # multi-query attention
@@ -188,43 +189,13 @@ def test_training_rollouts_match_the_naive_serial_mdp(name):
 SPECIAL = [90, 91, 92]  # the image and vision tokens of VISION_LANGUAGE: never generated (`suppress_tokens`)
 
 
-def naive_greedy_with_inputs(model, agent, prompt: list[int], n: int, extra) -> list[int]:
-    """`reference.naive_mara_greedy` with more model inputs and no special token generated: `extra(length)` gives
-    the inputs for a sequence of `length` tokens (an image's pixels and, for Qwen2-VL, which tokens are the
-    image's)."""
-    def head_input(ids):
-        captured = {}
-        handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
-        try:
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids]), use_cache=False, **extra(len(ids))).logits[0, -1]
-        finally:
-            handle.remove()
-        return captured["x"][:, -1], logits
-
-    ids = list(prompt)
-    for _ in range(n):
-        logits = head_input(ids)[1].index_fill(0, torch.tensor(SPECIAL), -float("inf"))
-        candidates = naive_candidates(logits, 40, 0.95)
-        choice = 0
-        for i, candidate in enumerate(candidates if len(candidates) > 1 else []):
-            with torch.no_grad():
-                if agent(head_input(ids + [candidate])[0].float())[0, 1].item() > 0.5:
-                    choice = i
-                    break
-        ids.append(candidates[choice])
-        if candidates[choice] == 2:
-            break
-    return ids[len(prompt):]
-
-
 @pytest.mark.parametrize("name", list(VISION_LANGUAGE))
 def test_vision_language_models_decode_text_as_the_naive_reference(name):
     config_class, arguments = VISION_LANGUAGE[name]
     model = build(config_class, arguments, AutoModelForImageTextToText)
     agent = decisive_agent(state_dim=32, reject_bias=9.0)
     prompt = random_prompts(1, lengths=(10,), seed=5, vocab=80)[0]
-    extra = lambda length: {}  # noqa: E731 (text only)
+    extra = no_inputs  # text only
     if name == "qwen2_vl":  # with an image: 2 x 2 patches of 2 x 2 pixels, its 4 tokens after vision_start
         prompt = prompt[:2] + [92, 90, 90, 90, 90] + prompt[2:6]
         torch.manual_seed(1)
@@ -234,7 +205,7 @@ def test_vision_language_models_decode_text_as_the_naive_reference(name):
         def extra(length):
             return dict(pixel_values=pixels, image_grid_thw=grid,
                         mm_token_type_ids=torch.tensor([image_tokens + [0] * (length - len(prompt))]))
-    expected = naive_greedy_with_inputs(model, agent, prompt, 8, extra)
+    expected, _ = naive_mara_greedy(model, agent, prompt, 8, eos_token_id=2, model_inputs=extra, suppress=SPECIAL)
     common = dict(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
                   suppress_tokens=SPECIAL, **extra(len(prompt)))
     for path, mara in {"processor": dict(logits_processor=[MaraLogitsProcessor(agent, model)]),
