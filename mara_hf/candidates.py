@@ -62,6 +62,11 @@ def build_candidates(scores: torch.Tensor, top_k: int, top_p: float, min_p: floa
     # carry no mass) without sorting the whole vocabulary every step. Neither input is modified.
     width = min(top_k, logprobs.shape[-1])
     values, tokens = torch.topk(logprobs, k=width, dim=-1, sorted=True)
+    # Equal values in token order, as `argmax` (greedy decoding) takes the first of equal maxima: `topk` leaves
+    # them in no set order, and half-precision logits tie often. (Both sorts are stable over `(B, k)`.)
+    tokens, by_token = tokens.sort(dim=-1, stable=True)
+    values, order = values.gather(-1, by_token).sort(dim=-1, descending=True, stable=True)
+    tokens = tokens.gather(-1, order)
     values = TopPLogitsWarper(top_p=top_p)(None, values)
     if min_p > 0:
         # MinPLogitsWarper compares probabilities with the top-1's: renormalising over the kept set changes no ratio.

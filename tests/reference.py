@@ -14,7 +14,7 @@ def naive_candidates(logits: torch.Tensor, top_k: int, top_p: float, min_p: floa
     """MARA's candidate ids for one row of logits, most probable first (top-k, then top-p on the top-k, then the
     ones at least `min_p` times as probable as the top-1)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    values, ids = torch.sort(logprobs, descending=True)
+    values, ids = torch.sort(logprobs, descending=True, stable=True)  # equal values in token order, as argmax
     values, ids = values[:top_k], ids[:top_k]
     probs = torch.softmax(values, dim=-1)
     # transformers' TopPLogitsWarper: ascending order, drop tokens whose cumulative mass is <= 1 - top_p,

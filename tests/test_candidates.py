@@ -30,6 +30,18 @@ def test_candidates_are_sorted_by_probability():
     assert (cands.logprobs[0, :-1] >= cands.logprobs[0, 1:]).all()
 
 
+def test_equal_scores_are_in_token_order_so_the_top1_is_greedy_argmax():
+    """`topk` leaves equal values in no set order; half-precision logits tie often, and greedy decoding (`argmax`)
+    takes the first of equal maxima."""
+    scores = torch.tensor([[0.5, 2.0, 1.0, 2.0, 2.0, -1.0, 1.0],
+                           [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, -1.0]]).to(torch.bfloat16)
+    cands = build_candidates(scores, top_k=6, top_p=1.0)
+    assert cands.tokens.tolist() == [[1, 3, 4, 2, 6, 0], [0, 1, 2, 3, 4, 5]]
+    assert torch.equal(cands.tokens[:, 0], scores.float().argmax(dim=-1))
+    for row in range(2):
+        assert cands.tokens[row].tolist() == naive_candidates(scores[row], 6, 1.0)
+
+
 def test_lone_candidate_when_one_token_dominates():
     scores = torch.full((1, 50), -10.0)
     scores[0, 7] = 10.0
