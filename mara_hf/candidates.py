@@ -2,10 +2,10 @@
 
 MARA's candidates at a step are built as the original code builds them: `log_softmax(logits)`, then top-k and
 transformers' `TopPLogitsWarper(top_p)` (as `TopKLogitsWarper` then `TopPLogitsWarper` compute them), sorted by
-probability (equal probabilities by token id, as greedy's `argmax` orders them); optionally (`min_p > 0`, not in the paper) transformers' `MinPLogitsWarper(min_p)` then drops the
-candidates less probable than `min_p` times the top-1, which bounds how far below the top-1 a taken token can be
-(`log(1 / min_p)` nats). The agent walks
-them in that order and the first accepted one is taken; when every candidate is rejected, the fallback decides.
+probability (equal probabilities by token id, as greedy's `argmax` orders them); optionally (`min_p > 0`, not in the
+paper) transformers' `MinPLogitsWarper(min_p)` then drops the candidates less probable than `min_p` times the top-1,
+which bounds how far below the top-1 a taken token can be (`log(1 / min_p)` nats). The agent walks them in that
+order and the first accepted one is taken; when every candidate is rejected, the fallback decides.
 """
 
 from __future__ import annotations
