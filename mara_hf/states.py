@@ -83,8 +83,9 @@ def check_cache(cache, *, static: bool = False) -> str:
     name = type(cache).__name__ + (" with offloading" if getattr(cache, "offloading", False) else "")
     if kind == "static":
         raise ValueError(
-            f"The drop-in MaraLogitsProcessor cannot use a {name}: leave `cache_implementation` unset, or use the "
-            "fused loop (`custom_generate=mara_generate`), which supports `cache_implementation=\"static\"`."
+            f"The drop-in MaraLogitsProcessor cannot use a {name}: pass `cache_implementation=\"dynamic\"` (the "
+            "model's generation config may set a static one), or use the fused loop "
+            "(`custom_generate=mara_generate`), which supports `cache_implementation=\"static\"`."
         )
     layers = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
     if hf.has_recurrent_layers(cache):
@@ -94,9 +95,10 @@ def check_cache(cache, *, static: bool = False) -> str:
             "side. MARA supports models whose layers all keep attention keys and values."
         )
     raise ValueError(
-        f"MARA cannot put candidate siblings into a {name} (layers: {', '.join(layers) or 'none'}). Use the default "
-        "dynamic cache, or `cache_implementation=\"static\"` with the fused loop on a model without sliding-window "
-        "layers; offloaded and quantized caches are not supported."
+        f"MARA cannot put candidate siblings into a {name} (layers: {', '.join(layers) or 'none'}). Pass "
+        "`cache_implementation=\"dynamic\"` (the model's generation config may set another one), or "
+        "`cache_implementation=\"static\"` with the fused loop on a model without sliding-window layers; offloaded "
+        "and quantized caches are not supported."
     )
 
 

@@ -319,3 +319,20 @@ def test_failure_inside_generate_leaves_model_and_cache_untouched():
                        pad_token_id=0)
     assert_model_untouched(model)
     assert torch.equal(baseline(model, ids), before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_static_cache_set_by_the_models_generation_config_is_refused_with_the_way_out(arch):
+    """The user set nothing: the refusal names `cache_implementation="dynamic"`, and that call decodes."""
+    model = tiny_model(arch)
+    model.generation_config.cache_implementation = "static"
+    agent = decisive_agent(reject_bias=9.0)
+    ids = torch.tensor([random_prompts(1, seed=5)[0]])
+    common = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match='cache_implementation="dynamic"'):
+        model.generate(ids, **common, logits_processor=[MaraLogitsProcessor(agent, model)])
+    got = model.generate(ids, **common, cache_implementation="dynamic",
+                         logits_processor=[MaraLogitsProcessor(agent, model)])
+    model.generation_config.cache_implementation = None
+    assert torch.equal(got, model.generate(ids, **common, logits_processor=[MaraLogitsProcessor(agent, model)]))
+    assert_model_untouched(model)
