@@ -185,8 +185,10 @@ def context_slots(context_mask: torch.Tensor | None, past: int, slots: int, batc
 
 
 def eager_dtype(model) -> torch.dtype | None:
-    """The dtype of an additive mask for eager attention, None for a boolean one (sdpa)."""
-    return model.dtype if hf.attention_implementation(model) == "eager" else None
+    """The dtype of an additive mask, None for a boolean one (sdpa). Eager attention adds its mask to the scores;
+    so does transformers' flex attention given a mask tensor instead of a `BlockMask` (`score + score_mask` in its
+    `score_mod`): a boolean mask would add 0 or 1 and mask nothing."""
+    return model.dtype if hf.attention_implementation(model) in ("eager", "flex_attention") else None
 
 
 def _direct_mask(model, context_mask, past: int, start: int, count: int, slots: int, batch: int, device):

@@ -178,3 +178,21 @@ def test_a_model_that_scales_its_logits_runs_the_static_step_uncompiled(caplog):
     fused(plain_model, agent, ids, mask, mara_schedule=(1, 8), cache_implementation="static",
           compile_config=eager_compile_config())
     assert plain_model in _COMPILED
+
+
+def test_the_static_sibling_mask_of_a_flex_attention_model_is_additive():
+    """transformers' flex attention adds a mask tensor to the scores (`score + score_mask`, it builds no BlockMask
+    from it): the static cache path gave it the boolean sdpa mask, which added 0 or 1 and masked nothing (wrong
+    tokens on GPT-NeoX, Phi-3, Mixtral, DeepSeek-V3, ... on the CPU). Flex attention itself is not run here: torch's
+    CPU code generation for it fails on some of these tiny shapes."""
+    from mara_hf.states import _direct_mask
+
+    model = tiny_model("llama")
+    _, mask = left_padded(random_prompts(2, lengths=(4, 7), seed=1))
+    args = (mask, 7, 0, 3, 12, 2, torch.device("cpu"))
+    boolean = _direct_mask(model, *args)
+    model.set_attn_implementation("flex_attention")
+    additive = _direct_mask(model, *args)
+    assert boolean.dtype == torch.bool and additive.dtype == model.dtype
+    assert torch.equal(additive == 0, boolean)
+    assert (additive[~boolean] == torch.finfo(model.dtype).min).all()
