@@ -283,12 +283,12 @@ def set_static_length(cache: Cache, length: torch.Tensor | int) -> None:
 def commit_static_slot(cache: Cache, length: torch.Tensor | int, index: torch.LongTensor) -> None:
     """Move each row's entry at slot `length + index[b]` to slot `length` in every layer and set the length to
     `length + 1` (in place: static addresses stay, as `StaticLayer.update` keeps them)."""
+    taken = (length + index).view(-1, 1, 1, 1)  # each row's slot to move, the same for every layer
+    slot = torch.as_tensor(length, device=taken.device).view(1)
     for layer in cache.layers:
-        slot = torch.as_tensor(length, device=layer.keys.device).view(1)
         for entries in (layer.keys, layer.values):  # their head sizes may differ (multi-head latent attention)
-            at = (length + index).view(-1, 1, 1, 1).to(entries.device)
-            at = at.expand(-1, entries.shape[1], 1, entries.shape[-1])
-            entries.index_copy_(2, slot, entries.gather(2, at))
+            at = taken.to(entries.device).expand(-1, entries.shape[1], 1, entries.shape[-1])
+            entries.index_copy_(2, slot.to(entries.device), entries.gather(2, at))
     set_static_length(cache, length + 1)
 
 

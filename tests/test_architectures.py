@@ -10,9 +10,8 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Auto
 
 from conftest import COMMON, assert_model_untouched, constant_agent, decisive_agent, left_padded, random_prompts
 from mara_hf import MaraLogitsProcessor, mara_generate
-from mara_hf.train.rollout import rollout
 from reference import naive_mara_greedy, no_inputs
-from test_train import naive_rollout
+from test_train import assert_rollout_is_the_naive_serial_mdp
 
 IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 GPT2_LIKE = dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=512, **IDS)
@@ -175,18 +174,7 @@ def test_training_rollouts_match_the_naive_serial_mdp(name):
         model = build(*VISION_LANGUAGE[name], AutoModelForImageTextToText)
     else:
         model = build(*SUPPORTED[name][:2])
-    agent = decisive_agent(model.get_output_embeddings().weight.shape[-1], seed=3, sharpness=3.0)
-    prompts = random_prompts(3, vocab=80)  # no image or vision token
-    ids, mask = left_padded(prompts)
-    out = rollout(model, agent, ids, mask, max_new_tokens=6, eos_token_ids=[2], pad_token_id=0,
-                  generator=torch.Generator().manual_seed(5), fallback="last")
-    tokens, events = naive_rollout(model, agent, prompts, 6, torch.Generator().manual_seed(5), 2, "last")
-    for row in range(3):
-        assert out.tokens[row, : out.lengths[row]].tolist() == tokens[row]
-    events = sorted(events, key=lambda e: e[:3])
-    assert [(r, p, c, a) for r, p, c, a, _ in events] == list(zip(
-        out.rows.tolist(), out.positions.tolist(), out.candidates.tolist(), out.actions.tolist()))
-    torch.testing.assert_close(out.states, torch.stack([s for *_, s in events]), atol=1e-4, rtol=1e-4)
+    assert_rollout_is_the_naive_serial_mdp(model, random_prompts(3, vocab=80), "last")  # no image or vision token
 
 
 SPECIAL = [90, 91, 92]  # the image and vision tokens of VISION_LANGUAGE: never generated (`suppress_tokens`)

@@ -151,21 +151,28 @@ def test_rollout_matches_naive_serial_mdp(arch, fallback, min_p):
     if min_p:
         with torch.no_grad():  # sharper next-token distributions, so that min-p cuts candidates
             model.model.norm.weight.mul_(8.0)
-    agent = decisive_agent(32, seed=3, sharpness=3.0)  # p(accept) spread over (0, 1): real sampling
-    prompts = random_prompts(3)
+    out = assert_rollout_is_the_naive_serial_mdp(model, random_prompts(3), fallback, min_p)
+    assert out.actions.sum() > 0 and (out.actions == 0).sum() > 0  # both actions occur
+    assert_model_untouched(model)
+
+
+def assert_rollout_is_the_naive_serial_mdp(model, prompts, fallback: str, min_p: float = 0.0):
+    """A rollout of `prompts` (left-padded) with a sampling agent has the naive serial MDP's tokens, decisions and
+    states; returns it."""
+    hidden = model.get_output_embeddings().weight.shape[-1]
+    agent = decisive_agent(hidden, seed=3, sharpness=3.0)  # p(accept) spread over (0, 1): real sampling
     ids, mask = left_padded(prompts)
     out = rollout(model, agent, ids, mask, max_new_tokens=6, eos_token_ids=[2], pad_token_id=0,
                   generator=torch.Generator().manual_seed(5), fallback=fallback, min_p=min_p)
     tokens, events = naive_rollout(model, agent, prompts, 6, torch.Generator().manual_seed(5), 2, fallback,
                                    min_p=min_p)
-    for row in range(3):
+    for row in range(len(prompts)):
         assert out.tokens[row, : out.lengths[row]].tolist() == tokens[row]
     events = sorted(events, key=lambda e: e[:3])  # the rollout orders events by (row, position, candidate)
     assert [(r, p, c, a) for r, p, c, a, _ in events] == list(zip(
         out.rows.tolist(), out.positions.tolist(), out.candidates.tolist(), out.actions.tolist()))
     torch.testing.assert_close(out.states, torch.stack([s for *_, s in events]), atol=1e-4, rtol=1e-4)
-    assert out.actions.sum() > 0 and (out.actions == 0).sum() > 0  # both actions occur
-    assert_model_untouched(model)
+    return out
 
 
 def test_rollout_accept_all_is_greedy_and_reject_all_forces_the_last_candidate():
