@@ -23,7 +23,7 @@ from . import hf_internals as hf
 from .agent import validate_candidate_settings
 from .compiled import CompiledStep
 from .decide import evaluate_step
-from .processor import agent_on_device, check_agent, unwrap_model, warn_nonfinite
+from .processor import agent_on_device, check_agent, check_watermark, unwrap_model, warn_nonfinite
 from .schedule import DEFAULT_SCHEDULE, make_schedule
 from .states import (HeadInput, check_cache, check_left_padding, check_model, known_plain_head, next_position_ids,
                      plain_head)
@@ -46,17 +46,6 @@ class MaraGenerateOutput(GenerateDecoderOnlyOutput):
 
     mara_stats: MaraStats | None = None
     mara_steps: dict | None = None
-
-
-def split_warpers(logits_processor: LogitsProcessorList | None) -> tuple[LogitsProcessorList, LogitsProcessorList]:
-    """Split generate's processor list into processors and the trailing sampling warpers (temperature, top-k,
-    top-p, ...), which `generate` always appends last. MARA builds candidates after the processors and before the
-    warpers, exactly where `MaraLogitsProcessor` sits when it is the last user processor."""
-    items = list(logits_processor or [])
-    cut = len(items)
-    while cut > 0 and type(items[cut - 1]).__name__.endswith("Warper"):
-        cut -= 1
-    return LogitsProcessorList(items[:cut]), LogitsProcessorList(items[cut:])
 
 
 def mara_generate(
@@ -118,6 +107,7 @@ def mara_generate(
         )
     if synced_gpus:
         raise ValueError("The fused MARA loop does not support `synced_gpus`.")
+    check_watermark(generation_config, greedy=not generation_config.do_sample)
     if generation_config.return_dict_in_generate and (
         generation_config.output_attentions or generation_config.output_hidden_states
     ):
@@ -164,7 +154,7 @@ def mara_generate(
     output_logits = return_dict and generation_config.output_logits
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
     do_sample = generation_config.do_sample
-    processors, warpers = split_warpers(logits_processor)
+    processors, after = hf.split_at_caller_processors(logits_processor)  # `after`: warpers, watermark, ...
     stats = mara_stats if mara_stats is not None else MaraStats(top_k, device=device)
     nonfinite_before = stats.nonfinite if mara_stats is not None else 0  # the NaN warning is about this call
     schedule.start(mara_stats)
@@ -226,17 +216,17 @@ def mara_generate(
         decision = evaluation.decision
         cands = evaluation.candidates
         if do_sample:
-            final_scores = warpers(input_ids, evaluation.restrict(scores, evaluation.allowed()))
+            final_scores = after(input_ids, evaluation.restrict(scores, evaluation.allowed()))
             next_tokens = torch.multinomial(torch.softmax(final_scores, dim=-1), num_samples=1).squeeze(1)
             index = ((cands.tokens == next_tokens[:, None]) & cands.valid).long().argmax(dim=-1)
             decision.index, decision.token = index, next_tokens
         else:
             index, next_tokens = decision.index, decision.token
             final_scores = None
-            if output_scores:
-                final_scores = torch.full_like(scores, -float("inf")).scatter(
+            if output_scores:  # what generate returns for the processor's one-hot output
+                final_scores = after(input_ids, torch.full_like(scores, -float("inf")).scatter(
                     1, next_tokens[:, None], scores.gather(1, next_tokens[:, None])
-                )
+                ))
 
         next_logits = evaluation.next_logits() if evaluation.committed else evaluation.commit(index)
         length += 1

@@ -25,6 +25,12 @@ from transformers.cache_utils import (
     StaticCache,
     StaticLayer,
 )
+from transformers.generation.logits_process import (
+    LogitNormalization,
+    LogitsProcessorList,
+    SynthIDTextWatermarkLogitsProcessor,
+    WatermarkLogitsProcessor,
+)
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -151,6 +157,26 @@ def stop_strings_as_criteria(kwargs: dict) -> dict:
     kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), criteria])
     return kwargs
 
+
+
+# ------------------------------------------------------------------------------------- generate's processor list
+AFTER_CALLER_PROCESSORS = (WatermarkLogitsProcessor, SynthIDTextWatermarkLogitsProcessor, LogitNormalization)
+
+
+def split_at_caller_processors(logits_processor) -> tuple[LogitsProcessorList, LogitsProcessorList]:
+    """`generate`'s processor list cut where `MaraLogitsProcessor` sits as the caller's last processor: `(before,
+    after)`, `after` being what `generate` applies to the processor's output.
+
+    Mirrors `GenerationMixin._get_logits_processor` of 5.x: after merging the caller's `logits_processor` into its
+    own processors it appends, in this order, the sampling warpers (`...LogitsWarper`, with `do_sample`), the
+    watermark processor (`watermarking_config`, "after all logits processing is finished") and `LogitNormalization`
+    (`renormalize_logits`)."""
+    items = list(logits_processor or [])
+    cut = len(items)
+    while cut > 0 and (type(items[cut - 1]).__name__.endswith("Warper")
+                       or isinstance(items[cut - 1], AFTER_CALLER_PROCESSORS)):
+        cut -= 1
+    return LogitsProcessorList(items[:cut]), LogitsProcessorList(items[cut:])
 
 # ------------------------------------------------------------------------------------------------ cache layers
 DYNAMIC_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)

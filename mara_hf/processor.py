@@ -51,6 +51,17 @@ def check_agent(agent, model) -> None:
         )
 
 
+
+def check_watermark(generation_config, greedy: bool) -> None:
+    """Greedy MARA takes each token itself, before `generate` adds a watermark's bias (it applies the watermark
+    after every other processor), so the answer would carry no watermark: refused, with the fix."""
+    if greedy and getattr(generation_config, "watermarking_config", None) is not None:
+        raise ValueError(
+            "`watermarking_config` cannot watermark greedy MARA decoding: MARA takes each token before `generate` "
+            "adds the watermark's bias, so the answer would carry no watermark. Sample (`do_sample=True`: the "
+            "watermark then biases the choice among the accepted candidates) or drop `watermarking_config`."
+        )
+
 _DEVICE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -175,6 +186,7 @@ class MaraLogitsProcessor(LogitsProcessor):
             )
         first_step = self._call is None or self._call[0]() is not cache
         if first_step:  # a new generate call: check it once, start fresh statistics and schedule
+            check_watermark(state["generation_config"], state["greedy"])
             if self._call is not None:
                 self._call[1].finish(self.stats)  # the previous call's last steps, for the agent's memory
             check_left_padding(state["attention_mask"] if state["attention_mask"] is None
@@ -247,5 +259,6 @@ def _generation_state(model) -> dict:
         "attention_mask": model_kwargs.get("attention_mask"),
         "position_ids": model_kwargs.get("position_ids"),
         "greedy": name == "_sample" and not sampling,
+        "generation_config": local["generation_config"],
         "unfinished": local["unfinished_sequences"] if name == "_sample" else None,
     }

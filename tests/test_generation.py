@@ -2,7 +2,12 @@
 
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    StoppingCriteria,
+    StoppingCriteriaList,
+    SynthIDTextWatermarkingConfig,
+    WatermarkingConfig,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from conftest import (
@@ -175,6 +180,51 @@ def test_sampling_equals_processor_for_the_same_seed():
     torch.manual_seed(123)
     fused = model.generate(**common, custom_generate=mara_generate, mara_agent=agent)
     assert fused.shape[0] == 4 and torch.equal(fused, dropin)
+
+
+@pytest.mark.parametrize("after", ["kirchenbauer watermark", "synthid watermark", "renormalize_logits"])
+def test_what_generate_appends_after_the_warpers_runs_after_mara_on_both_paths(after):
+    """`generate` puts a watermark and `LogitNormalization` after its sampling warpers; the fused loop applies them
+    where they act on the processor path: after MARA's cut, with the warpers."""
+    settings = {
+        "kirchenbauer watermark": dict(watermarking_config=WatermarkingConfig(bias=4.0, seeding_scheme="lefthash")),
+        "synthid watermark": dict(watermarking_config=SynthIDTextWatermarkingConfig(keys=[3, 5, 7, 9], ngram_len=2)),
+        "renormalize_logits": dict(renormalize_logits=True),
+    }[after]
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=3.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(5, 9, 3), seed=3))
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.4,
+                  top_k=0, pad_token_id=0, return_dict_in_generate=True, output_scores=True, **settings)
+    torch.manual_seed(7)
+    dropin = model.generate(**common, logits_processor=[MaraLogitsProcessor(agent, model, top_k=96)])
+    torch.manual_seed(7)
+    fused = model.generate(**common, custom_generate=mara_generate, mara_agent=agent, mara_top_k=96)
+    assert torch.equal(fused.sequences, dropin.sequences)
+    for a, b in zip(fused.scores, dropin.scores, strict=True):
+        torch.testing.assert_close(a, b)
+    if after == "renormalize_logits":  # greedy's returned scores are normalized the same way on both paths
+        greedy = dict(common, do_sample=False, temperature=None, top_k=None)
+        dropin = model.generate(**greedy, logits_processor=[MaraLogitsProcessor(agent, model)])
+        fused = model.generate(**greedy, custom_generate=mara_generate, mara_agent=agent)
+        assert torch.equal(fused.sequences, dropin.sequences)
+        for a, b in zip(fused.scores, dropin.scores, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_watermark_on_greedy_mara_is_refused_on_both_paths():
+    """Greedy MARA takes the token itself, before `generate` would add a watermark's bias: the watermark could
+    change nothing, so both paths refuse it and name the fix."""
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    common = dict(max_new_tokens=2, do_sample=False, pad_token_id=0,
+                  watermarking_config=WatermarkingConfig(bias=2.5, seeding_scheme="lefthash"))
+    message = "cannot watermark greedy MARA decoding"
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, **common, custom_generate=mara_generate, mara_agent=constant_agent())
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, **common, logits_processor=[MaraLogitsProcessor(constant_agent(), model)])
+    assert_model_untouched(model)
 
 
 def test_return_dict_carries_per_step_statistics_and_scores():
