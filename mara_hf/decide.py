@@ -111,6 +111,7 @@ def evaluate_step(
     static_length: int | None = None,
     compiled=None,
     defer_head: bool = False,
+    active: torch.Tensor | None = None,
 ) -> StepEvaluation:
     """Build the candidates of `scores` `(B, vocab)`, ask the agent, decide.
 
@@ -125,6 +126,9 @@ def evaluate_step(
     A candidate is accepted when its p(accept) exceeds its threshold: `thresholds`, one number for all (0.5: the
     agent's greedy decision; an agent may be calibrated to another, `MaraAgent.accept_threshold`) or one per
     candidate `(B, >= width)`: uniform random ones *sample* the agent's policy (training rollouts).
+    `active` `(B,)` (nonzero: the row is still generating; `generate`'s `unfinished_sequences`): with `lazy=True`,
+    a finished row (whose token `generate` replaces with padding) takes its top-1 as a lone candidate would, so it
+    never costs the step a later chunk.
     `keep_states=True` keeps the evaluated candidates' states (`StepEvaluation.states`).
 
     `defer_head=True` (fused, lazy, dynamic cache; only for models whose logits are lm_head's output as it is,
@@ -139,7 +143,13 @@ def evaluate_step(
         thresholds = thresholds.expand(batch, -1)
     static = static_length is not None
     lone = cands.counts == 1
+    if active is not None and lazy:
+        lone = lone | (active == 0)  # finished rows: decided by the first chunk, on their top-1
     decided = lone
+    # The candidate a row takes when it rejects all: 0, or its last one; lone (or finished) rows take candidate 0.
+    target = fallback_index(cands.counts, fallback)
+    if fallback == "last" and active is not None and lazy:
+        target = target.masked_fill(lone, 0)
     accepted = torch.zeros(batch, width, dtype=torch.bool, device=device)
     if static:
         siblings = StaticSiblings(model, cache, context_mask, static_length, compiled=compiled)
@@ -155,7 +165,7 @@ def evaluate_step(
         # Host read: is any row asked at all, and how many candidates can a row have (the chunk is cut to that).
         any_asked, max_count = torch.stack([(~lone).any().long(), cands.counts.max()]).tolist()
         if not any_asked and not for_commit:
-            evaluation.decision = _decide(cands, accepted, lone, fallback)
+            evaluation.decision = _decide(cands, accepted, lone, fallback, target)
             return evaluation  # every row has a lone candidate: nothing to ask, no forward
     # Fused steps let lm_head project only the sibling each row may keep (see `Picker`), or none (`defer_head`).
     evaluation.picked = picking = for_commit and lazy
@@ -169,7 +179,7 @@ def evaluate_step(
         if picking:
             # A later chunk only runs after a deferring first one; a first chunk that may be the last projects.
             defers = defer and (start > 0 or (lazy and end < max_count))
-            pick = Picker(agent, cands, start, end, fallback, thresholds, at, defer=defers, decided=decided)
+            pick = Picker(agent, cands, start, end, target, thresholds, at, defer=defers, decided=decided)
         out = siblings.forward(cands.tokens[at, start:end], position_ids[at], start, rows, logits=logits_mode,
                                pick=pick, keep_kv=for_commit and not static)
         evaluation.forwards += 1
@@ -220,14 +230,14 @@ def evaluate_step(
 
     if static and not for_commit:
         siblings.restore()
-    evaluation.decision = _decide(cands, accepted, lone, fallback)
+    evaluation.decision = _decide(cands, accepted, lone, fallback, target)
     return evaluation
 
 
 class Picker:
     """The sibling of chunk `[start, end)` each of `rows` may keep, chosen from the chunk's states before lm_head
-    projects: its first accepted one; the fallback candidate (`target`: the top-1, or the row's last with
-    `"last"`) if it lies in this chunk and none was accepted. Keeps p(accept) for the caller (`p_accept`) and the
+    projects: its first accepted one; the fallback candidate (`target` `(B,)`, absolute: the top-1, or the row's
+    last with `"last"`) if it lies in this chunk and none was accepted. Keeps p(accept) for the caller (`p_accept`) and the
     kept sibling's index (`index`, `(R,)`).
 
     With `defer=True` it keeps that sibling's lm_head input (`kept`, `(R, 1, d)`) and lets lm_head project nothing
@@ -235,13 +245,13 @@ class Picker:
     there (`read`: rows needing more, their largest candidate count; `decided`: the rows decided before the chunk)
     and, when none does, lets lm_head project as without `defer` (the fused loop's decode step)."""
 
-    def __init__(self, agent, cands: CandidateSet, start: int, end: int, fallback: str,
+    def __init__(self, agent, cands: CandidateSet, start: int, end: int, target: torch.LongTensor,
                  thresholds: torch.Tensor | float, rows=slice(None), *, defer: bool = False, decided=None):
         self.agent, self.start, self.end = agent, start, end
         self.thresholds = _chunk_thresholds(thresholds, rows, start, end)
         self.valid = cands.valid[rows, start:end]
         self.counts = cands.counts[rows]
-        self.target = self.counts - 1 if fallback == "last" else torch.zeros_like(self.counts)
+        self.target = target[rows]
         self.defer, self.decided = defer, decided
         self.p_accept = self.index = self.kept = self.read = None
         self.deferred = False
@@ -273,14 +283,16 @@ def _chunk_thresholds(thresholds: torch.Tensor | float, rows, start: int, end: i
     return thresholds[rows, start:end] if isinstance(thresholds, torch.Tensor) else thresholds
 
 
-def _decide(cands: CandidateSet, accepted: torch.BoolTensor, lone: torch.BoolTensor, fallback: str) -> StepDecision:
-    """First accepted candidate in probability order; the fallback where all were rejected; lone ones as they are.
+def _decide(cands: CandidateSet, accepted: torch.BoolTensor, lone: torch.BoolTensor, fallback: str,
+            target: torch.LongTensor) -> StepDecision:
+    """First accepted candidate in probability order; the fallback `target` where all were rejected; lone ones as
+    they are.
 
     `first_accepted` gives 0 where nothing was accepted, which is the `"first"` fallback; a lone candidate can only
-    be accepted at 0 and its `"last"` fallback is 0 too."""
+    be accepted at 0 and its `target` is 0 too."""
     any_accepted, index = first_accepted(accepted)
     if fallback == "last":
-        index = torch.where(any_accepted, index, fallback_index(cands.counts, fallback))
+        index = torch.where(any_accepted, index, target)
     return StepDecision(
         index=index,
         token=cands.tokens.gather(1, index[:, None]).squeeze(1),

@@ -212,6 +212,7 @@ def mara_generate(
             static_length=length if static else None,
             compiled=compiled,
             defer_head=defer_head,
+            active=unfinished,
         )
         decision = evaluation.decision
         cands = evaluation.candidates

@@ -213,6 +213,7 @@ class MaraLogitsProcessor(LogitsProcessor):
             thresholds=self.accept_threshold,
             schedule=schedule.current(),
             lazy=state["greedy"],
+            active=state["unfinished"],
         )
         decision = evaluation.decision
         self.stats.record(decision, state["unfinished"])

@@ -227,6 +227,36 @@ def test_a_watermark_on_greedy_mara_is_refused_on_both_paths():
     assert_model_untouched(model)
 
 
+def test_a_finished_row_costs_no_later_chunk():
+    """After a row has finished (`generate` pads its tokens), its candidates are not asked: a step costs what the
+    unfinished rows need, as if the finished row were not in the batch. The tokens stay the same."""
+
+    class FinishRowZero(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[0] = input_ids.shape[1] >= 9  # row 0 stops after its 3rd new token
+            return done
+
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=4.0)
+    ids = torch.tensor(random_prompts(2, lengths=(6, 6), seed=8))
+    common = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, mara_schedule=(1, 4, 40))
+    pair = model.generate(ids, **common, stopping_criteria=StoppingCriteriaList([FinishRowZero()]),
+                          custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True)
+    alone = model.generate(ids[1:], **common, custom_generate=mara_generate, mara_agent=agent,
+                           return_dict_in_generate=True)
+    assert torch.equal(pair.sequences[1], alone.sequences[0]) and (pair.sequences[0, 9:] == 0).all()
+    assert pair.mara_steps["forwards"][3:].tolist() == alone.mara_steps["forwards"][3:].tolist()
+    processors = [MaraLogitsProcessor(agent, model, schedule=(1, 4, 40)) for _ in range(2)]
+    dropin = model.generate(ids, **{k: v for k, v in common.items() if k != "mara_schedule"},
+                            stopping_criteria=StoppingCriteriaList([FinishRowZero()]), logits_processor=processors[:1])
+    model.generate(ids[1:], **{k: v for k, v in common.items() if k != "mara_schedule"},
+                   logits_processor=processors[1:])
+    assert torch.equal(dropin, pair.sequences)
+    assert processors[0].stats.forwards - pair.mara_steps["forwards"][:3].sum() == \
+        processors[1].stats.forwards - alone.mara_steps["forwards"][:3].sum()
+
+
 def test_return_dict_carries_per_step_statistics_and_scores():
     model = tiny_model("llama")
     agent = decisive_agent(reject_bias=9.0)
