@@ -234,7 +234,7 @@ def rollout(
         step = evaluate_step(
             model, actor, cache, logits, next_position_ids(None, mask, cache.get_seq_length(), batch, device), mask,
             top_k=top_k, top_p=top_p, min_p=min_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
-            thresholds=thresholds, keep_states=True, defer_head=defer_head,
+            thresholds=thresholds, keep_states=True, defer_head=defer_head, active=unfinished,
         )
         decision = step.decision
         next_logits = step.logits_parts[0][:, 0] if step.committed else step.commit(decision.index)
