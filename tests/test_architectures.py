@@ -217,3 +217,34 @@ def test_vision_language_models_decode_text_as_the_naive_reference(name, with_im
                        "fused": dict(custom_generate=mara_generate, mara_agent=agent)}.items():
         assert trim_at_eos(model.generate(**common, **mara)[0, len(prompt):].tolist()) == expected, path
     assert hooks == {name: (list(m._forward_pre_hooks), list(m._forward_hooks)) for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("name", list(VISION_LANGUAGE))
+def test_vision_language_models_decode_a_padded_batch_of_images_as_each_row_alone(name):
+    """Two prompts with an image each, of different lengths (the first left-padded), decode in one batch as each
+    does alone (whose decoding the test above checks against the naive reference), through both paths."""
+    config_class, arguments = VISION_LANGUAGE[name]
+    model = build(config_class, arguments, AutoModelForImageTextToText)
+    agent = decisive_agent(state_dim=32, reject_bias=9.0)
+    rows = []
+    for i, text in enumerate(random_prompts(2, lengths=(10, 10), seed=5, vocab=80)):
+        prompt, extra = image_prompt(name, text)
+        inputs = extra(len(prompt))
+        if i == 1:  # five more text tokens in front
+            prompt = [7, 8, 9, 11, 12] + prompt
+            inputs = {k: torch.cat([v.new_zeros(1, 5), v], 1) if k.endswith("token_type_ids") else v
+                      for k, v in inputs.items()}
+        rows.append((prompt, inputs))
+    length = len(rows[1][0])
+    ids = torch.tensor([[0] * (length - len(p)) + p for p, _ in rows])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p, _ in rows])
+    batch_inputs = {k: torch.cat([torch.cat([i[k].new_zeros(1, length - i[k].shape[1]), i[k]], 1)
+                                  if k.endswith("token_type_ids") else i[k] for _, i in rows])
+                    for k in rows[0][1]}
+    common = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, suppress_tokens=SPECIAL)
+    fused = dict(custom_generate=mara_generate, mara_agent=agent)
+    alone = [model.generate(input_ids=torch.tensor([p]), **i, **common, **fused)[0, len(p):] for p, i in rows]
+    for path, mara in {"processor": dict(logits_processor=[MaraLogitsProcessor(agent, model)]), "fused": fused}.items():
+        batch = model.generate(input_ids=ids, attention_mask=mask, **batch_inputs, **common, **mara)[:, length:]
+        for row in range(2):
+            assert trim_at_eos(batch[row].tolist()) == trim_at_eos(alone[row].tolist()), (path, row)
