@@ -319,7 +319,8 @@ class MaraGenerationMixin:
             return super().generate(*args, **kwargs)
         if kwargs.get("custom_generate") is not None:
             raise ValueError("Pass either `mara_agent` or `custom_generate`, not both.")
-        kwargs = hf.stop_strings_as_criteria(kwargs)
+        # What `generate` does with the tokenizer it would drop for a callable `custom_generate`:
+        args, kwargs = hf.heal_tokens_first(self, args, hf.stop_strings_as_criteria(kwargs))
         return super().generate(*args, custom_generate=mara_generate, mara_agent=mara_agent, **kwargs)
 
 

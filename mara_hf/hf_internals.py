@@ -159,6 +159,28 @@ def stop_strings_as_criteria(kwargs: dict) -> dict:
 
 
 
+
+def heal_tokens_first(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """`generate` arguments `(args, kwargs)` whose prompt `model` already token-healed (`token_healing=False`), for a
+    call with `token_healing` and `tokenizer` that runs a callable `custom_generate`.
+
+    Mirrors `GenerationMixin.generate` of 5.x: after preparing the inputs it heals the prompt's last token with
+    `heal_tokens(input_ids, tokenizer)`, taking the tokenizer from `_extract_generation_mode_kwargs`, which for a
+    callable `custom_generate` keeps only the callable's own arguments; so `heal_tokens` refuses ("you must pass
+    the model's tokenizer") although one was passed. The same `heal_tokens` on the prompt here is what `generate`
+    would have run (`num_return_sequences` only copies the healed rows)."""
+    config = kwargs.get("generation_config") or model.generation_config
+    healing = kwargs.get("token_healing", getattr(config, "token_healing", False))
+    tokenizer = kwargs.get("tokenizer")
+    key = None if args else next((k for k in ("input_ids", "inputs") if kwargs.get(k) is not None), None)
+    if not healing or tokenizer is None or (not args and key is None):
+        return args, kwargs  # nothing to heal here (without prompt ids `generate` says what it says)
+    kwargs = dict(kwargs, token_healing=False)
+    if args:
+        return (model.heal_tokens(args[0], tokenizer), *args[1:]), kwargs
+    kwargs[key] = model.heal_tokens(kwargs[key], tokenizer)
+    return args, kwargs
+
 # ------------------------------------------------------------------------------------- generate's processor list
 AFTER_CALLER_PROCESSORS = (WatermarkLogitsProcessor, SynthIDTextWatermarkLogitsProcessor, LogitNormalization)
 

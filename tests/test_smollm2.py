@@ -93,3 +93,31 @@ def test_shipped_agent_decodes_as_the_serial_original_with_every_cache_and_path(
         for row, tokens in enumerate(expected):
             assert out[row, width:width + len(tokens)].tolist() == tokens, name
     assert processor.stats.agent_decided == asked
+
+
+def test_token_healing_on_the_mixin_and_hub_paths(setup, tmp_path):
+    """A callable `custom_generate` never gets `generate`'s tokenizer, so `token_healing` failed there ("you must pass
+    the model's tokenizer"); the mixin and the Hub layout heal the prompt first, with `generate`'s own
+    `heal_tokens`: the tokens of the processor path (and, for an agent that accepts everything, of plain greedy)."""
+    from conftest import constant_agent
+    from mara_hf import add_mara_generation, export_custom_generate
+
+    model, tokenizer, agent = setup
+    inputs = tokenizer(['The link is <a href="http:'], return_tensors="pt")  # healed to "http://"
+    common = dict(**inputs, max_new_tokens=6, do_sample=False, token_healing=True, tokenizer=tokenizer)
+    everything = constant_agent(state_dim=576)
+    plain = model.generate(**common)
+    dropin = model.generate(**common, logits_processor=[MaraLogitsProcessor(agent, model)])
+    agent.save_pretrained(tmp_path / "agent")
+    export_custom_generate(tmp_path / "agent")
+    hub = model.generate(**common, custom_generate=str(tmp_path / "agent"), trust_remote_code=True)
+    original = type(model)
+    try:
+        add_mara_generation(model)
+        assert torch.equal(model.generate(**common, mara_agent=everything), plain)
+        assert torch.equal(model.generate(**common, mara_agent=agent), dropin)
+    finally:
+        model.__class__ = original
+    assert torch.equal(hub, dropin)
+    assert not torch.equal(dropin, model.generate(**dict(common, token_healing=False),
+                                                  logits_processor=[MaraLogitsProcessor(agent, model)]))
