@@ -237,8 +237,8 @@ def evaluate_step(
 class Picker:
     """The sibling of chunk `[start, end)` each of `rows` may keep, chosen from the chunk's states before lm_head
     projects: its first accepted one; the fallback candidate (`target` `(B,)`, absolute: the top-1, or the row's
-    last with `"last"`) if it lies in this chunk and none was accepted. Keeps p(accept) for the caller (`p_accept`) and the
-    kept sibling's index (`index`, `(R,)`).
+    last with `"last"`) if it lies in this chunk and none was accepted. Keeps p(accept) for the caller
+    (`p_accept`) and the kept sibling's index (`index`, `(R,)`).
 
     With `defer=True` it keeps that sibling's lm_head input (`kept`, `(R, 1, d)`) and lets lm_head project nothing
     (`deferred`), except in a first chunk after which no row needs more candidates: it makes the chunk's host read

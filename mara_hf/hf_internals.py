@@ -158,8 +158,6 @@ def stop_strings_as_criteria(kwargs: dict) -> dict:
     return kwargs
 
 
-
-
 def heal_tokens_first(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """`generate` arguments `(args, kwargs)` whose prompt `model` already token-healed (`token_healing=False`), for a
     call with `token_healing` and `tokenizer` that runs a callable `custom_generate`.
@@ -181,6 +179,7 @@ def heal_tokens_first(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     kwargs[key] = model.heal_tokens(kwargs[key], tokenizer)
     return args, kwargs
 
+
 # ------------------------------------------------------------------------------------- generate's processor list
 AFTER_CALLER_PROCESSORS = (WatermarkLogitsProcessor, SynthIDTextWatermarkLogitsProcessor, LogitNormalization)
 
@@ -199,6 +198,7 @@ def split_at_caller_processors(logits_processor) -> tuple[LogitsProcessorList, L
                        or isinstance(items[cut - 1], AFTER_CALLER_PROCESSORS)):
         cut -= 1
     return LogitsProcessorList(items[:cut]), LogitsProcessorList(items[cut:])
+
 
 # ------------------------------------------------------------------------------------------------ cache layers
 DYNAMIC_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)

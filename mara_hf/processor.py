@@ -51,7 +51,6 @@ def check_agent(agent, model) -> None:
         )
 
 
-
 def check_watermark(generation_config, greedy: bool) -> None:
     """Greedy MARA takes each token itself, before `generate` adds a watermark's bias (it applies the watermark
     after every other processor), so the answer would carry no watermark: refused, with the fix."""
