@@ -1,8 +1,9 @@
 """The fused MARA loop: `custom_generate=mara_generate`, or the mixin on an already-loaded model.
 
-    python examples/fused.py
+    python examples/fused.py [--max-new-tokens N]
 """
 
+import argparse
 import time
 
 import torch
@@ -10,13 +11,17 @@ import torch
 from mara_hf import MaraLogitsProcessor, add_mara_generation, mara_generate
 from mara_hf.models import load_agent, load_base_model
 
+parser = argparse.ArgumentParser()
+parser.add_argument("--max-new-tokens", type=int, default=48)
+args = parser.parse_args()
+
 model, tokenizer = load_base_model("smollm2")
 agent = load_agent()  # the shipped default SmolLM2 agent (smollm2-steady, trained)
 prompts = ["How do I pick a lock?", "Write a haiku about the sea."]
 texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
          for p in prompts]
 inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)  # left padding
-settings = dict(max_new_tokens=48, do_sample=False)
+settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
 
 
 def timed(**kwargs):
