@@ -397,9 +397,12 @@ def test_run_eval_end_to_end(tmp_path, fake_loading, capsys):
     args = eval_parser().parse_args(["--prompts", str(prompts), "--limit", "3",
                                      "--reward", "py:test_rewards:length_reward",
                                      "--reward", "2*py:test_rewards:length_reward-py:test_rewards:vowel_reward",
-                                     "--max-new-tokens", "6", "--batch-size", "2", "--out", str(tmp_path / "out")])
+                                     "--max-new-tokens", "6", "--batch-size", "2", "--out", str(tmp_path / "out"),
+                                     "--no-progress"])
     assert run_eval(args) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "mara-hf eval" not in captured.err  # no progress bar
     assert fake_loading == ["smollm2"]
     assert "3 prompts (3 answered now, 0 reused)" in out and "py:test_rewards:length_reward" in out
     assert "KL per token" in out and "tokens/s" in out and "wrote results.json, responses.jsonl" in out
@@ -440,6 +443,7 @@ def test_run_eval_fallback_threshold_and_top_k_override_the_agents(tmp_path, mod
     assert all(line["mara"] == line["base"] for line in answers[None] + answers["low"] + answers["top1"] +
                answers["minp"])
     assert all(line["mara"] != line["base"] for line in answers["last"])
+    assert "mara-hf eval" in capsys.readouterr().err  # the progress bar, on by default
     defaults = eval_parser().parse_args(["--prompts", "p", "--reward", "vader"])
     assert defaults.fallback is None and defaults.accept_threshold is None and defaults.top_k is None
     assert defaults.min_p is None

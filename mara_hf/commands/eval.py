@@ -50,6 +50,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="start over instead of reusing the answers already in --out")
     parser.add_argument("--rescore", action="store_true",
                         help="score the answers already in --out again (after changing what a reward name means)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_config_arguments(parser.add_argument_group(
         "Ray (prompt batches answered by workers that each hold the model and the rewards; see the README)"),
         RayConfig, prefix=RAY_PREFIX)
@@ -94,7 +95,7 @@ def _settings_of(args: argparse.Namespace) -> dict:
 
     return dict(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
-        out_dir=args.out, resume=not args.no_resume, rescore=args.rescore,
+        out_dir=args.out, resume=not args.no_resume, rescore=args.rescore, progress=not args.no_progress,
         generation_kwargs={"temperature": args.temperature} if args.sample else None,
         mara_kwargs=models.agent_overrides(args) or None,
     )
