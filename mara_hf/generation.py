@@ -188,74 +188,75 @@ def mara_generate(
     # `inputs_embeds` and `input_ids` holds none of it (one host read per call on a static cache).
     length = int(cache.get_seq_length())
 
-    while True:
-        scores = processors(input_ids, logits)
-        context_mask = model_kwargs.get("attention_mask")
-        next_positions = next_position_ids(model_kwargs.get("position_ids"), context_mask, length, batch_size,
-                                           input_ids.device)
+    with hf.decode_context(model):  # generate's own decode steps run in it too
+        while True:
+            scores = processors(input_ids, logits)
+            context_mask = model_kwargs.get("attention_mask")
+            next_positions = next_position_ids(model_kwargs.get("position_ids"), context_mask, length, batch_size,
+                                               input_ids.device)
 
-        evaluation = evaluate_step(
-            model,
-            agent,
-            cache,
-            scores,
-            next_positions,
-            context_mask,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            fallback=fallback,
-            thresholds=threshold,
-            schedule=schedule.current(),
-            lazy=not do_sample,
-            for_commit=True,
-            static_length=length if static else None,
-            compiled=compiled,
-            defer_head=defer_head,
-            active=unfinished,
-        )
-        decision = evaluation.decision
-        cands = evaluation.candidates
-        if do_sample:
-            final_scores = after(input_ids, evaluation.restrict(scores, evaluation.allowed()))
-            next_tokens = torch.multinomial(torch.softmax(final_scores, dim=-1), num_samples=1).squeeze(1)
-            index = ((cands.tokens == next_tokens[:, None]) & cands.valid).long().argmax(dim=-1)
-            decision.index, decision.token = index, next_tokens
-        else:
-            index, next_tokens = decision.index, decision.token
-            final_scores = None
-            if output_scores:  # what generate returns for the processor's one-hot output
-                final_scores = after(input_ids, torch.full_like(scores, -float("inf")).scatter(
-                    1, next_tokens[:, None], scores.gather(1, next_tokens[:, None])
-                ))
+            evaluation = evaluate_step(
+                model,
+                agent,
+                cache,
+                scores,
+                next_positions,
+                context_mask,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                fallback=fallback,
+                thresholds=threshold,
+                schedule=schedule.current(),
+                lazy=not do_sample,
+                for_commit=True,
+                static_length=length if static else None,
+                compiled=compiled,
+                defer_head=defer_head,
+                active=unfinished,
+            )
+            decision = evaluation.decision
+            cands = evaluation.candidates
+            if do_sample:
+                final_scores = after(input_ids, evaluation.restrict(scores, evaluation.allowed()))
+                next_tokens = torch.multinomial(torch.softmax(final_scores, dim=-1), num_samples=1).squeeze(1)
+                index = ((cands.tokens == next_tokens[:, None]) & cands.valid).long().argmax(dim=-1)
+                decision.index, decision.token = index, next_tokens
+            else:
+                index, next_tokens = decision.index, decision.token
+                final_scores = None
+                if output_scores:  # what generate returns for the processor's one-hot output
+                    final_scores = after(input_ids, torch.full_like(scores, -float("inf")).scatter(
+                        1, next_tokens[:, None], scores.gather(1, next_tokens[:, None])
+                    ))
 
-        next_logits = evaluation.next_logits() if evaluation.committed else evaluation.commit(index)
-        length += 1
+            next_logits = evaluation.next_logits() if evaluation.committed else evaluation.commit(index)
+            length += 1
 
-        stats.record(decision, unfinished)
-        stats.add_forwards(evaluation.forwards)
-        stats.add_probabilities(evaluation.probabilities)
-        schedule.observe(stats)
-        if return_dict:
-            for key in ("index", "num_candidates", "asked", "fallback"):
-                steps[key].append(getattr(decision, key))
-            steps["top1"].append(cands.tokens[:, 0])
-            steps["forwards"].append(evaluation.forwards)
-        if output_scores:
-            scores_out += (final_scores,)
-        if output_logits:
-            logits_out += (logits,)
+            stats.record(decision, unfinished)
+            stats.add_forwards(evaluation.forwards)
+            stats.add_probabilities(evaluation.probabilities)
+            schedule.observe(stats)
+            if return_dict:
+                for key in ("index", "num_candidates", "asked", "fallback"):
+                    steps[key].append(getattr(decision, key))
+                steps["top1"].append(cands.tokens[:, 0])
+                steps["forwards"].append(evaluation.forwards)
+            if output_scores:
+                scores_out += (final_scores,)
+            if output_logits:
+                logits_out += (logits,)
 
-        if has_eos_stopping_criteria:
-            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
-        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-        model_kwargs = hf.advance_model_kwargs(model, {}, model_kwargs)
-        if streamer is not None:
-            streamer.put(next_tokens.cpu())
-        unfinished = unfinished & ~stopping_criteria(input_ids, scores_out)
-        if unfinished.max() == 0:
-            break
-        logits = next_logits.to(dtype=torch.float32, device=input_ids.device)
+            if has_eos_stopping_criteria:
+                next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            model_kwargs = hf.advance_model_kwargs(model, {}, model_kwargs)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            unfinished = unfinished & ~stopping_criteria(input_ids, scores_out)
+            if unfinished.max() == 0:
+                break
+            logits = next_logits.to(dtype=torch.float32, device=input_ids.device)
 
     schedule.finish(stats)
     if streamer is not None:

@@ -9,6 +9,7 @@ them, this module is the one place to look. The test suite runs on the oldest an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import sys
@@ -125,6 +126,14 @@ def generate_locals(model, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]
         frame = frame.f_back
     return None
 
+
+def decode_context(model):
+    """The context `generate` decodes in after the prompt's forward (a null context where there is none).
+
+    Mirrors `GenerationMixin._sample` of 5.15-5.24, whose decode loop runs inside `self._optimize_model_for_decode()`:
+    off the CPU, mixture-of-experts layers switch from `grouped_mm` to `batched_mm` for the steps' small inputs."""
+    optimize = getattr(model, "_optimize_model_for_decode", None)
+    return optimize() if optimize is not None else contextlib.nullcontext()
 
 def calling_generate_locals(model, names: tuple[str, ...]) -> dict[str, Any]:
     """Arguments of the `GenerationMixin.generate` call that runs a callable `custom_generate` (empty when none).

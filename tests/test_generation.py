@@ -257,6 +257,34 @@ def test_a_finished_row_costs_no_later_chunk():
         processors[1].stats.forwards - alone.mara_steps["forwards"][:3].sum()
 
 
+def test_decode_steps_run_in_generates_decode_context(monkeypatch):
+    """`generate` runs its decode steps inside `_optimize_model_for_decode` (off the CPU, mixture-of-experts layers
+    switch kernels there); the fused loop's steps run inside it too, and its prompt forward outside, as generate's."""
+    import contextlib
+
+    model = tiny_model("llama")
+    inside, calls = [False], []
+
+    @contextlib.contextmanager
+    def optimize_for_decode():
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(model, "_optimize_model_for_decode", optimize_for_decode, raising=False)
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(inside[0]))
+    ids = torch.tensor(random_prompts(1, lengths=(6,), seed=2))
+    common = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    model.generate(ids, **common)
+    plain, calls[:] = list(calls), []
+    model.generate(ids, **common, custom_generate=mara_generate, mara_agent=decisive_agent(reject_bias=4.0))
+    hook.remove()
+    assert plain == [False] + [True] * 4
+    assert calls[0] is False and len(calls) > 5 and all(calls[1:])
+
+
 def test_return_dict_carries_per_step_statistics_and_scores():
     model = tiny_model("llama")
     agent = decisive_agent(reject_bias=9.0)
