@@ -46,6 +46,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
+from .. import hf_internals as hf
 from ..decide import evaluate_step
 from ..schedule import LAZY_SCHEDULE
 from ..states import HeadInput, cache_keyword, check_cache, check_model, next_position_ids, plain_head
@@ -224,48 +225,49 @@ def rollout(
         deployed = torch.rand(batch, generator=generator) < deployed_share
     deployed = deployed.to(device)
 
-    for position in range(max_new_tokens):
-        if per_row:
-            thresholds = episode_thresholds[position]
-        else:
-            thresholds = torch.rand((batch, top_k), generator=generator).to(device, non_blocking=True)
-        if deployed_share > 0:
-            thresholds = torch.where(deployed[:, None], deployed_threshold, thresholds)
-        step = evaluate_step(
-            model, actor, cache, logits, next_position_ids(None, mask, cache.get_seq_length(), batch, device), mask,
-            top_k=top_k, top_p=top_p, min_p=min_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
-            thresholds=thresholds, keep_states=True, defer_head=defer_head, active=unfinished,
-        )
-        decision = step.decision
-        next_logits = step.logits_parts[0][:, 0] if step.committed else step.commit(decision.index)
-        width = step.evaluated_width
-        is_event, actions, chooser, forced, penalty = step_events(
-            step.candidates.logprobs, step.accepted[:, :width], step.candidates.counts, decision.index,
-            decision.asked, fallback,
-        )
-        is_event &= unfinished[:, None]
-        states = step.states
-        finite &= ~(is_event & ~torch.isfinite(states).all(dim=-1)).any(dim=-1)
-        rows, candidates = is_event.nonzero(as_tuple=True)
-        events["states"].append(states[rows, candidates])
-        events["rows"].append(rows)
-        events["positions"].append(torch.full_like(rows, position))
-        events["candidates"].append(candidates)
-        events["actions"].append(actions[rows, candidates])
-        events["penalties"].append(torch.where(chooser[rows, candidates], penalty[rows], 0.0))
+    with hf.decode_context(model):  # as `generate` and `mara_generate` decode
+        for position in range(max_new_tokens):
+            if per_row:
+                thresholds = episode_thresholds[position]
+            else:
+                thresholds = torch.rand((batch, top_k), generator=generator).to(device, non_blocking=True)
+            if deployed_share > 0:
+                thresholds = torch.where(deployed[:, None], deployed_threshold, thresholds)
+            step = evaluate_step(
+                model, actor, cache, logits, next_position_ids(None, mask, cache.get_seq_length(), batch, device), mask,
+                top_k=top_k, top_p=top_p, min_p=min_p, fallback=fallback, schedule=schedule, lazy=True, for_commit=True,
+                thresholds=thresholds, keep_states=True, defer_head=defer_head, active=unfinished,
+            )
+            decision = step.decision
+            next_logits = step.logits_parts[0][:, 0] if step.committed else step.commit(decision.index)
+            width = step.evaluated_width
+            is_event, actions, chooser, forced, penalty = step_events(
+                step.candidates.logprobs, step.accepted[:, :width], step.candidates.counts, decision.index,
+                decision.asked, fallback,
+            )
+            is_event &= unfinished[:, None]
+            states = step.states
+            finite &= ~(is_event & ~torch.isfinite(states).all(dim=-1)).any(dim=-1)
+            rows, candidates = is_event.nonzero(as_tuple=True)
+            events["states"].append(states[rows, candidates])
+            events["rows"].append(rows)
+            events["positions"].append(torch.full_like(rows, position))
+            events["candidates"].append(candidates)
+            events["actions"].append(actions[rows, candidates])
+            events["penalties"].append(torch.where(chooser[rows, candidates], penalty[rows], 0.0))
 
-        tokens = torch.where(unfinished, decision.token, pad_token_id)
-        per_step["tokens"].append(tokens)
-        per_step["active"].append(unfinished)
-        per_step["kl"].append(torch.where(unfinished, penalty, 0.0))
-        per_step["taken_index"].append(decision.index)
-        per_step["asked"].append(decision.asked & unfinished)
-        per_step["forced"].append(forced & unfinished)
-        unfinished = unfinished & ~torch.isin(tokens, eos)
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-        if not unfinished.any():
-            break
-        logits = next_logits.float()
+            tokens = torch.where(unfinished, decision.token, pad_token_id)
+            per_step["tokens"].append(tokens)
+            per_step["active"].append(unfinished)
+            per_step["kl"].append(torch.where(unfinished, penalty, 0.0))
+            per_step["taken_index"].append(decision.index)
+            per_step["asked"].append(decision.asked & unfinished)
+            per_step["forced"].append(forced & unfinished)
+            unfinished = unfinished & ~torch.isin(tokens, eos)
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+            if not unfinished.any():
+                break
+            logits = next_logits.float()
 
     order = torch.sort(torch.cat(events["rows"]), stable=True).indices  # (row, position, candidate) order
     flat = {key: torch.cat(values)[order] for key, values in events.items()}
