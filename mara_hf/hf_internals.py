@@ -176,17 +176,27 @@ def heal_tokens_first(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     callable `custom_generate` keeps only the callable's own arguments; so `heal_tokens` refuses ("you must pass
     the model's tokenizer") although one was passed. The same `heal_tokens` on the prompt here is what `generate`
     would have run (`num_return_sequences` only copies the healed rows)."""
-    config = kwargs.get("generation_config") or model.generation_config
-    healing = kwargs.get("token_healing", getattr(config, "token_healing", False))
+    given = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)
+    healing = kwargs.get("token_healing", getattr(given or model.generation_config, "token_healing", False))
     tokenizer = kwargs.get("tokenizer")
     key = None if args else next((k for k in ("input_ids", "inputs") if kwargs.get(k) is not None), None)
     if not healing or tokenizer is None or (not args and key is None):
         return args, kwargs  # nothing to heal here (without prompt ids `generate` says what it says)
-    kwargs = dict(kwargs, token_healing=False)
+    args, kwargs = list(args), dict(kwargs)
+    if "token_healing" in kwargs or given is None:
+        kwargs["token_healing"] = False
+    else:  # a copy of the caller's config (a keyword beside it would make generate warn of a deprecated mix)
+        given = copy.deepcopy(given)
+        given.token_healing = False
+        if kwargs.get("generation_config") is not None:
+            kwargs["generation_config"] = given
+        else:
+            args[1] = given
     if args:
-        return (model.heal_tokens(args[0], tokenizer), *args[1:]), kwargs
-    kwargs[key] = model.heal_tokens(kwargs[key], tokenizer)
-    return args, kwargs
+        args[0] = model.heal_tokens(args[0], tokenizer)
+    else:
+        kwargs[key] = model.heal_tokens(kwargs[key], tokenizer)
+    return tuple(args), kwargs
 
 
 # ------------------------------------------------------------------------------------- generate's processor list

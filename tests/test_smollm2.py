@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from conftest import decisive_agent
 from mara_hf import MaraAgent, MaraLogitsProcessor, mara_generate
@@ -116,6 +117,11 @@ def test_token_healing_on_the_mixin_and_hub_paths(setup, tmp_path):
         add_mara_generation(model)
         assert torch.equal(model.generate(**common, mara_agent=everything), plain)
         assert torch.equal(model.generate(**common, mara_agent=agent), dropin)
+        # healing asked for by a generation config given positionally, which is left as it was
+        config = GenerationConfig(max_new_tokens=6, do_sample=False, token_healing=True,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        healed = model.generate(inputs["input_ids"], config, tokenizer=tokenizer, mara_agent=everything)
+        assert torch.equal(healed, plain) and config.token_healing
     finally:
         model.__class__ = original
     assert torch.equal(hub, dropin)
