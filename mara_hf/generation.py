@@ -321,7 +321,7 @@ class MaraGenerationMixin:
         if kwargs.get("custom_generate") is not None:
             raise ValueError("Pass either `mara_agent` or `custom_generate`, not both.")
         # What `generate` does with the tokenizer it would drop for a callable `custom_generate`:
-        args, kwargs = hf.heal_tokens_first(self, args, hf.stop_strings_as_criteria(kwargs))
+        args, kwargs = hf.tokenizer_settings_first(self, args, kwargs)
         return super().generate(*args, custom_generate=mara_generate, mara_agent=mara_agent, **kwargs)
 
 

@@ -152,13 +152,9 @@ def calling_generate_locals(model, names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def stop_strings_as_criteria(kwargs: dict) -> dict:
-    """`generate` keyword arguments in which `stop_strings` (with `tokenizer`) became a `StopStringCriteria` in
-    `stopping_criteria`, for a call that runs a callable `custom_generate`.
-
-    Mirrors `GenerationMixin.generate` of 5.x: `_extract_generation_mode_kwargs` pops `tokenizer` and, for a
-    callable `custom_generate`, keeps only the callable's own arguments, so `_get_stopping_criteria` finds no
-    tokenizer and refuses `stop_strings` ("could not locate a tokenizer") although one was passed. A
-    `StopStringCriteria` built here is what `_get_stopping_criteria` would have added."""
+    """`generate` keyword arguments in which the keyword `stop_strings` (with `tokenizer`) became a
+    `StopStringCriteria` in `stopping_criteria`. Kept for the `custom_generate/generate.py` files written by earlier
+    mara-hf releases; `tokenizer_settings_first` also reads generation configs and heals tokens."""
     if kwargs.get("stop_strings") is None or kwargs.get("tokenizer") is None:
         return kwargs
     kwargs = dict(kwargs)
@@ -167,35 +163,51 @@ def stop_strings_as_criteria(kwargs: dict) -> dict:
     return kwargs
 
 
-def heal_tokens_first(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """`generate` arguments `(args, kwargs)` whose prompt `model` already token-healed (`token_healing=False`), for a
-    call with `token_healing` and `tokenizer` that runs a callable `custom_generate`.
+def tokenizer_settings_first(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """`generate` arguments `(args, kwargs)` in which what needs `tokenizer` was done already, for a call of
+    `model.generate` that runs a callable `custom_generate`: `stop_strings` became a `StopStringCriteria` in
+    `stopping_criteria`, and with `token_healing` the prompt was healed. Each setting is read as `generate` reads it
+    (the keyword, else the generation config passed, by keyword or second positionally, else the model's) and then
+    switched off: by keyword where it was one or no config was passed, else in a copy of the caller's config
+    (a keyword beside a config makes `generate` warn of a deprecated mix; the caller's config is not changed).
 
-    Mirrors `GenerationMixin.generate` of 5.x: after preparing the inputs it heals the prompt's last token with
-    `heal_tokens(input_ids, tokenizer)`, taking the tokenizer from `_extract_generation_mode_kwargs`, which for a
-    callable `custom_generate` keeps only the callable's own arguments; so `heal_tokens` refuses ("you must pass
-    the model's tokenizer") although one was passed. The same `heal_tokens` on the prompt here is what `generate`
-    would have run (`num_return_sequences` only copies the healed rows)."""
-    given = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)
-    healing = kwargs.get("token_healing", getattr(given or model.generation_config, "token_healing", False))
+    Mirrors `GenerationMixin.generate` of 5.x: `_extract_generation_mode_kwargs` pops `tokenizer` and, for a
+    callable `custom_generate`, keeps only the callable's own arguments. So `_get_stopping_criteria` refuses
+    `stop_strings` ("could not locate a tokenizer") and `heal_tokens` refuses to heal ("you must pass the model's
+    tokenizer") although one was passed. What is done here is what they would have done: the criterion
+    `_get_stopping_criteria` adds, and `heal_tokens(input_ids, tokenizer)` on the prompt (`num_return_sequences`
+    only copies the healed rows)."""
     tokenizer = kwargs.get("tokenizer")
-    key = None if args else next((k for k in ("input_ids", "inputs") if kwargs.get(k) is not None), None)
-    if not healing or tokenizer is None or (not args and key is None):
-        return args, kwargs  # nothing to heal here (without prompt ids `generate` says what it says)
+    if tokenizer is None:
+        return args, kwargs
     args, kwargs = list(args), dict(kwargs)
-    if "token_healing" in kwargs or given is None:
-        kwargs["token_healing"] = False
-    else:  # a copy of the caller's config (a keyword beside it would make generate warn of a deprecated mix)
+    given = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)
+
+    def setting(name):
+        return kwargs[name] if name in kwargs else getattr(given or model.generation_config, name, None)
+
+    def switch_off(name, value):
+        nonlocal given
+        if name in kwargs or given is None:
+            kwargs[name] = value
+            return
         given = copy.deepcopy(given)
-        given.token_healing = False
+        setattr(given, name, value)
         if kwargs.get("generation_config") is not None:
             kwargs["generation_config"] = given
         else:
             args[1] = given
-    if args:
-        args[0] = model.heal_tokens(args[0], tokenizer)
-    else:
-        kwargs[key] = model.heal_tokens(kwargs[key], tokenizer)
+
+    stop_strings = setting("stop_strings")
+    if stop_strings is not None:
+        criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), criteria])
+        switch_off("stop_strings", None)
+    key = 0 if args else next((k for k in ("input_ids", "inputs") if kwargs.get(k) is not None), None)
+    if setting("token_healing") and key is not None:  # without prompt ids `generate` says what it says
+        prompt = args if key == 0 else kwargs
+        prompt[key] = model.heal_tokens(prompt[key], tokenizer)
+        switch_off("token_healing", False)
     return tuple(args), kwargs
 
 

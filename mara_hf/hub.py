@@ -25,14 +25,14 @@ _LOADED = {{}}
 
 def generate(model, *args, mara_agent=None, **kwargs):
     from mara_hf import MaraAgent, mara_generate
-    from mara_hf.hf_internals import heal_tokens_first, stop_strings_as_criteria
+    from mara_hf.hf_internals import tokenizer_settings_first
 
     if mara_agent is None:
         if AGENT_SOURCE not in _LOADED:
             _LOADED[AGENT_SOURCE] = MaraAgent.from_pretrained(AGENT_SOURCE)
         mara_agent = _LOADED[AGENT_SOURCE]
     # generate would drop the tokenizer that `stop_strings` and `token_healing` need
-    args, kwargs = heal_tokens_first(model, args, stop_strings_as_criteria(kwargs))
+    args, kwargs = tokenizer_settings_first(model, args, kwargs)
     return GenerationMixin.generate(model, *args, custom_generate=mara_generate, mara_agent=mara_agent, **kwargs)
 '''
 

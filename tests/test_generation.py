@@ -3,6 +3,7 @@
 import pytest
 import torch
 from transformers import (
+    GenerationConfig,
     StoppingCriteria,
     StoppingCriteriaList,
     SynthIDTextWatermarkingConfig,
@@ -499,3 +500,11 @@ def test_stop_strings_stop_the_mixin_and_hub_paths(tmp_path):
     assert hub[0, ids.shape[1]:].tolist() == expected
     add_mara_generation(model)
     assert model.generate(ids, **common, **stops, mara_agent=agent)[0, ids.shape[1]:].tolist() == expected
+    # stop strings of a generation config (passed by keyword or positionally; the caller's is left as it was)
+    config = GenerationConfig(**common, stop_strings=stops["stop_strings"])
+    for call in (lambda: model.generate(ids, generation_config=config, tokenizer=tokenizer, mara_agent=agent),
+                 lambda: model.generate(ids, config, tokenizer=tokenizer, mara_agent=agent),
+                 lambda: model.generate(ids, config, tokenizer=tokenizer, custom_generate=str(tmp_path / "agent"),
+                                        trust_remote_code=True)):
+        assert call()[0, ids.shape[1]:].tolist() == expected
+    assert config.stop_strings == stops["stop_strings"]
