@@ -144,7 +144,7 @@ def evaluate_step(
     static = static_length is not None
     lone = cands.counts == 1
     if active is not None and lazy:
-        lone = lone | (active == 0)  # finished rows: decided by the first chunk, on their top-1
+        lone = lone | (active.to(device) == 0)  # finished rows: decided by the first chunk, on their top-1
     decided = lone
     # The candidate a row takes when it rejects all: 0, or its last one; lone (or finished) rows take candidate 0.
     target = fallback_index(cands.counts, fallback)
