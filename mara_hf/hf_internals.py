@@ -117,7 +117,9 @@ def generate_locals(model, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]
 
     Mirrors the frame layout of `GenerationMixin.generate` -> `self._sample(...)` (or another decoding method),
     which keeps the KV cache, padding mask and position ids in its local `model_kwargs`, the unfinished rows in
-    `unfinished_sequences` and the settings in `generation_config`. A logits processor receives none of them."""
+    `unfinished_sequences` and the settings in `generation_config` (`_prepare_generation_config` copies it for each
+    call: the same object at every step of a call, another one in the next call). A logits processor receives none
+    of them."""
     frame = sys._getframe(1)
     while frame is not None:
         local = frame.f_locals

@@ -171,7 +171,7 @@ class MaraLogitsProcessor(LogitsProcessor):
         self._user_agent = agent
         self.agent = agent_on_device(agent, self.device)
         self.stats = MaraStats(self.top_k, device=self.device)
-        self._call = None  # (weak reference to the cache of the running generate call, its schedule)
+        self._call = None  # (weak reference to the running generate call's generation config, its schedule)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         state = _generation_state(self.model)
@@ -183,7 +183,8 @@ class MaraLogitsProcessor(LogitsProcessor):
                 f"MaraLogitsProcessor expected generate's cache to hold the {input_ids.shape[1]} tokens of "
                 f"`input_ids`, but it holds {past}."
             )
-        first_step = self._call is None or self._call[0]() is not cache
+        # A new generate call has a new generation config (also when it continues on the last call's cache).
+        first_step = self._call is None or self._call[0]() is not state["generation_config"]
         if first_step:  # a new generate call: check it once, start fresh statistics and schedule
             check_watermark(state["generation_config"], state["greedy"])
             if self._call is not None:
@@ -193,7 +194,7 @@ class MaraLogitsProcessor(LogitsProcessor):
             self.stats = MaraStats(self.top_k, device=self.device)
             schedule = make_schedule(self.schedule, device=self.device, batch_size=batch, width=self.top_k,
                                      first_for_all=False, agent=self._user_agent, model=self.model)
-            self._call = (weakref.ref(cache), schedule)
+            self._call = (weakref.ref(state["generation_config"]), schedule)
         schedule = self._call[1]
         context_mask = state["attention_mask"]
         position_ids = next_position_ids(state["position_ids"], context_mask, past, batch, input_ids.device)

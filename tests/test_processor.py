@@ -1,5 +1,7 @@
 """MaraLogitsProcessor inside plain `generate`: decisions equal the naive reference in every mode it supports."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LogitsProcessor
@@ -15,6 +17,7 @@ from conftest import (
     tiny_model,
 )
 from mara_hf import MaraAgent, MaraLogitsProcessor
+from mara_hf import hf_internals as hf
 from reference import naive_candidates, naive_mara_greedy, naive_next_logits, naive_states
 
 REJECTS_OFTEN = dict(reject_bias=9.0)  # accepts some candidates, rejects all of them at some steps
@@ -210,6 +213,27 @@ def test_one_instance_serves_many_calls_and_leaves_nothing_attached():
     assert {k: v for k, v in again.items() if "forwards" not in k} == {k: v for k, v in stats.items() if "forwards" not in k}
     assert_model_untouched(model)
 
+
+
+def test_a_call_that_continues_on_the_last_calls_cache_is_a_new_call():
+    """A second `generate` call on the cache the first returned (a chat's next turn) gets fresh statistics and its
+    own checks, as a fresh processor does; its tokens are the same either way."""
+    model = tiny_model("llama")
+    agent = decisive_agent(**REJECTS_OFTEN)
+    processor = MaraLogitsProcessor(agent, model)
+    ids = torch.tensor([random_prompts(1, seed=8)[0]])
+    common = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    first = model.generate(ids, **common, logits_processor=[processor])
+    turn = torch.cat([first.sequences, torch.tensor([[5, 6]])], dim=1)
+    cache = getattr(first, hf.OUTPUT_CACHE_FIELD)
+    snapshot = copy.deepcopy(cache)
+    second = model.generate(turn, **common, **{hf.cache_keyword(model): cache}, logits_processor=[processor])
+    fresh = MaraLogitsProcessor(agent, model)
+    alone = model.generate(turn, **common, **{hf.cache_keyword(model): snapshot}, logits_processor=[fresh])
+    assert torch.equal(second.sequences, alone.sequences)
+    assert processor.stats.tokens == 5
+    assert {k: v for k, v in processor.stats.to_dict().items() if "forwards" not in k} == \
+        {k: v for k, v in fresh.stats.to_dict().items() if "forwards" not in k}
 
 
 def test_the_callers_agent_keeps_its_training_flag():
