@@ -143,13 +143,12 @@ def evaluate_step(
         thresholds = thresholds.expand(batch, -1)
     static = static_length is not None
     lone = cands.counts == 1
-    if active is not None and lazy:
-        lone = lone | (active.to(device) == 0)  # finished rows: decided by the first chunk, on their top-1
+    target = fallback_index(cands.counts, fallback)  # taken where every candidate is rejected: 0, or the last
+    if active is not None and lazy:  # finished rows: decided by their first chunk, on their top-1, as lone ones
+        lone = lone | (active.to(device) == 0)
+        if fallback == "last":
+            target = target.masked_fill(lone, 0)
     decided = lone
-    # The candidate a row takes when it rejects all: 0, or its last one; lone (or finished) rows take candidate 0.
-    target = fallback_index(cands.counts, fallback)
-    if fallback == "last" and active is not None and lazy:
-        target = target.masked_fill(lone, 0)
     accepted = torch.zeros(batch, width, dtype=torch.bool, device=device)
     if static:
         siblings = StaticSiblings(model, cache, context_mask, static_length, compiled=compiled)

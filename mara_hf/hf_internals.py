@@ -137,6 +137,7 @@ def decode_context(model):
     optimize = getattr(model, "_optimize_model_for_decode", None)
     return optimize() if optimize is not None else contextlib.nullcontext()
 
+
 def calling_generate_locals(model, names: tuple[str, ...]) -> dict[str, Any]:
     """Arguments of the `GenerationMixin.generate` call that runs a callable `custom_generate` (empty when none).
 
@@ -160,9 +161,14 @@ def stop_strings_as_criteria(kwargs: dict) -> dict:
     if kwargs.get("stop_strings") is None or kwargs.get("tokenizer") is None:
         return kwargs
     kwargs = dict(kwargs)
-    criteria = StopStringCriteria(tokenizer=kwargs["tokenizer"], stop_strings=kwargs.pop("stop_strings"))
-    kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), criteria])
+    _add_stop_criterion(kwargs, kwargs["tokenizer"], kwargs.pop("stop_strings"))
     return kwargs
+
+
+def _add_stop_criterion(kwargs: dict, tokenizer, stop_strings) -> None:
+    """Append to `kwargs["stopping_criteria"]` the `StopStringCriteria` that `_get_stopping_criteria` adds."""
+    criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), criteria])
 
 
 def tokenizer_settings_first(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -202,8 +208,7 @@ def tokenizer_settings_first(model, args: tuple, kwargs: dict) -> tuple[tuple, d
 
     stop_strings = setting("stop_strings")
     if stop_strings is not None:
-        criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), criteria])
+        _add_stop_criterion(kwargs, tokenizer, stop_strings)
         switch_off("stop_strings", None)
     key = 0 if args else next((k for k in ("input_ids", "inputs") if kwargs.get(k) is not None), None)
     if setting("token_healing") and key is not None:  # without prompt ids `generate` says what it says

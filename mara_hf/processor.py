@@ -61,6 +61,7 @@ def check_watermark(generation_config, greedy: bool) -> None:
             "watermark then biases the choice among the accepted candidates) or drop `watermarking_config`."
         )
 
+
 _DEVICE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
