@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .models import add_agent_arguments, add_model_argument, agent_overrides
@@ -120,11 +121,14 @@ def cmd_generate(args) -> int:
 
 
 def _describe(agent) -> str:
+    """The agent in one terminal line: state size, base model and how it was trained, without the command quoted in
+    its training summary (its card and `config.json` keep that)."""
     parts = [f"state size {agent.state_dim}"]
     if agent.base_model:
         parts.append(f"trained for {agent.base_model}")
-    if agent.training_info:
-        parts.append(agent.training_info)
+    summary = re.sub(r"[;,]?\s*`[^`]*`", "", agent.training_info or "").strip()
+    if summary:
+        parts.append(summary)
     return "; ".join(parts)
 
 

@@ -29,6 +29,7 @@ def test_generate_default_runs_the_shipped_agent_on_smollm2(real_model, capsys):
     out, err = capsys.readouterr()
     assert real_model == ["smollm2"]
     assert "agent: smollm2-steady" in err and "discrete SAC, reward 10*vader+10*fluency" in err
+    assert "--learning-starts" not in err  # the training command stays in the card, out of the terminal line
     assert len(out.strip()) > 0 and "[12 tokens; agent asked on" in err
 
 
