@@ -251,3 +251,37 @@ def test_an_accept_all_fused_step_adds_no_op_per_layer(scripts):
                                                        mara_agent=constant_agent(accept=True), mara_schedule=(1, 40)))
         extra[layers] = fused - common.ops_per_step(generate)
     assert extra[2] == extra[6] > 0
+
+
+def test_serial_identity_reference_is_the_naive_walk_and_the_run_reports_each_method(smollm2, monkeypatch, tmp_path):
+    """`serial_identity.py`'s reference (a KV cache, one forward per candidate walked) decodes the tokens of the
+    tests' naive MARA (no cache, one full forward per candidate) with the shipped agent, and a small run compares
+    every method with it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    serial_identity = importlib.import_module("serial_identity")
+    from mara_hf.data import encode_chat_prompts, eos_token_ids
+    from mara_hf.models import load_agent
+    from reference import naive_mara_greedy
+
+    model, tokenizer = smollm2
+    agent = load_agent()
+    eos = eos_token_ids(model, tokenizer)
+    ids = encode_chat_prompts(tokenizer, ["How can I get back at a coworker who humiliated me?"], "cpu")
+    prompt = ids["input_ids"][0].tolist()
+    decoder = serial_identity.SerialMara(model, agent)
+    tokens, records = decoder.decode(prompt, 12, eos)
+    decoder.close()
+    expected, naive_records = naive_mara_greedy(model, agent, prompt, 12, eos_token_id=eos[0],
+                                                threshold=agent.accept_threshold)
+    assert tokens == expected and [r["index"] for r in records] == [r["index"] for r in naive_records]
+    assert any(r["index"] > 0 for r in records), "the agent must take a lower-ranked candidate on this prompt"
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+    serial_identity.main(["--count", "2", "--batch-size", "2", "--max-new-tokens", "6", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "serial_identity.json").read_text())
+    assert saved["command_line"].startswith("python benchmarks/serial_identity.py --count 2")
+    assert set(saved["summary"]) == {"fused vs serial", "processor vs serial", "fused-batch-1 vs serial",
+                                     "plain batch 2 vs plain batch 1"}
+    for comparison in saved["summary"].values():
+        assert comparison["of"] == 2 and comparison["identical"] + len(comparison["differences"]) == 2
+    assert (tmp_path / "serial_identity.log").read_text().count("answers identical") == 4
