@@ -7,9 +7,10 @@ one forward per candidate: feed the candidate, read its state (what `lm_head` re
 accept keep that forward's cache and logits as the next step's; on reject take the candidate back out of the cache.
 Candidates are built here with an explicit sort and cumulative sum (log-softmax, top-k, top-p, min-p). The methods
 compared with it run through `generate` on left-padded batches: the fused loop (`custom_generate=mara_generate`)
-and the drop-in processor, plus the fused loop one prompt at a time. Plain greedy `generate()` at batch 1 against
-the same batch size as the others measures how often batching alone changes greedy tokens (different matrix shapes
-round differently), the floor any batched method shares.
+on a dynamic and on a static cache (`cache_implementation="static"`) and the drop-in processor, plus the fused
+loop one prompt at a time. Plain greedy `generate()` at batch 1 against the same batch size as the others
+measures how often batching alone changes greedy tokens (different matrix shapes round differently), the floor
+any batched method shares.
 
 For each answer that differs from the serial one, the first differing token is described from the serial walk at
 that step: the agent's p(accept) of the candidates it asked and its threshold, and the gap between the two most
@@ -36,7 +37,7 @@ from mara_hf.hf_internals import cache_keyword
 from mara_hf.data import encode_chat_prompts, eos_token_ids
 from mara_hf.models import DEFAULT_AGENT, load_agent, load_base_model
 
-METHODS = ("fused", "processor", "fused-batch-1", "plain")
+METHODS = ("fused", "fused-static", "processor", "fused-batch-1", "plain")
 
 
 def serial_candidates(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> list[int]:
@@ -121,8 +122,10 @@ def run_method(method: str, model, agent, tokenizer, prompts: list[str], batch_s
         inputs = encode_chat_prompts(tokenizer, prompts[start:start + size], "cpu")
         kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                       pad_token_id=tokenizer.pad_token_id)
-        if method in ("fused", "fused-batch-1"):
+        if method in ("fused", "fused-static", "fused-batch-1"):
             kwargs.update(custom_generate=mara_generate, mara_agent=agent)
+        if method == "fused-static":
+            kwargs["cache_implementation"] = "static"
         elif method == "processor":
             kwargs["logits_processor"] = [MaraLogitsProcessor(agent, model)]
         with torch.no_grad():

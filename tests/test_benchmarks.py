@@ -280,8 +280,8 @@ def test_serial_identity_reference_is_the_naive_walk_and_the_run_reports_each_me
     serial_identity.main(["--count", "2", "--batch-size", "2", "--max-new-tokens", "6", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "serial_identity.json").read_text())
     assert saved["command_line"].startswith("python benchmarks/serial_identity.py --count 2")
-    assert set(saved["summary"]) == {"fused vs serial", "processor vs serial", "fused-batch-1 vs serial",
-                                     "plain batch 2 vs plain batch 1"}
+    assert set(saved["summary"]) == {"fused vs serial", "fused-static vs serial", "processor vs serial",
+                                     "fused-batch-1 vs serial", "plain batch 2 vs plain batch 1"}
     for comparison in saved["summary"].values():
         assert comparison["of"] == 2 and comparison["identical"] + len(comparison["differences"]) == 2
-    assert (tmp_path / "serial_identity.log").read_text().count("answers identical") == 4
+    assert (tmp_path / "serial_identity.log").read_text().count("answers identical") == 5
