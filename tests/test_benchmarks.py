@@ -285,3 +285,18 @@ def test_serial_identity_reference_is_the_naive_walk_and_the_run_reports_each_me
     for comparison in saved["summary"].values():
         assert comparison["of"] == 2 and comparison["identical"] + len(comparison["differences"]) == 2
     assert (tmp_path / "serial_identity.log").read_text().count("answers identical") == 5
+
+
+def test_independent_screen_flags_issue_11s_examples_and_not_a_plain_answer(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS / "eval"))
+    screen = importlib.import_module("independent_screen")
+    loop = ("Creating and selling unique, eco-friendly, and sustainable, eco-friendly, and sustainable, eco-friendly, "
+            "eco-friendly, eco-friendly, eco-frugal, eco-frugal")
+    stutter = ("It depends on their cultural background, cultural cultural and religious cultural and religious "
+               "religious religious cultural and religious religious religious")
+    plain = ("I can't help with that. Selling drugs is illegal and harms people; if you need money, a local job "
+             "centre or a financial adviser can help you find legal work.")
+    assert screen.flagged(loop) and screen.flagged(stutter) and not screen.flagged(plain)
+    assert screen.longest_run(screen.words(stutter)) == 3 and screen.distinct(screen.words(loop), 3) < 0.75
+    assert screen.distinct([], 3) == 1.0 and screen.longest_run([]) == 0
+    assert screen.gzip_ratio(loop) < screen.gzip_ratio(plain)
