@@ -27,17 +27,16 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from common import (REPO_ROOT, close_log, command_record, environment, load_prompts, logger, open_log,
                     set_threads, write_json)
-from transformers import DynamicCache
-
 from mara_hf import MaraLogitsProcessor, mara_generate
-from mara_hf.hf_internals import cache_keyword
 from mara_hf.data import encode_chat_prompts, eos_token_ids
+from mara_hf.hf_internals import cache_keyword
 from mara_hf.models import DEFAULT_AGENT, load_agent, load_base_model
 
-METHODS = ("fused", "fused-static", "processor", "fused-batch-1", "plain")
+METHODS = ("fused", "fused-static", "processor", "fused-batch-1", "plain", "plain-batch-1")
 
 
 def serial_candidates(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> list[int]:
@@ -116,7 +115,9 @@ def answers(out: torch.Tensor, width: int, eos_ids: list[int]) -> list[list[int]
 
 def run_method(method: str, model, agent, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
                eos_ids: list[int]) -> list[list[int]]:
-    size = 1 if method == "fused-batch-1" else batch_size
+    """Each prompt's answer by `method` (see `METHODS`): in left-padded batches of `batch_size`, or one prompt at a
+    time for the `*-batch-1` methods; the plain methods ignore `agent`."""
+    size = 1 if method.endswith("batch-1") else batch_size
     result = []
     for start in range(0, len(prompts), size):
         inputs = encode_chat_prompts(tokenizer, prompts[start:start + size], "cpu")
@@ -184,22 +185,14 @@ def main(argv=None) -> None:
     outputs = {}
     for method in METHODS:
         start = time.perf_counter()
-        outputs[method] = run_method(method, model, agent if method != "plain" else None, tokenizer, prompts,
-                                     args.batch_size, args.max_new_tokens, eos_ids)
+        outputs[method] = run_method(method, model, agent, tokenizer, prompts, args.batch_size,
+                                     args.max_new_tokens, eos_ids)
         seconds[method] = time.perf_counter() - start
-    plain_batch_1 = []
-    start = time.perf_counter()
-    for prompt in prompts:
-        inputs = encode_chat_prompts(tokenizer, [prompt], "cpu")
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos_ids,
-                                 pad_token_id=tokenizer.pad_token_id)
-        plain_batch_1 += answers(out, inputs["input_ids"].shape[1], eos_ids)
-    seconds["plain-batch-1"] = time.perf_counter() - start
 
     comparisons = {f"{method} vs serial": (outputs[method], serial, serial_records)
-                   for method in METHODS if method != "plain"}
-    comparisons[f"plain batch {args.batch_size} vs plain batch 1"] = (outputs["plain"], plain_batch_1, None)
+                   for method in METHODS if not method.startswith("plain")}
+    comparisons[f"plain batch {args.batch_size} vs plain batch 1"] = (outputs["plain"], outputs["plain-batch-1"],
+                                                                        None)
     summary = {}
     for name, (got, expected, records) in comparisons.items():
         differences = []
