@@ -53,16 +53,20 @@ def serial_candidates(logits: torch.Tensor, top_k: int, top_p: float, min_p: flo
 
 
 class SerialMara:
-    """The serial reference: one prompt, a KV cache, one forward per candidate walked (see the module docstring)."""
+    """The serial reference: one prompt, a KV cache, one forward per candidate walked (see the module docstring).
+    A context manager: inside it a hook on `lm_head` reads each forward's state; leaving removes it, also on error."""
 
     def __init__(self, model, agent):
         self.model, self.agent = model, agent
         self.keyword = cache_keyword(model)  # `cache=` since transformers 5.2x, `past_key_values=` before
         self.captured = {}
-        self.hook = model.get_output_embeddings().register_forward_pre_hook(
-            lambda module, args: self.captured.update(x=args[0]))
 
-    def close(self) -> None:
+    def __enter__(self) -> "SerialMara":
+        self.hook = self.model.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: self.captured.update(x=args[0]))
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.hook.remove()
 
     def _feed(self, ids: list[int], cache):
@@ -78,7 +82,7 @@ class SerialMara:
         for _ in range(max_new_tokens):
             candidates = serial_candidates(logits, agent.top_k, agent.top_p, agent.min_p)
             top2 = torch.topk(torch.log_softmax(logits, -1), 2).values
-            record = {"candidates": len(candidates), "p_accept": [], "top2_gap": float(top2[0] - top2[1])}
+            record = {"p_accept": [], "top2_gap": float(top2[0] - top2[1])}
             length = cache.get_seq_length()
             choice = None
             if len(candidates) == 1:
@@ -169,13 +173,12 @@ def main(argv=None) -> None:
 
     serial, serial_records, seconds = [], [], {}
     start = time.perf_counter()
-    decoder = SerialMara(model, agent)
-    for prompt in prompts:
-        ids = encode_chat_prompts(tokenizer, [prompt], "cpu")["input_ids"][0].tolist()
-        tokens, records = decoder.decode(ids, args.max_new_tokens, eos_ids)
-        serial.append(tokens)
-        serial_records.append(records)
-    decoder.close()
+    with SerialMara(model, agent) as decoder:
+        for prompt in prompts:
+            ids = encode_chat_prompts(tokenizer, [prompt], "cpu")["input_ids"][0].tolist()
+            tokens, records = decoder.decode(ids, args.max_new_tokens, eos_ids)
+            serial.append(tokens)
+            serial_records.append(records)
     seconds["serial"] = time.perf_counter() - start
     asked = sum(len(r["p_accept"]) > 0 for records in serial_records for r in records)
     taken_lower = sum(r["index"] > 0 for records in serial_records for r in records)

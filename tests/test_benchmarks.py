@@ -268,9 +268,8 @@ def test_serial_identity_reference_is_the_naive_walk_and_the_run_reports_each_me
     eos = eos_token_ids(model, tokenizer)
     ids = encode_chat_prompts(tokenizer, ["How can I get back at a coworker who humiliated me?"], "cpu")
     prompt = ids["input_ids"][0].tolist()
-    decoder = serial_identity.SerialMara(model, agent)
-    tokens, records = decoder.decode(prompt, 12, eos)
-    decoder.close()
+    with serial_identity.SerialMara(model, agent) as decoder:
+        tokens, records = decoder.decode(prompt, 12, eos)
     expected, naive_records = naive_mara_greedy(model, agent, prompt, 12, eos_token_id=eos[0],
                                                 threshold=agent.accept_threshold)
     assert tokens == expected and [r["index"] for r in records] == [r["index"] for r in naive_records]
