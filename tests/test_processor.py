@@ -236,6 +236,59 @@ def test_a_call_that_continues_on_the_last_calls_cache_is_a_new_call():
         {k: v for k, v in fresh.stats.to_dict().items() if "forwards" not in k}
 
 
+@pytest.mark.parametrize("return_cache", [False, True])
+def test_a_deferred_stop_check_changes_nothing(monkeypatch, return_cache):
+    """transformers (5.17+) may check for the end of generation one step late, so the host never waits on the
+    device (`DeferredStopCheck`, on "mps" only for now): when every row has finished, `generate` runs one more
+    step, processor included, and undoes it. That step must leave no trace: the same tokens, statistics and
+    returned cache as the usual check. Forced here on the CPU, with an event stand-in (the CPU has no events)."""
+    utils = pytest.importorskip("transformers.generation.utils")
+    if not hasattr(utils, "DeferredStopCheck"):
+        pytest.skip("this transformers has no deferred stop check")
+    model = tiny_model("llama")
+    agent = decisive_agent(**REJECTS_OFTEN)
+    ids, mask = left_padded(random_prompts(3, seed=4))
+    common = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=return_cache)
+    # Each row's 3rd token (a first run without EOS) as an EOS: every row ends before max_new_tokens.
+    probe = mara_greedy(model, agent, ids, mask, n=3)[0]
+    common["eos_token_id"] = probe[:, 2].unique().tolist()
+
+    def run():
+        processor = MaraLogitsProcessor(agent, model, schedule=(1, 8))
+        out = model.generate(ids, **common, logits_processor=[processor])
+        return out, processor.stats.to_dict()
+
+    usual, usual_stats = run()
+
+    class Event:  # what DeferredStopCheck asks of a device event; CPU work is done when it is queued
+        def __init__(self, *args, **kwargs): pass
+        def record(self): pass
+        def synchronize(self): pass
+
+    deferred = []
+    monkeypatch.setattr(torch, "Event", Event)
+    monkeypatch.setattr(utils.DeferredStopCheck, "is_supported", staticmethod(lambda *a, **k: True))
+    finish = utils.DeferredStopCheck.finish
+
+    def counted_finish(self):
+        deferred.append(finish(self))
+        return deferred[-1]
+
+    monkeypatch.setattr(utils.DeferredStopCheck, "finish", counted_finish)
+    late, late_stats = run()
+    assert deferred == [1]  # the deferred check ran, and one step was undone
+    if return_cache:
+        assert torch.equal(late.sequences, usual.sequences)
+        cache, usual_cache = getattr(late, hf.OUTPUT_CACHE_FIELD), getattr(usual, hf.OUTPUT_CACHE_FIELD)
+        assert cache.get_seq_length() == usual_cache.get_seq_length()
+        assert all(torch.equal(a.keys, b.keys) for a, b in zip(cache.layers, usual_cache.layers))
+    else:
+        assert torch.equal(late, usual)
+    assert late_stats == usual_stats
+    assert_model_untouched(model)
+
+
 def test_the_callers_agent_keeps_its_training_flag():
     # The agent's layers behave alike in train and eval mode, so neither path switches the caller's module (a
     # training loop that rolls out with its actor would otherwise find it in eval mode).
