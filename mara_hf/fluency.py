@@ -38,6 +38,7 @@ True
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -234,4 +235,4 @@ def degenerate_summary(prompts: list[str], responses: list[str]) -> dict:
     scores = [fluency(p, r) for p, r in zip(prompts, responses, strict=True)]
     count = sum(score <= DEGENERATE_THRESHOLD for score in scores)
     return {"count": count, "rate": count / len(scores) if scores else None,
-            "mean_fluency": sum(scores) / len(scores) if scores else None}
+            "mean_fluency": math.fsum(scores) / len(scores) if scores else None}  # the same on every Python

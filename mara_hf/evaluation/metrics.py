@@ -26,15 +26,19 @@ COST_DEFINITION = (
 )
 
 
+# Sums of floats use `math.fsum` (correctly rounded): the built-in `sum` adds floats with compensation since Python
+# 3.12, so its last bits, and a summary's, would depend on the Python version.
+
+
 def mean(values) -> float | None:
-    return sum(values) / len(values) if values else None
+    return math.fsum(values) / len(values) if values else None
 
 
 def _std(values) -> float | None:
     if len(values) < 2:
         return 0.0 if values else None
-    average = sum(values) / len(values)
-    return math.sqrt(sum((v - average) ** 2 for v in values) / (len(values) - 1))
+    average = mean(values)
+    return math.sqrt(math.fsum((v - average) ** 2 for v in values) / (len(values) - 1))
 
 
 def _ratio(numerator, denominator) -> float | None:
@@ -66,8 +70,8 @@ def summarize(records: list[dict], reward_names: list[str], *, top_k: int = 40, 
 
     tokens_base = sum(r["tokens"]["base"] for r in records)
     tokens_mara = sum(r["tokens"]["mara"] for r in records)
-    seconds_base = sum(r["seconds"]["base"] for r in records)
-    seconds_mara = sum(r["seconds"]["mara"] for r in records)
+    seconds_base = math.fsum(r["seconds"]["base"] for r in records)
+    seconds_mara = math.fsum(r["seconds"]["mara"] for r in records)
 
     histogram = [0] * top_k
     for record in records:
@@ -80,8 +84,8 @@ def summarize(records: list[dict], reward_names: list[str], *, top_k: int = 40, 
     agent_tokens = sum(r["agent"]["tokens"] for r in records)
     changed = sum(len(r["changed"]) for r in records)
     costed = [r for r in records if "batch" in r]  # files written before the cost was recorded lack it
-    forwards = sum(r["batch"]["forwards"] / r["batch"]["rows"] for r in costed) if costed else None
-    steps = sum(r["batch"]["steps"] / r["batch"]["rows"] for r in costed) if costed else None
+    forwards = math.fsum(r["batch"]["forwards"] / r["batch"]["rows"] for r in costed) if costed else None
+    steps = math.fsum(r["batch"]["steps"] / r["batch"]["rows"] for r in costed) if costed else None
     costed_tokens = sum(r["agent"]["tokens"] for r in costed)
     screened = {side: degenerate_summary([r["prompt"] for r in records], [r[side] for r in records])
                 for side in ("base", "mara")}
@@ -89,8 +93,8 @@ def summarize(records: list[dict], reward_names: list[str], *, top_k: int = 40, 
         "n_prompts": n,
         "rewards": rewards,
         "kl_per_token": {
-            "mara": _ratio(sum(r["nll_sum"]["mara"] for r in records), tokens_mara),
-            "base_reference": _ratio(sum(r["nll_sum"]["base"] for r in records), tokens_base),
+            "mara": _ratio(math.fsum(r["nll_sum"]["mara"] for r in records), tokens_mara),
+            "base_reference": _ratio(math.fsum(r["nll_sum"]["base"] for r in records), tokens_base),
             "definition": KL_DEFINITION,
         },
         "agent": {
