@@ -299,3 +299,31 @@ def test_independent_screen_flags_issue_11s_examples_and_not_a_plain_answer(monk
     assert screen.longest_run(screen.words(stutter)) == 3 and screen.distinct(screen.words(loop), 3) < 0.75
     assert screen.distinct([], 3) == 1.0 and screen.longest_run([]) == 0
     assert screen.gzip_ratio(loop) < screen.gzip_ratio(plain)
+
+
+def test_the_device_check_script_runs_every_part_on_the_cpu(tmp_path):
+    """`benchmarks/gpu_check.sh` is what a session runs in its one device call: its smoke mode runs every part, as
+    written, on a tiny model on the CPU (static methods compiled by inductor), so a broken part shows here first."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    out = tmp_path / "check"
+    env = dict(os.environ, MODEL="tiny-random", SMOKE="1", PARTS="static identity speed profile", STATIC_BATCHES="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # this venv's python
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    environment = (out / "environment.txt").read_text()
+    assert "exit" not in environment, environment  # no part failed or ran out of time
+    for part in ("static", "identity", "speed", "profile"):
+        assert f"\n{part}: " in environment
+    static = json.loads((out / "static" / "speed.json").read_text())
+    assert static["complete"] and {"plain-static", "fused-static/accept-all/auto"} <= set(static["methods"])
+    identity = json.loads((out / "identity" / "identity.json").read_text())
+    assert identity["identity"] and all(pair["identical"] for pair in identity["identity"])
+    assert any("static" in pair["b"] for pair in identity["identity"])
+    assert json.loads((out / "speed" / "speed.json").read_text())["complete"]
+    with tarfile.open(out / "profile.tar.gz") as packed:
+        assert "profile/profile.json" in packed.getnames()
