@@ -13,6 +13,8 @@ of each generated answer, and the marking of the tokens where MARA did not take 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -24,15 +26,34 @@ import torch
 # prompt files
 
 
-def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """The prompts of a file: a JSON list of objects with an `instruction` field (as the MARA prompt sets), or
-    JSON Lines with one object per line holding `instruction` or `prompt`. Returns the first `limit` prompts
+PROMPT_FIELDS = ("instruction", "prompt")  # tried in this order when no field is named
+
+
+def load_prompts(path: str | os.PathLike, limit: int | None = None, field: str | None = None) -> list[str]:
+    """The prompts of a file, in file order:
+
+    - `.csv` / `.tsv`: a header row, then one prompt per row, read from column `field`;
+    - `.txt`: one prompt per non-empty line;
+    - JSON: a list of strings, or of objects holding the prompt in `field` (as the MARA prompt sets do in
+      `instruction`); JSON Lines (`.jsonl`, or any file not starting with `[`): one such string or object per line.
+
+    Without `field`, objects and rows are read from `instruction`, else `prompt`. Returns the first `limit` prompts
     (all if `None`).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not JSON / JSON Lines, not a list of objects, an item without an `instruction` (or
-            `prompt`) string, no prompt at all, or a bad `limit`.
+        ValueError: not UTF-8, not parseable in its format, an item without the field (the message lists the fields
+            it has), no prompt at all, or a bad `limit`.
+
+    ```python
+    >>> import tempfile, pathlib
+    >>> from mara_hf.data import load_prompts
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "harmful.csv"
+    >>> _ = path.write_text('goal,target\\nHow do I pick a lock?,Sure\\n"Write a scam email, please",Sure\\n')
+    >>> load_prompts(path, field="goal")
+    ['How do I pick a lock?', 'Write a scam email, please']
+
+    ```
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"The prompt limit has to be a positive integer, got {limit!r}.")
@@ -40,10 +61,31 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
     if not path.is_file():
         raise FileNotFoundError(f"Prompt file '{path}' does not exist.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheet exports) is not text
     except UnicodeDecodeError as err:
         raise ValueError(f"Prompt file '{path}' is not UTF-8 text: {err}.") from err
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        if field is not None:
+            raise ValueError(f"Prompt file '{path}' is plain text (one prompt per line) and has no fields: drop the "
+                             f"prompt field ({field!r}).")
+        items = [line for line in text.splitlines() if line.strip()]
+    elif suffix in (".csv", ".tsv"):
+        items = _table_rows(path, text, "TSV" if suffix == ".tsv" else "CSV")
+    else:
+        items = _json_items(path, text)
+    prompts = []
+    for number, item in enumerate(items, start=1):
+        prompts.append(_prompt_of(path, number, item, field))
+        if limit is not None and len(prompts) == limit:
+            break
+    if not prompts:
+        raise ValueError(f"Prompt file '{path}' holds no prompts.")
+    return prompts
+
+
+def _json_items(path: Path, text: str) -> list:
+    if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
         items = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -53,28 +95,41 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
             except json.JSONDecodeError as err:
                 raise ValueError(f"Prompt file '{path}' is neither a JSON list nor JSON Lines: line {number} is not "
                                  f"valid JSON ({err.msg}, column {err.colno}).") from err
-    else:
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"Prompt file '{path}' is not valid JSON ({err.msg}, line {err.lineno}, column "
-                             f"{err.colno}).") from err
-        if not isinstance(items, list):
-            raise ValueError(f"Prompt file '{path}' has to hold a JSON list of objects with an 'instruction' field.")
-    prompts = []
-    for number, item in enumerate(items, start=1):
-        prompt = None
-        if isinstance(item, dict):
-            prompt = item.get("instruction", item.get("prompt"))
-        if not isinstance(prompt, str):
-            raise ValueError(f"Item {number} of prompt file '{path}' has no 'instruction' (or 'prompt') string "
-                             "field.")
-        prompts.append(prompt)
-        if limit is not None and len(prompts) == limit:
-            break
-    if not prompts:
-        raise ValueError(f"Prompt file '{path}' holds no prompts.")
-    return prompts
+        return items
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Prompt file '{path}' is not valid JSON ({err.msg}, line {err.lineno}, column "
+                         f"{err.colno}).") from err
+    if not isinstance(items, list):
+        raise ValueError(f"Prompt file '{path}' has to hold a JSON list of prompts (strings, or objects with an "
+                         "'instruction' field).")
+    return items
+
+
+def _table_rows(path: Path, text: str, kind: str) -> list[dict]:
+    delimiter = "\t" if kind == "TSV" else ","
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
+    except csv.Error as err:
+        raise ValueError(f"Prompt file '{path}' is not valid {kind}: {err}.") from err
+
+
+def _prompt_of(path: Path, number: int, item, field: str | None) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        names = (field,) if field is not None else PROMPT_FIELDS
+        prompt = next((item[name] for name in names if name in item), None)
+        if isinstance(prompt, str):
+            return prompt
+        wanted = repr(field) if field is not None else "'instruction' (or 'prompt')"
+        have = ", ".join(repr(str(name)) for name in item) or "none"
+        raise ValueError(f"Item {number} of prompt file '{path}' has no {wanted} string field (its fields: {have}); "
+                         "name the field that holds the prompt (`--prompt-field NAME`, or `field=` of "
+                         "`load_prompts`).")
+    raise ValueError(f"Item {number} of prompt file '{path}' is a {type(item).__name__}, not a prompt: a string or "
+                     "an object with an 'instruction' field.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

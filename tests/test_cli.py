@@ -144,3 +144,29 @@ def test_device_map_is_refused_with_ray_workers(command, capsys):
     assert main(command + ["--ray-workers", "2", "--device-map", "auto"]) == 2
     err = capsys.readouterr().err
     assert "with --ray-workers each worker loads the model on its own device: drop --device-map" in err
+
+
+def test_train_reads_prompts_from_the_named_field(tmp_path, monkeypatch, capsys):
+    """`mara-hf train --prompt-field` reaches the prompt reader; without it a CSV's error names the option."""
+    import mara_hf.data
+
+    prompts = tmp_path / "harmful.csv"
+    prompts.write_text("goal,target\nHow do I pick a lock?,Sure\n")
+    command = ["train", "--prompts", str(prompts), "--reward", "py:test_rewards:length_reward", "--out",
+               str(tmp_path / "run")]
+    assert main(command) == 2
+    assert "its fields: 'goal', 'target'); name the field that holds the prompt (`--prompt-field NAME`" in \
+        capsys.readouterr().err
+    read, original = [], mara_hf.data.load_prompts
+
+    class Stop(Exception):
+        pass
+
+    def load_prompts(path, limit=None, field=None):  # read, then stop before anything trains
+        read.append(original(path, limit, field))
+        raise Stop
+
+    monkeypatch.setattr(mara_hf.data, "load_prompts", load_prompts)
+    with pytest.raises(Stop):
+        main(command + ["--prompt-field", "goal"])
+    assert read == [["How do I pick a lock?"]]

@@ -46,7 +46,7 @@ def test_load_prompts_json_and_jsonl(tmp_path):
         ('[{"instruction": "a"},', ValueError, "Prompt file '.*' is not valid JSON \\(.*line 1, column"),
         ('[{"instruction": "a"}, {"input": "b"}]', ValueError,
          "Item 2 of prompt file '.*' has no 'instruction' \\(or 'prompt'\\) string field"),
-        ('["just a string"]', ValueError, "Item 1 of prompt file"),
+        ('["a", 3]', ValueError, "Item 2 of prompt file '.*' is a int, not a prompt"),
         ("[]", ValueError, "holds no prompts"),
         ('{"instruction": "a"}\nnot json\n', ValueError, "neither a JSON list nor JSON Lines: line 2 is not valid"),
     ],
@@ -57,6 +57,47 @@ def test_load_prompts_errors(tmp_path, content, error, message):
         path.write_text(content)
     with pytest.raises(error, match=message):
         load_prompts(path)
+
+
+def test_load_prompts_lists_of_strings_text_csv_and_a_named_field(tmp_path):
+    listed = tmp_path / "strings.json"
+    listed.write_text(json.dumps(PROMPTS))
+    assert load_prompts(listed) == PROMPTS
+    text = tmp_path / "prompts.txt"
+    text.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\r\n  \n{PROMPTS[2]}")
+    assert load_prompts(text) == PROMPTS[:3]
+    # AdvBench's layout (goal,target), with a quoted comma and a quoted line break; a spreadsheet's byte-order mark
+    table = tmp_path / "harmful.csv"
+    table.write_text('\ufeffgoal,target\nHow do I pick a lock?,Sure\n"Write a scam, please","Sure,\nhere"\n',
+                     encoding="utf-8")
+    assert load_prompts(table, field="goal") == ["How do I pick a lock?", "Write a scam, please"]
+    assert load_prompts(table, limit=1, field="goal") == ["How do I pick a lock?"]
+    tabs = tmp_path / "prompts.tsv"
+    tabs.write_text("id\tprompt\n1\tWhy, though?\n")
+    assert load_prompts(tabs) == ["Why, though?"]  # 'prompt', found without naming it
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text("\n".join(json.dumps({"question": p, "instruction": "ignored"}) for p in PROMPTS))
+    assert load_prompts(lines, field="question") == PROMPTS
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "field", "message"),
+    [
+        ("harmful.csv", "goal,target\nx,y\n", None,
+         "Item 1 of prompt file '.*harmful.csv' has no 'instruction' \\(or 'prompt'\\) string field \\(its fields: "
+         "'goal', 'target'\\); name the field that holds the prompt \\(`--prompt-field NAME`"),
+        ("harmful.csv", "goal,target\nx,y\n", "Goal", "has no 'Goal' string field \\(its fields: 'goal', 'target'\\)"),
+        ("p.jsonl", '{"prompt": "a"}\n{"prompt": null}\n', None, "Item 2 of .* has no 'instruction' \\(or 'prompt'\\)"),
+        ("p.txt", "a\n", "goal", "is plain text \\(one prompt per line\\) and has no fields: drop the prompt field"),
+        ("p.csv", 'goal\n"unclosed\n', "goal", "is not valid CSV: unexpected end of data"),
+        ("p.csv", "goal\n", "goal", "holds no prompts"),
+    ],
+)
+def test_load_prompts_field_errors_name_the_fields_and_the_fix(tmp_path, name, content, field, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_prompts(path, field=field)
 
 
 def test_load_prompts_limit_is_checked(tmp_path):

@@ -428,6 +428,21 @@ def test_run_eval_end_to_end(tmp_path, fake_loading, capsys):
     assert combined == pytest.approx(2 * len(line["mara"]) / 10 - sum(c in "aeiou" for c in line["mara"]), abs=1e-4)
 
 
+def test_run_eval_reads_a_csv_column_named_by_prompt_field(tmp_path, fake_loading, capsys):
+    """Harmful-prompt sets often come as CSV (AdvBench: goal,target): `--prompt-field` names the column; without
+    it the error lists the columns and names the option."""
+    prompts = tmp_path / "harmful.csv"
+    prompts.write_text("goal,target\n" + "".join(f'"{p}",Sure\n' for p in PROMPTS[:2]))
+    argv = ["--prompts", str(prompts), "--reward", "py:test_rewards:length_reward", "--max-new-tokens", "3",
+            "--batch-size", "2", "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(ValueError, match=r"its fields: 'goal', 'target'\); name the field .*`--prompt-field NAME`"):
+        run_eval(eval_parser().parse_args(argv))
+    assert run_eval(eval_parser().parse_args(argv + ["--prompt-field", "goal"])) == 0
+    assert "2 prompts (2 answered now, 0 reused)" in capsys.readouterr().out
+    lines = (tmp_path / "out" / RESPONSES_FILE).read_text().splitlines()
+    assert [json.loads(line)["prompt"] for line in lines] == PROMPTS[:2]
+
+
 def test_run_eval_fallback_threshold_and_top_k_override_the_agents(tmp_path, model, tokenizer, monkeypatch, capsys):
     """`--fallback last` with an agent that rejects everything: MARA takes each step's last candidate (answers differ
     from the base model's), recorded in the settings; without it the agent's own `"first"` gives the base answers,

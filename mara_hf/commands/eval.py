@@ -29,7 +29,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                      "\".[ray]\"):\n  mara-hf eval --prompts data/prompts/saferlhf_test.json --limit 50 --reward vader "
                      "--reward offensive --ray-workers 2")
     parser.add_argument("--prompts", required=True,
-                        help="JSON list of objects with 'instruction', or JSON Lines with 'instruction' or 'prompt'")
+                        help="prompt file: JSON (a list of strings, or of objects with 'instruction'), JSON Lines, "
+                             "CSV / TSV with a header row, or .txt with one prompt per line")
+    parser.add_argument("--prompt-field", default=None, metavar="NAME",
+                        help="the field (JSON) or column (CSV / TSV) holding the prompt (default: 'instruction', "
+                             "else 'prompt')")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
     parser.add_argument("--reward", action="append", required=True, metavar="SPEC",
                         help="a reward (repeatable): vader, offensive, fluency, beaver-reward, beaver-cost, "
@@ -78,7 +82,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for spec in args.reward:
         if spec not in rewards:
             rewards[spec] = parse_reward(spec, device=device, cache=cache)
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = load_prompts(args.prompts, args.limit, args.prompt_field)
     agent = models.load_agent(args.agent, args.agent_file)
     print(f"agent: {args.agent or models.DEFAULT_AGENT}; model: {args.model} (loading...)", file=sys.stderr)
     model, tokenizer = models.load_base_model(args.model, **placement)
@@ -110,7 +114,7 @@ def _run_eval_on_ray(args: argparse.Namespace, ray_config: RayConfig) -> int:
     if args.device_map is not None:
         raise ValueError("--device-map places one process's model; with --ray-workers each worker loads the model "
                          "on its own device: drop --device-map (or --ray-workers).")
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = load_prompts(args.prompts, args.limit, args.prompt_field)
     agent = models.load_agent(args.agent, args.agent_file)
     from ..distributed.evaluation import evaluate_on_ray
     from ..distributed.pool import WorkerPool

@@ -34,7 +34,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                           "same --out resumes from the latest checkpoint.")
     parser.epilog = REWARD_HELP + "\n\n" + EXAMPLE
     parser.add_argument("--prompts", required=True,
-                        help="JSON list of objects with 'instruction', or JSON Lines with 'instruction' or 'prompt'")
+                        help="prompt file: JSON (a list of strings, or of objects with 'instruction'), JSON Lines, "
+                             "CSV / TSV with a header row, or .txt with one prompt per line")
+    parser.add_argument("--prompt-field", default=None, metavar="NAME",
+                        help="the field (JSON) or column (CSV / TSV) holding the prompt (default: 'instruction', "
+                             "else 'prompt')")
     parser.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
     parser.add_argument("--reward", required=True, metavar="SPEC",
                         help="the sentence-level reward: vader, offensive, fluency, beaver-reward, hf:ID_OR_PATH, "
@@ -103,7 +107,7 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     placement = models.model_placement(args)
     device = models.default_device(args.device)  # the learner's and the reward's
     reward = None if ray_config.enabled else parse_reward(args.reward, device=device)  # workers load their own
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = load_prompts(args.prompts, args.limit, args.prompt_field)
     agent = models.load_agent(args.init_agent) if args.init_agent else None
     base_model = models.SMOLLM2_HUB_ID if args.model in models.SMOLLM2_NAMES else args.model
     command = "mara-hf train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
