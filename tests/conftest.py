@@ -1,3 +1,4 @@
+import functools
 import os
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     CohereConfig,
+    CompileConfig,
     Gemma2Config,
     LlamaConfig,
     MistralConfig,
@@ -83,6 +85,46 @@ def constant_agent(state_dim: int = 32, accept: bool = True):
         agent.output_linear.weight.zero_()
         agent.output_linear.bias.copy_(torch.tensor([-10.0, 10.0] if accept else [10.0, -10.0]))
     return agent.eval()
+
+
+def eager_compile_config():
+    """Compile through dynamo with the eager backend: checks the step traces as one graph without code generation
+    (fast on CPU); `_compile_all_devices` makes generate compile on CPU as it does on CUDA."""
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def transformers_compiled_generate() -> tuple[str | None, str | None]:
+    """What this torch does with transformers' own compiled static-cache `generate`, which MARA's compiled step
+    follows: `(why it cannot compile, why it compiles again at a second call)`, each None when it does not.
+    Seen here with transformers 5.25: torch 2.6's dynamo cannot trace the models' forward; torch 2.7 and 2.8 guard
+    on the cache tensors' identity, so every call compiles again; torch 2.9 and newer do neither."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama")
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static",
+                  compile_config=eager_compile_config())
+    ids = torch.tensor([[5, 6, 7]])
+    try:
+        model.generate(ids, **kwargs)
+    except Exception as error:  # dynamo's `Unsupported`, raised from deep in transformers
+        return f"torch {torch.__version__} cannot compile transformers' own static-cache generate " \
+               f"({type(error).__name__})", None
+    graphs = counters["stats"]["unique_graphs"]
+    model.generate(ids, **kwargs)
+    if counters["stats"]["unique_graphs"] != graphs:
+        return None, f"torch {torch.__version__} compiles transformers' own static-cache generate again at each call"
+    return None, None
+
+
+def needs_compiled_generate(replay: bool = False) -> None:
+    """Skip a test of MARA's compiled step where transformers' own compiled `generate` cannot compile (or, with
+    `replay`, compiles again at every call): MARA can do no better than the path it follows."""
+    cannot, again = transformers_compiled_generate()
+    if cannot or (replay and again):
+        pytest.skip(cannot or again)
 
 
 def left_padded(prompts: list[list[int]], pad: int = 0):

@@ -304,6 +304,9 @@ def test_independent_screen_flags_issue_11s_examples_and_not_a_plain_answer(monk
 def test_the_device_check_script_runs_every_part_on_the_cpu(tmp_path):
     """`benchmarks/gpu_check.sh` is what a session runs in its one device call: its smoke mode runs every part, as
     written, on a tiny model on the CPU (static methods compiled by inductor), so a broken part shows here first."""
+    from conftest import needs_compiled_generate
+
+    needs_compiled_generate()
     import os
     import subprocess
     import sys

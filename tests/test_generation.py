@@ -378,10 +378,8 @@ def test_peft_model_through_mixin():
 
 
 def test_an_offloaded_cache_is_refused():
-    try:  # what transformers' offloaded DynamicCache makes first (a CUDA build of torch without a driver cannot)
-        torch.Stream()
-    except RuntimeError as error:
-        pytest.skip(f"this torch cannot make the stream an offloaded cache needs: {error}")
+    if torch.backends.cuda.is_built() and not torch.cuda.is_available():  # a CUDA build, no GPU
+        pytest.skip("this torch cannot make the stream that transformers' offloaded cache needs without a GPU")
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="cannot put candidate siblings into a DynamicCache with offloading"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, cache_implementation="offloaded",

@@ -5,24 +5,16 @@ import logging
 
 import pytest
 import torch
-from transformers import CompileConfig, StaticCache
+from transformers import StaticCache
 
-from conftest import (assert_model_untouched, constant_agent, decisive_agent, left_padded, random_prompts,
-                      scaled_logits_model, tiny_model)
+from conftest import (assert_model_untouched, constant_agent, decisive_agent, eager_compile_config, left_padded,
+                      needs_compiled_generate, random_prompts, scaled_logits_model, tiny_model)
 from mara_hf import MaraLogitsProcessor, MaraStats, mara_generate
 from mara_hf import hf_internals as hf
 from mara_hf.compiled import _COMPILED
 from reference import naive_mara_greedy
 
 STATIC_ARCHS = ["llama", "qwen3"]  # full attention only: sliding-window layers are refused on a static cache
-
-
-def eager_compile_config():
-    """Compile through dynamo with the eager backend: checks the step traces as one graph without code generation
-    (fast on CPU); `_compile_all_devices` makes generate compile on CPU as it does on CUDA."""
-    config = CompileConfig(backend="eager", fullgraph=True)
-    config._compile_all_devices = True
-    return config
 
 
 def fused(model, agent, ids, mask, n=12, **kwargs):
@@ -74,6 +66,7 @@ def test_accept_all_static_is_plain_greedy_with_one_forward_per_step():
 
 @pytest.mark.parametrize("schedule", [(1, 8), (40,), "auto"])
 def test_compiled_static_step_traces_as_one_graph_and_decides_the_same(schedule):
+    needs_compiled_generate()
     model = tiny_model("llama")
     agent = decisive_agent(reject_bias=9.0)
     ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=21))
@@ -123,6 +116,7 @@ def test_static_stats_match_dynamic():
 
 
 def test_a_second_call_replays_the_compiled_step_without_compiling_again():
+    needs_compiled_generate(replay=True)
     from torch._dynamo.utils import counters
 
     model = tiny_model("llama")
@@ -140,6 +134,7 @@ def test_compiled_step_inputs_keep_their_shapes_and_strides_from_step_to_step():
     sees: an input whose stride grows with the sequence (a slice of generate's position ids) would record a new
     graph at every step. Dynamo without automatic dynamic shapes shows the same as recompilations: the graphs
     compiled must not depend on how many steps are decoded."""
+    needs_compiled_generate()
     from torch._dynamo.utils import counters
 
     model = tiny_model("llama")
@@ -162,6 +157,7 @@ def test_a_model_that_scales_its_logits_runs_the_static_step_uncompiled(caplog):
     """The compiled chunk projects the picked sibling with lm_head itself; a model that scales lm_head's output
     (here by 1.0005, which a tolerance would let through) must run the static step uncompiled, and decode as on the
     dynamic cache."""
+    needs_compiled_generate()
     model = scaled_logits_model()
     agent = decisive_agent(seed=1, reject_bias=6.0)  # rejects top-1s on this model, and falls back sometimes
     ids, mask = left_padded(random_prompts(2, seed=4))
