@@ -104,15 +104,16 @@ def transformers_compiled_generate() -> tuple[str | None, str | None]:
     from torch._dynamo.utils import counters
 
     model = tiny_model("llama")
-    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static",
-                  compile_config=eager_compile_config())
-    ids = torch.tensor([[5, 6, 7]])
+    ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=21))  # as the tests of the compiled step
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                  cache_implementation="static", compile_config=eager_compile_config())
     try:
         model.generate(ids, **kwargs)
     except Exception as error:  # dynamo's `Unsupported`, raised from deep in transformers
         return f"torch {torch.__version__} cannot compile transformers' own static-cache generate " \
                f"({type(error).__name__})", None
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs, "transformers' static-cache generate compiled nothing"
     model.generate(ids, **kwargs)
     if counters["stats"]["unique_graphs"] != graphs:
         return None, f"torch {torch.__version__} compiles transformers' own static-cache generate again at each call"
