@@ -127,11 +127,11 @@ def run_method(method: str, model, agent, tokenizer, prompts: list[str], batch_s
         inputs = encode_chat_prompts(tokenizer, prompts[start:start + size], "cpu")
         kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                       pad_token_id=tokenizer.pad_token_id)
-        if method in ("fused", "fused-static", "fused-batch-1"):
+        if method.startswith("fused"):
             kwargs.update(custom_generate=mara_generate, mara_agent=agent)
         if method == "fused-static":
             kwargs["cache_implementation"] = "static"
-        elif method == "processor":
+        if method == "processor":
             kwargs["logits_processor"] = [MaraLogitsProcessor(agent, model)]
         with torch.no_grad():
             out = model.generate(**kwargs)

@@ -3,10 +3,16 @@ prompts are the repository's own; the calibrated agent rejects the share of top-
 
 import importlib
 import json
+import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import needs_compiled_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -304,14 +310,7 @@ def test_independent_screen_flags_issue_11s_examples_and_not_a_plain_answer(monk
 def test_the_device_check_script_runs_every_part_on_the_cpu(tmp_path):
     """`benchmarks/gpu_check.sh` is what a session runs in its one device call: its smoke mode runs every part, as
     written, on a tiny model on the CPU (static methods compiled by inductor), so a broken part shows here first."""
-    from conftest import needs_compiled_generate
-
     needs_compiled_generate(replay=True)  # the script's time limits count one compilation per graph
-    import os
-    import subprocess
-    import sys
-    import tarfile
-
     out = tmp_path / "check"
     env = dict(os.environ, MODEL="tiny-random", SMOKE="1", PARTS="static identity speed profile", STATIC_BATCHES="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")  # this venv's python

@@ -242,7 +242,8 @@ def test_a_deferred_stop_check_changes_nothing(monkeypatch, return_cache):
     device (`DeferredStopCheck`, on "mps" only for now): when every row has finished, `generate` runs one more
     step, processor included, and undoes it. That step must leave no trace: the same tokens, statistics and
     returned cache as the usual check. Forced here on the CPU, with an event stand-in (the CPU has no events)."""
-    utils = pytest.importorskip("transformers.generation.utils")
+    from transformers.generation import utils
+
     if not hasattr(utils, "DeferredStopCheck"):
         pytest.skip("this transformers has no deferred stop check")
     model = tiny_model("llama")
