@@ -79,9 +79,14 @@ def build_candidates(scores: torch.Tensor, top_k: int, top_p: float, min_p: floa
 
 def first_accepted(accepted: torch.BoolTensor) -> tuple[torch.BoolTensor, torch.LongTensor]:
     """For `(batch, n)` accept flags, whether any is set and the index of the first one (0 where none)."""
-    # `max` returns the index of the first maximal value, and 0 for a row of zeros.
-    found, index = accepted.to(torch.uint8).max(dim=-1)
-    return found.bool(), index
+    # The least position holding a flag, reduced by value over int64 positions rather than by index (`max(dim)` /
+    # `argmax` of the flags): the compiled static step runs this, and inductor has miscompiled index reductions of
+    # boolean and 8-bit tensors (pytorch/pytorch#174069 on CUDA, #184893 on CPU, #191499 for 8-bit on x86); with
+    # torch 2.11 on the CPU, `accepted.to(torch.uint8).max(dim=-1)` after the agent's softmax returned 0 for every row.
+    width = accepted.shape[-1]
+    first = torch.where(accepted, torch.arange(width, device=accepted.device), width).amin(dim=-1)
+    found = first < width
+    return found, first.masked_fill(~found, 0)
 
 
 def keepable(p_accept: torch.Tensor, thresholds, valid: torch.BoolTensor, target: torch.LongTensor, start: int):

@@ -59,6 +59,55 @@ def test_decision_helpers():
     assert fallback_index(counts, "last").tolist() == [2, 1, 4]
 
 
+def test_first_accepted_reduces_by_value_not_by_index():
+    """The first accepted index comes from a value reduction (`amin` over positions), never an index reduction
+    (`max(dim)`, `argmax`, `argmin`) of the flags: inductor has miscompiled index reductions of boolean and 8-bit
+    tensors (pytorch/pytorch#174069, #184893, #191499), and with torch 2.11 the compiled static step's
+    `accepted.to(torch.uint8).max(dim=-1)` kept sibling 0 in every row."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    accepted = torch.rand(4, 40, generator=torch.Generator().manual_seed(0)) > 0.7
+    accepted[1] = False
+    with Ops() as ops:
+        found, index = first_accepted(accepted)
+    assert not ops.seen & {"max", "min", "argmax", "argmin"}, ops.seen
+    expected = [row.nonzero()[0, 0].item() if row.any() else 0 for row in accepted]
+    assert found.tolist() == accepted.any(-1).tolist() and index.tolist() == expected
+
+
+def test_keepable_compiled_after_the_agent_matches_eager():
+    """What the compiled static step runs: the agent's p(accept), then `keepable`, compiled by inductor as one graph
+    (the fusion in which torch 2.11's CPU inductor returned sibling 0 for every row), equal to eager."""
+    from mara_hf import MaraAgent
+
+    torch.manual_seed(0)
+    agent = MaraAgent(64).eval()
+
+    def pick(states, thresholds, valid, target, start: int):
+        p = agent.accept_probability(states)
+        return p, keepable(p, thresholds, valid, target, start)
+
+    compiled = torch.compile(pick, backend="inductor", dynamic=False)
+    for start, width in ((1, 7), (1, 39), (8, 32)):
+        states = torch.randn(16, width, 64)
+        valid = (torch.rand(16, 40) > 0.05)[:, start:start + width]  # a slice, as the step passes it
+        target = torch.randint(0, 40, (16,))
+        with torch.no_grad():
+            p, eager = pick(states, 0.5, valid, target, start)
+            _, got = compiled(states, 0.5, valid, target, start)
+        assert 0 < ((p > 0.5) & valid).float().mean() < 1  # rows with several accepted and with none
+        assert torch.equal(got, eager), (start, width, got.tolist(), eager.tolist())
+
+
 @pytest.mark.parametrize("top_k,top_p", [(40, 0.95), (10, 0.7), (40, 0.3)])
 def test_same_set_as_transformers_warpers_on_the_full_vocabulary(top_k, top_p):
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
