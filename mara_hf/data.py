@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 # ----------------------------------------------------------------------------------------------------------------
 # prompt files
@@ -138,15 +139,26 @@ def _prompt_of(path: Path, number: int, item, field: str | None) -> str:
 
 def encode_chat_prompts(tokenizer, prompts: list[str], device) -> dict:
     """Left-padded `input_ids` / `attention_mask` of the prompts, each wrapped in the tokenizer's chat template as
-    one user message (the raw prompt, with the tokenizer's special tokens, if it has no template)."""
+    one user message (the raw prompt, with the tokenizer's special tokens, if it has no template).
+
+    Padding uses the tokenizer's pad token, or its EOS token where it has none (Llama's and Mistral's tokenizers, and
+    SmolLM2's GGUF one as transformers 5.17 loads it); the tokenizer is not changed."""
     if getattr(tokenizer, "chat_template", None):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         special = False
     else:
         texts, special = prompts, True
-    encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=special)
-    return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+    rows = [torch.tensor(ids, dtype=torch.long) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_token_id(tokenizer), padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads prompts (on the left) and finished answers: the tokenizer's pad token, else its EOS token,
+    else 0. Padding is masked out or cut off at EOS, so any id would do; the tokenizer is not changed."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -2,6 +2,7 @@
 marks the tokens where MARA did not take the base model's top-1 (used by `mara-hf generate --compare` and by
 `mara-hf eval`'s `responses.jsonl`)."""
 
+import copy
 import doctest
 import json
 
@@ -119,6 +120,21 @@ def test_chat_encoding_is_left_padded_and_equals_each_prompt_alone(tokenizer):
         mask = encoded["attention_mask"][row].bool()
         assert encoded["input_ids"][row][mask].tolist() == list(alone)
         assert not mask[:mask.long().argmax()].any() and mask[-1]  # padding on the left only
+
+
+def test_chat_encoding_pads_with_eos_where_the_tokenizer_has_no_pad_token_and_leaves_it_as_it_was(tokenizer):
+    """Llama's and Mistral's tokenizers have no pad token (nor has SmolLM2's GGUF one as transformers 5.17 loads it):
+    the prompts are padded with EOS, under the same mask, and the tokenizer keeps no pad token."""
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token = None
+    assert bare.pad_token_id is None
+    encoded = encode_chat_prompts(bare, PROMPTS, "cpu")
+    expected = encode_chat_prompts(tokenizer, PROMPTS, "cpu")
+    assert torch.equal(encoded["attention_mask"], expected["attention_mask"])
+    mask = encoded["attention_mask"].bool()
+    assert (~mask).any() and torch.equal(encoded["input_ids"][mask], expected["input_ids"][mask])
+    assert (encoded["input_ids"][~mask] == bare.eos_token_id).all()
+    assert bare.pad_token is None
 
 
 def test_raw_prompts_without_a_chat_template_keep_special_tokens(tokenizer, monkeypatch):

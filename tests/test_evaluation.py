@@ -3,6 +3,7 @@
 fast and realistic (chat template, EOS, left padding)."""
 
 import argparse
+import copy
 import json
 import re
 import shlex
@@ -256,6 +257,22 @@ def test_kl_is_token_weighted_mean_of_the_lines(evaluated):
     speed = results["speed"]
     assert speed["base_tokens_per_s"] == pytest.approx(speed["base_tokens"] / speed["base_seconds"])
     assert speed["mara_tokens_per_s"] > 0
+
+
+def test_a_tokenizer_without_a_pad_token_answers_alike_and_is_left_as_it_was(tmp_path, model, tokenizer, agent,
+                                                                               evaluated):
+    """Llama's and Mistral's tokenizers have no pad token: evaluation pads with EOS (any id would do: padding is
+    masked or cut off), gives the same answers, and does not give the tokenizer one."""
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token = None
+    evaluate(model, bare, agent, PROMPTS, REWARDS, out_dir=tmp_path, plots=False, **SETTINGS)
+    assert bare.pad_token is None
+    lines = [json.loads(line) for line in (tmp_path / RESPONSES_FILE).read_text().splitlines()]
+
+    def answers(found):
+        return sorted((line["index"], line["base"], line["mara"], line["nll_sum"]) for line in found)
+
+    assert answers(lines) == answers(evaluated[2])
 
 
 def test_accept_all_agent_ties_everywhere(tmp_path, model, tokenizer):

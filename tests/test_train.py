@@ -235,6 +235,27 @@ def small_config(**overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def test_a_tokenizer_without_a_pad_token_rolls_out_alike_and_is_left_as_it_was(tmp_path):
+    """Llama's and Mistral's tokenizers have no pad token: rollouts pad with EOS (any id would do: padding is masked
+    or cut off), give the same transitions, and neither the trainer nor the rollout gives the tokenizer one."""
+    from mara_hf.train.rollout import row_generators
+    from mara_hf.train.trainer import rollout_transitions
+
+    model, prompts, config = tiny_model(), word_prompts(4), small_config(max_new_tokens=8)
+    padded = word_tokenizer()
+    bare = PreTrainedTokenizerFast(tokenizer_object=padded.backend_tokenizer, eos_token="t2")
+    assert bare.pad_token_id is None
+    Trainer(model, bare, prompts, even_token_rate, tmp_path / "run", config, progress=False)
+    actor = decisive_agent(reject_bias=1.0)
+    got, totals = rollout_transitions(model, bare, even_token_rate, actor, prompts, config, row_generators(0, 0, range(4)))
+    expected, expected_totals = rollout_transitions(model, padded, even_token_rate, actor, prompts, config,
+                                                    row_generators(0, 0, range(4)))
+    assert bare.pad_token is None
+    assert totals == expected_totals and len(got.states) > 0
+    for name, value in got._asdict().items():
+        assert torch.equal(value, getattr(expected, name)), name
+
+
 def test_checkpoint_tree_round_trip(tmp_path):
     tree = {"a": torch.arange(3), "b": [1, 2.5, None, "x", {"c": torch.ones(2, 2)}], 0: {"d": True}}
     skeleton, tensors = flatten(tree)

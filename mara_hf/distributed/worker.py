@@ -85,8 +85,6 @@ class ModelWorker:
     def load(self) -> dict:
         """Load the model and the rewards; returns what the driver needs to know about them."""
         self.model, self.tokenizer = self._load_model()
-        if self.tokenizer.pad_token_id is None and getattr(self.tokenizer, "eos_token", None) is not None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.rewards = dict(self._load_rewards())
         from ..data import eos_token_ids
         from ..models import model_name

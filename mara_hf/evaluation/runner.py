@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import hf_internals as hf
-from ..data import answer_lengths, encode_chat_prompts, eos_token_ids, mark_changes
+from ..data import answer_lengths, encode_chat_prompts, eos_token_ids, mark_changes, pad_token_id
 from ..files import write_json_atomic
 from ..progress import progress_bar
 from ..rewards import as_scores
@@ -230,8 +230,6 @@ class BatchRunner:
     def __init__(self, model, tokenizer, agent, rewards: dict[str, Callable], settings: EvalSettings):
         from ..generation import mara_generate
 
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
         self.model, self.tokenizer, self.agent, self.rewards = model, tokenizer, agent, rewards
         self.settings = settings
         self.described = answer_settings(model, tokenizer, agent, settings)
@@ -239,7 +237,7 @@ class BatchRunner:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.device = hf.input_device(model)
         self.generate_args = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                                  pad_token_id=tokenizer.pad_token_id, **settings.generation_kwargs)
+                                  pad_token_id=pad_token_id(tokenizer), **settings.generation_kwargs)
         self.mara_args = dict(custom_generate=mara_generate, mara_agent=agent, return_dict_in_generate=True,
                               **settings.mara_kwargs)
 

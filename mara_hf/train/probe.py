@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import hf_internals as hf
-from ..data import encode_chat_prompts
+from ..data import encode_chat_prompts, pad_token_id
 from ..generation import mara_generate
 from ..stats import MaraStats
 from .rollout import repeated_ngrams
@@ -52,7 +52,7 @@ def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_id
             encoded = encode_chat_prompts(tokenizer, batch, device)
             out = model.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=False, top_k=None,
                                  top_p=None, temperature=None, eos_token_id=eos_ids,
-                                 pad_token_id=tokenizer.pad_token_id, custom_generate=mara_generate,
+                                 pad_token_id=pad_token_id(tokenizer), custom_generate=mara_generate,
                                  mara_agent=actor, mara_top_k=config.top_k, mara_top_p=config.top_p,
                                  mara_min_p=config.min_p, mara_fallback=config.fallback,
                                  mara_accept_threshold=threshold, mara_stats=stats,

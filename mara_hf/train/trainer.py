@@ -42,7 +42,7 @@ import torch
 
 from .. import hf_internals as hf
 from ..agent import MaraAgent, is_accept_threshold, validate_candidate_settings
-from ..data import encode_chat_prompts, eos_token_ids
+from ..data import encode_chat_prompts, eos_token_ids, pad_token_id
 from ..files import write_atomic
 from ..progress import progress_bar
 from ..schedule import validate_schedule
@@ -217,8 +217,6 @@ class Trainer:
                             device=hf.execution_device(head), agent=agent, base_model_name=base_model_name,
                             description=description, tensorboard=tensorboard, progress=progress)
         self.eos_ids = eos_token_ids(model, tokenizer)
-        if tokenizer.pad_token_id is None and getattr(tokenizer, "eos_token", None) is not None:
-            tokenizer.pad_token = tokenizer.eos_token
 
     def _setup_learner(self, prompts, out_dir, config, *, state_dim: int, device, agent, base_model_name,
                        description, tensorboard: bool, progress: bool) -> None:
@@ -513,7 +511,7 @@ def rollout_transitions(model, tokenizer, reward: Callable, actor: MaraAgent, pr
     actor.eval()
     episodes = rollout(
         model, actor, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=config.max_new_tokens,
-        eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id, generator=list(generators),
+        eos_token_ids=eos_ids, pad_token_id=pad_token_id(tokenizer), generator=list(generators),
         top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, fallback=config.fallback, schedule=config.schedule,
         deployed_share=config.deployed_share, deployed_threshold=config.probe_threshold,
     )
