@@ -247,7 +247,8 @@ def test_a_tokenizer_without_a_pad_token_rolls_out_alike_and_is_left_as_it_was(t
     assert bare.pad_token_id is None
     Trainer(model, bare, prompts, even_token_rate, tmp_path / "run", config, progress=False)
     actor = decisive_agent(reject_bias=1.0)
-    got, totals = rollout_transitions(model, bare, even_token_rate, actor, prompts, config, row_generators(0, 0, range(4)))
+    got, totals = rollout_transitions(model, bare, even_token_rate, actor, prompts, config,
+                                      row_generators(0, 0, range(4)))
     expected, expected_totals = rollout_transitions(model, padded, even_token_rate, actor, prompts, config,
                                                     row_generators(0, 0, range(4)))
     assert bare.pad_token is None
