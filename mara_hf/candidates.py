@@ -82,7 +82,8 @@ def first_accepted(accepted: torch.BoolTensor) -> tuple[torch.BoolTensor, torch.
     # The least position holding a flag, reduced by value over int64 positions rather than by index (`max(dim)` /
     # `argmax` of the flags): the compiled static step runs this, and inductor has miscompiled index reductions of
     # boolean and 8-bit tensors (pytorch/pytorch#174069 on CUDA, #184893 on CPU, #191499 for 8-bit on x86); with
-    # torch 2.11 on the CPU, `accepted.to(torch.uint8).max(dim=-1)` after the agent's softmax returned 0 for every row.
+    # torch 2.11 and 2.12 on the CPU, `accepted.to(torch.uint8).max(dim=-1)` after the agent's softmax returned 0 for
+    # every row.
     width = accepted.shape[-1]
     first = torch.where(accepted, torch.arange(width, device=accepted.device), width).amin(dim=-1)
     found = first < width
