@@ -90,10 +90,12 @@ def first_accepted(accepted: torch.BoolTensor) -> tuple[torch.BoolTensor, torch.
     return found, first.masked_fill(~found, 0)
 
 
-def keepable(p_accept: torch.Tensor, thresholds, valid: torch.BoolTensor, target: torch.LongTensor, start: int):
+def keepable(p_accept: torch.Tensor, thresholds, valid: torch.BoolTensor, target: torch.LongTensor,
+             start: int | torch.Tensor):
     """Per row, the sibling of a chunk (candidates `start .. start + n - 1`, accept probabilities `p_accept`
     `(B, n)`) that the row may keep: its first accepted one; else the fallback candidate `target` (absolute index)
-    when it lies in the chunk; else 0. Pure tensor code, shared by the eager and the compiled step."""
+    when it lies in the chunk; else 0. Pure tensor code, shared by the eager and the compiled step (which passes
+    `start` as a 0-d tensor)."""
     count = p_accept.shape[-1]
     if count == 1:  # a chunk of one sibling per row (the fused loop's decode step): that one, whatever the agent says
         return torch.zeros_like(target)

@@ -1,9 +1,11 @@
 """The compiled pieces of a static-cache MARA step: a sibling chunk (forward, agent, pick, logits) and the commit.
 
-With a static cache every shape of a step is fixed (batch, chunk width, cache slots), so each chunk of the
-schedule and the commit are compiled once and replayed at every step: with `generate`'s default compile options
-(`mode="reduce-overhead"`) as CUDA graphs. The eager static path (`states.StaticSiblings`) computes the same
-thing; this module only swaps its pieces for compiled ones:
+With a static cache every shape of a step is fixed (batch, chunk width, cache slots), so the chunks and the commit
+are compiled once and replayed at every step: with `generate`'s default compile options (`mode="reduce-overhead"`)
+as CUDA graphs, one recorded per chunk width. Per batch size three graphs are compiled, whatever chunks the
+schedules ask for: chunks of one sibling, chunks of several (the width dynamic, the first candidate a tensor),
+and the commit. The eager static path (`states.StaticSiblings`) computes the same thing; this module only swaps
+its pieces for compiled ones:
 
 - `chunk(...)`: siblings `[start, start + n)` written to scratch slots `L + start ..`, the decoder forward with a
   mask built from the length tensor `L` (no host value, so no recompilation per step), the agent's p(accept), the
@@ -37,6 +39,7 @@ class CompiledStep:
         self.keyword = hf.cache_keyword(self.decoder)
         self.eager_dtype = eager_dtype(model)
         self.cudagraphs = options.get("mode") == "reduce-overhead"
+        self._starts: dict = {}
         self.chunk_fn = torch.compile(self._chunk, **options)
         self.commit_fn = torch.compile(self._commit, **options)
 
@@ -61,18 +64,37 @@ class CompiledStep:
         # A fixed stride, as generate's `prepare_inputs_for_generation` clones its sliced inputs with
         # `memory_format=torch.contiguous_format` ("to ensure a consistent stride", transformers #32227):
         # `position_ids` is a slice of generate's growing ids, whose row stride changes at every step; a compiled
-        # function guards on strides, and with CUDA graphs each new one would record the step again. (The
-        # candidate slices keep the candidate width's stride, the same at every step.)
+        # function guards on strides, and with CUDA graphs each new one would record the step again.
         position_ids = position_ids.clone(memory_format=torch.contiguous_format)
+        # Two graphs for all chunks, whatever their first candidate and width: one for chunks of one sibling (a size
+        # of 1 is specialised) and one for chunks of several. `start` goes in as a tensor, the width is marked
+        # dynamic, and the candidate slices are made contiguous (a graph first traced on a full-width slice guards
+        # that its row stride equals its width). Left to dynamo's automatic dynamic shapes, each new (start, width)
+        # of a re-planned schedule compiled another graph, some of them inside a later call (on an 8B model about a
+        # minute each).
+        start = self._start_tensor(start, length.device)
+        if tokens.shape[1] > 1:
+            tokens, valid = tokens.contiguous(), valid.contiguous()
+            if isinstance(thresholds, torch.Tensor):
+                thresholds = thresholds.contiguous()
+            for part in (tokens, valid) + ((thresholds,) if isinstance(thresholds, torch.Tensor) else ()):
+                torch._dynamo.maybe_mark_dynamic(part, 1)
         states, p, pick, logits = self.chunk_fn(cache, tokens, position_ids, padding, length, start, thresholds,
                                                 valid, target)
         return states.clone(), p.clone(), pick.clone(), logits.clone()
+
+    def _start_tensor(self, start: int, device) -> torch.Tensor:
+        """`start` as a 0-d tensor on `device`, made once per value (no copy to the device at every step)."""
+        key = (start, device)
+        if key not in self._starts:
+            self._starts[key] = torch.tensor(start, device=device)
+        return self._starts[key]
 
     def commit(self, cache, length, index) -> None:
         self._mark()
         self.commit_fn(cache, length, index)
 
-    def _chunk(self, cache, tokens, position_ids, padding, length, start: int, thresholds, valid, target):
+    def _chunk(self, cache, tokens, position_ids, padding, length, start: torch.Tensor, thresholds, valid, target):
         batch, count = tokens.shape
         hf.set_static_length(cache, length + start)
         mask = sibling_mask(padding, length + start, count, self.eager_dtype)

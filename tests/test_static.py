@@ -153,6 +153,33 @@ def test_compiled_step_inputs_keep_their_shapes_and_strides_from_step_to_step():
     assert graphs[12] == graphs[3], graphs
 
 
+def test_every_chunk_of_several_siblings_shares_one_compiled_graph():
+    """Whatever chunks the schedules ask for (`"auto"` re-plans among four), one batch size compiles three graphs:
+    the chunk of one sibling, one for every chunk of several (its width marked dynamic, its first candidate passed
+    as a tensor, its slices contiguous), and the commit; later calls compile none, and the tokens equal the
+    dynamic cache's. Left to automatic dynamic shapes, each new (start, width) compiled another graph, some of them
+    inside a later call: about a minute each on an 8B model."""
+    needs_compiled_generate()
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=9.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=21))
+    torch._dynamo.reset()
+    graphs = []
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for schedule in ((1, 40), (1, 8, 40), (8, 40), (40,), (1, 2, 4), (1, 40)):
+            before = counters["stats"]["unique_graphs"]
+            out = fused(model, agent, ids, mask, n=6, mara_schedule=schedule, cache_implementation="static",
+                        compile_config=eager_compile_config())
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+            dynamic = fused(model, agent, ids, mask, n=6, mara_schedule=schedule)
+            assert torch.equal(out.sequences, dynamic.sequences), schedule
+            assert (out.mara_steps["forwards"] > 1).any() or schedule == (40,)
+    torch._dynamo.reset()
+    assert sum(graphs) == 3 and graphs[2:] == [0] * 4, graphs
+
+
 def test_a_model_that_scales_its_logits_runs_the_static_step_uncompiled(caplog):
     """The compiled chunk projects the picked sibling with lm_head itself; a model that scales lm_head's output
     (here by 1.0005, which a tolerance would let through) must run the static step uncompiled, and decode as on the
