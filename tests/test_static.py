@@ -159,7 +159,7 @@ def test_every_chunk_of_several_siblings_shares_one_compiled_graph():
     as a tensor, its slices contiguous), and the commit; later calls compile none, and the tokens equal the
     dynamic cache's. Left to automatic dynamic shapes, each new (start, width) compiled another graph, some of them
     inside a later call: about a minute each on an 8B model."""
-    needs_compiled_generate()
+    needs_compiled_generate(replay=True)  # counts graphs across calls
     from torch._dynamo.utils import counters
 
     model = tiny_model("llama")
