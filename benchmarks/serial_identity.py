@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from common import (REPO_ROOT, close_log, command_record, environment, load_prompts, logger, open_log,
                     set_threads, write_json)
 from mara_hf import MaraLogitsProcessor, mara_generate
-from mara_hf.data import encode_chat_prompts, eos_token_ids
+from mara_hf.data import encode_chat_prompts, eos_token_ids, pad_token_id
 from mara_hf.hf_internals import cache_keyword
 from mara_hf.models import DEFAULT_AGENT, load_agent, load_base_model
 
@@ -126,7 +126,7 @@ def run_method(method: str, model, agent, tokenizer, prompts: list[str], batch_s
     for start in range(0, len(prompts), size):
         inputs = encode_chat_prompts(tokenizer, prompts[start:start + size], "cpu")
         kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
-                      pad_token_id=tokenizer.pad_token_id)
+                      pad_token_id=pad_token_id(tokenizer))
         if method.startswith("fused"):
             kwargs.update(custom_generate=mara_generate, mara_agent=agent)
         if method == "fused-static":

@@ -77,7 +77,7 @@ def cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from .data import mark_changes
+    from .data import mark_changes, pad_token_id
     from .generation import mara_generate
     from .hf_internals import input_device
     from .models import DEFAULT_AGENT, load_agent, load_base_model, model_placement
@@ -94,7 +94,7 @@ def cmd_generate(args) -> int:
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True).to(device)
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                    pad_token_id=tokenizer.pad_token_id)
+                    pad_token_id=pad_token_id(tokenizer))
     if args.sample:
         settings["temperature"] = args.temperature
     prompt_length = inputs["input_ids"].shape[1]

@@ -74,11 +74,7 @@ class CompiledStep:
         # minute each).
         start = self._start_tensor(start, length.device)
         if tokens.shape[1] > 1:
-            tokens, valid = tokens.contiguous(), valid.contiguous()
-            if isinstance(thresholds, torch.Tensor):
-                thresholds = thresholds.contiguous()
-            for part in (tokens, valid) + ((thresholds,) if isinstance(thresholds, torch.Tensor) else ()):
-                torch._dynamo.maybe_mark_dynamic(part, 1)
+            tokens, valid, thresholds = (_dynamic_width(part) for part in (tokens, valid, thresholds))
         states, p, pick, logits = self.chunk_fn(cache, tokens, position_ids, padding, length, start, thresholds,
                                                 valid, target)
         return states.clone(), p.clone(), pick.clone(), logits.clone()
@@ -108,3 +104,12 @@ class CompiledStep:
 
     def _commit(self, cache, length, index):
         hf.commit_static_slot(cache, length, index)
+
+
+def _dynamic_width(part):
+    """A chunk's `(B, n)` slice, contiguous and with its width marked dynamic (a number passes as it is)."""
+    if not isinstance(part, torch.Tensor):
+        return part
+    part = part.contiguous()
+    torch._dynamo.maybe_mark_dynamic(part, 1)
+    return part
