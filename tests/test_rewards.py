@@ -294,6 +294,23 @@ def test_sequence_classifier_reward_with_template_and_errors(classifier_dir, tok
         SequenceClassifierReward(str(classifier_dir / "missing"))
 
 
+def test_sequence_classifier_reward_leaves_a_tokenizer_without_pad_token_unchanged(classifier_dir):
+    """A tokenizer passed in without a pad token (Llama's, Mistral's) is not given one: the reward pads with EOS on
+    a copy, and scores as with a tokenizer whose pad token is EOS."""
+    padded = AutoTokenizer.from_pretrained(classifier_dir)
+    padded.pad_token = padded.eos_token
+    bare = AutoTokenizer.from_pretrained(classifier_dir)
+    bare.pad_token = None
+    assert bare.pad_token is None
+    expected = SequenceClassifierReward(str(classifier_dir), tokenizer=padded, batch_size=3)(PROMPTS, RESPONSES)
+    reward = SequenceClassifierReward(str(classifier_dir), tokenizer=bare, batch_size=3)
+    torch.testing.assert_close(reward(PROMPTS, RESPONSES), expected)
+    assert bare.pad_token is None and reward.tokenizer is not bare
+    assert reward.tokenizer.pad_token == bare.eos_token
+    # a tokenizer that has a pad token is used as it is
+    assert SequenceClassifierReward(str(classifier_dir), tokenizer=padded).tokenizer is padded
+
+
 def test_hf_spec_builds_a_sequence_classifier(classifier_dir):
     reward = parse_reward(f"hf:{classifier_dir}")
     assert isinstance(reward, SequenceClassifierReward) and reward.name == f"hf:{classifier_dir}"

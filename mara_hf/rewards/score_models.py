@@ -5,6 +5,7 @@ code), with [`beaver_reward`] for the two beaver models the MARA paper used (`BE
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -62,7 +63,8 @@ class SequenceClassifierReward(Reward):
         device: default `cuda` if available, else `cpu`.
         dtype: default bfloat16 on a GPU that supports it, float32 elsewhere.
         label_index: which logit is the score (0 for single-logit reward models).
-        tokenizer: a tokenizer or its path, if it is not stored with the model.
+        tokenizer: a tokenizer or its path, if it is not stored with the model. One without a pad token pads
+            with its EOS (else UNK) token, on a copy: the tokenizer passed in is not changed.
         name: shown in reports (default: `model_id_or_path`).
     """
 
@@ -107,7 +109,12 @@ class SequenceClassifierReward(Reward):
     def _load_tokenizer(self, source):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source) if isinstance(source, str) else source
+        if isinstance(source, str):
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        elif source.pad_token is None:
+            tokenizer = copy.deepcopy(source)  # the caller's tokenizer is left without a pad token
+        else:
+            return source
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         return tokenizer
