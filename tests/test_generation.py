@@ -1,5 +1,7 @@
 """The fused loop (custom_generate / mixin) decides exactly as the drop-in processor and the naive reference."""
 
+import copy
+
 import pytest
 import torch
 from transformers import (
@@ -515,3 +517,39 @@ def test_stop_strings_stop_the_mixin_and_hub_paths(tmp_path):
                                         trust_remote_code=True)):
         assert call()[0, ids.shape[1]:].tolist() == expected
     assert config.stop_strings == stops["stop_strings"]
+
+
+def test_text_generation_pipeline_passes_mara_to_generate():
+    """`pipeline("text-generation")` hands MARA's keywords to `generate`: its answers, one chat at a time and
+    batched (the pipeline pads on the left), are those of the fused loop and of the processor on the same ids."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, pipeline
+
+    from test_rewards import smollm2_tokenizer
+
+    tokenizer = copy.deepcopy(smollm2_tokenizer())  # the pipeline sets its padding side to left
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)).eval()
+    agent = decisive_agent(seed=1)
+    chats = [[{"role": "user", "content": "Hi there"}], [{"role": "user", "content": "Tell me a long story, please."}]]
+    common = dict(max_new_tokens=8, do_sample=False)
+
+    def answer(chat, **kwargs):
+        inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**inputs, **common, **kwargs)
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    expected = [answer(chat, custom_generate=mara_generate, mara_agent=agent) for chat in chats]
+    assert expected != [answer(chat) for chat in chats]  # the agent changes the answers
+
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+
+    def contents(outputs):
+        return [out[0]["generated_text"][-1]["content"] for out in outputs]
+
+    fused = contents(pipe(chats, **common, batch_size=2, custom_generate=mara_generate, mara_agent=agent))
+    dropin = contents([pipe(chat, **common, logits_processor=[MaraLogitsProcessor(agent, model)]) for chat in chats])
+    assert fused == dropin == expected
+    add_mara_generation(model)
+    assert contents([pipe(chats[1], **common, mara_agent=agent)]) == expected[1:]
