@@ -4,7 +4,8 @@ One iteration:
 
 1. take the next `rollout_batch_size` prompts (a seeded shuffle, epoch after epoch);
 2. play the accept/reject MDP on them with the actor, batched, through the fused MARA step (`rollout`);
-3. score the responses with the sentence-level reward and build transitions (terminal reward once on each
+3. score the responses with the sentence-level reward (less the score of the base model's greedy answer with
+   `reward_baseline="greedy"`) and build transitions (terminal reward once on each
    episode's last decision, token-level KL penalty on the decision that chose each token, `reject_cost` off
    every reject decision and `repeat_cost` off the decision that chose a token repeating a 4-gram);
 4. add them to the fp16 replay buffer and, once it holds `learning_starts` transitions, run
@@ -46,6 +47,7 @@ from ..data import encode_chat_prompts, eos_token_ids, pad_token_id
 from ..files import write_atomic
 from ..progress import progress_bar
 from ..schedule import validate_schedule
+from .baseline import BASELINES, baseline_scores
 from .buffer import Batch, ReplayBuffer
 from .checkpoint import damaged, latest_checkpoint, load_checkpoint, save_checkpoint
 from .probe import greedy_probe
@@ -84,6 +86,11 @@ class TrainConfig:
         "help": "cost on the decision that chose a token completing a token 4-gram its answer already holds (0: "
                 "the paper's MDP; a loop then pays at every repeated token, where a sentence-level fluency reward "
                 "pays once at the end)"})
+    reward_baseline: Literal["none", "greedy"] = field(default="none", metadata={
+        "help": "'greedy': subtract from each answer's reward the reward of the base model's own greedy answer to "
+                "its prompt (ReMax's baseline): the prompt's share of the score leaves the reward, what is left is "
+                "how much the answer beats the base model's; costs one plain greedy generation per rollout "
+                "('none': the paper's MDP)"})
     deployed_share: float = field(default=0.0, metadata={
         "help": "share of the rollouts' episodes that decide as the agent will at inference, accepting where "
                 "p(accept) > --probe-threshold, instead of sampling the actor: SAC learns off-policy, and these "
@@ -145,6 +152,9 @@ class TrainConfig:
             isinstance(self.initial_accept, float) and 0.0 < self.initial_accept < 1.0
         ):
             raise ValueError(f"`initial_accept` has to be a float in (0, 1) or None, but is {self.initial_accept!r}.")
+        if self.reward_baseline not in BASELINES:
+            raise ValueError(f"`reward_baseline` has to be one of {', '.join(BASELINES)}, but is "
+                             f"{self.reward_baseline!r}.")
         validate_candidate_settings(self.top_k, self.top_p, self.fallback, min_p=self.min_p)
         self.schedule = validate_schedule(self.schedule)
         self.hidden_sizes = tuple(self.hidden_sizes)
@@ -321,6 +331,8 @@ class Trainer:
             "iteration": self.iteration,
             "episodes": self.iteration * config.rollout_batch_size,
             "reward": totals["reward"] / max(totals["rows"], 1.0),
+            **({"baseline_reward": totals["baseline_reward"] / max(totals["rows"], 1.0)}
+               if "baseline_reward" in totals else {}),
             **rollout_metrics(totals),
             "transitions": int(transitions.actions.shape[0]),
             "buffer_size": len(self.buffer),
@@ -521,9 +533,15 @@ def rollout_transitions(model, tokenizer, reward: Callable, actor: MaraAgent, pr
     scores = torch.as_tensor(reward(prompts, responses), dtype=torch.float32).reshape(-1)
     if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
         raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
-    transitions = build_transitions(episodes, scores, config.kl_coef, reject_cost=config.reject_cost,
+    totals = {**episodes.totals(), "reward": float(scores.double().sum())}
+    terminal = scores
+    if config.reward_baseline == "greedy":
+        baseline = baseline_scores(model, tokenizer, reward, prompts, encoded, config.max_new_tokens, eos_ids)
+        terminal = scores - baseline
+        totals["baseline_reward"] = float(baseline.double().sum())
+    transitions = build_transitions(episodes, terminal, config.kl_coef, reject_cost=config.reject_cost,
                                     repeat_cost=config.repeat_cost)
-    return transitions, {**episodes.totals(), "reward": float(scores.double().sum())}
+    return transitions, totals
 
 
 def scalars(metrics: dict, prefix: str):

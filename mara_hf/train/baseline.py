@@ -1,0 +1,41 @@
+"""The reward baseline of `TrainConfig.reward_baseline="greedy"`: the base model's own greedy answer to each prompt,
+scored by the training reward, is subtracted from the score of the agent's answer (ReMax, Li et al. 2023,
+arXiv 2310.10505, uses the same greedy baseline for policy gradients).
+
+Why: how well an answer can score depends on the prompt far more than on the agent's decisions (answers to a
+harmful question score lower than answers to a recipe), and the critics have to learn that spread from the states
+alone. The baseline is the same for every episode of a prompt, whatever the agent decides, so it moves no decision's
+advantage (up to the discount of the terminal reward, which depends on the answer's length); it takes the
+prompt's spread out of the reward, and what is left is how much the agent's answer beats the base model's, the
+quantity `mara-hf eval` counts wins and losses of.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..data import answer_lengths, pad_token_id
+
+BASELINES = ("none", "greedy")
+
+
+def greedy_answers(model, tokenizer, encoded: dict, max_new_tokens: int, eos_ids: list[int]) -> list[str]:
+    """The base model's greedy answers (plain `generate`, no warpers) to the encoded prompts, up to EOS."""
+    out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, top_k=None, top_p=None,
+                         temperature=None, eos_token_id=eos_ids, pad_token_id=pad_token_id(tokenizer))
+    new = out[:, encoded["input_ids"].shape[1]:]
+    lengths = answer_lengths(new, eos_ids).tolist()
+    return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(new, lengths)]
+
+
+def baseline_scores(model, tokenizer, reward: Callable, prompts: list[str], encoded: dict, max_new_tokens: int,
+                    eos_ids: list[int]) -> torch.Tensor:
+    """The reward of the base model's greedy answer to each prompt, `(N,)` float32."""
+    answers = greedy_answers(model, tokenizer, encoded, max_new_tokens, eos_ids)
+    scores = torch.as_tensor(reward(prompts, answers), dtype=torch.float32).reshape(-1)
+    if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
+        raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()} for the "
+                         "base model's greedy answers (the reward baseline).")
+    return scores
