@@ -85,6 +85,9 @@ CONFIGS: dict[str, tuple[str, TrainConfig]] = {
     "k40-first-fluency10-token-dep05": (FLUENT10_TONE, dataclasses.replace(FLUENT10, deployed_share=0.5)),
     "k40-first-fluency10-token-dep05-rep05": (FLUENT10_TONE, dataclasses.replace(
         FLUENT10, deployed_share=0.5, repeat_cost=0.5)),
+    # the same with ReMax's reward baseline (train/cpu-baseline-2026-12-07/: closer to the base model on the CPU)
+    "k40-first-fluency10-token-dep05-rep05-base": (FLUENT10_TONE, dataclasses.replace(
+        FLUENT10, deployed_share=0.5, repeat_cost=0.5, reward_baseline="greedy")),
 }
 DEFAULT_CONFIGS = ["k10-last", "k40-last", "k40-last-kl05", "k40-first"]
 """The sweep `smollm2-vader` was chosen from."""
