@@ -64,6 +64,24 @@ def test_the_greedy_baseline_subtracts_the_base_answers_score(tmp_path, monkeypa
     assert "baseline_reward" not in plain and plain["reward"] == pytest.approx(metrics["reward"])
 
 
+def test_a_reward_without_finite_scores_for_the_base_answers_is_refused(tmp_path):
+    """The baseline's scores are checked like the rollout's: one finite score per answer, else a message that says
+    which answers were scored."""
+    calls = []
+
+    def second_call_nan(prompts, responses):
+        calls.append(len(responses))
+        return [float("nan") if len(calls) == 2 else 0.0] * len(responses)
+
+    config = TrainConfig(iterations=1, rollout_batch_size=4, max_new_tokens=4, learning_starts=10_000,
+                         hidden_sizes=(16, 16), reward_baseline="greedy", sac=SACConfig(batch_size=8, buffer_size=512))
+    prompts = [" ".join(f"t{i}" for i in p) for p in random_prompts(8, seed=1)]
+    trainer = Trainer(tiny_model(), word_tokenizer(), prompts, second_call_nan, tmp_path, config, progress=False)
+    with pytest.raises(ValueError, match=r"one finite score per response, but gave \[nan, nan, nan, nan\] for the "
+                                         r"base model's greedy answers \(the reward baseline\)"):
+        trainer.step()
+
+
 @pytest.mark.parametrize("value", ["mean", "", None, True])
 def test_reward_baseline_is_validated(value):
     with pytest.raises(ValueError, match=f"`reward_baseline` has to be one of none, greedy, but is {value!r}"):

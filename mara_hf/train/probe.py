@@ -21,6 +21,7 @@ from ..data import encode_chat_prompts, pad_token_id
 from ..generation import mara_generate
 from ..stats import MaraStats
 from .rollout import repeated_ngrams
+from .scoring import answer_scores
 
 PROBE_METRICS = ("fallback_rate", "top1_accept_rate", "agent_decided_rate", "forwards_per_token",
                  "mean_search_length")
@@ -91,9 +92,7 @@ def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Calla
     refusable = steps["num_candidates"] - (1 if config.fallback == "last" else 0)
     rejects = torch.where(steps["fallback"], refusable, steps["index"]) * steps["asked"]
     responses = [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True) for row, mask in zip(tokens, active)]
-    scores = torch.as_tensor(reward(prompts, responses), dtype=torch.float64).reshape(-1)
-    if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
-        raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
+    scores = answer_scores(reward, prompts, responses)
     repeats = repeated_ngrams(tokens, active.sum(dim=1)).sum()
     sums = torch.stack([active.sum(), (penalty * active).sum(), (rejects * active).sum(), repeats])
     return torch.cat([sums.to("cpu", torch.float64), scores.sum()[None]])

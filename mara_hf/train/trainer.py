@@ -47,7 +47,7 @@ from ..data import encode_chat_prompts, eos_token_ids, pad_token_id
 from ..files import write_atomic
 from ..progress import progress_bar
 from ..schedule import validate_schedule
-from .baseline import BASELINES, baseline_scores
+from .scoring import BASELINES, answer_scores, baseline_scores
 from .buffer import Batch, ReplayBuffer
 from .checkpoint import damaged, latest_checkpoint, load_checkpoint, save_checkpoint
 from .probe import greedy_probe
@@ -530,9 +530,7 @@ def rollout_transitions(model, tokenizer, reward: Callable, actor: MaraAgent, pr
     lengths = episodes.lengths.tolist()
     responses = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
                  for row, n in zip(episodes.tokens, lengths)]
-    scores = torch.as_tensor(reward(prompts, responses), dtype=torch.float32).reshape(-1)
-    if scores.shape[0] != len(prompts) or not torch.isfinite(scores).all():
-        raise ValueError(f"The reward has to give one finite score per response, but gave {scores.tolist()}.")
+    scores = answer_scores(reward, prompts, responses).float()
     totals = {**episodes.totals(), "reward": float(scores.double().sum())}
     terminal = scores
     if config.reward_baseline == "greedy":
