@@ -1,7 +1,5 @@
 """The fused loop (custom_generate / mixin) decides exactly as the drop-in processor and the naive reference."""
 
-import copy
-
 import pytest
 import torch
 from transformers import (
@@ -10,6 +8,7 @@ from transformers import (
     StoppingCriteriaList,
     SynthIDTextWatermarkingConfig,
     WatermarkingConfig,
+    pipeline,
 )
 from transformers.generation.streamers import BaseStreamer
 
@@ -25,6 +24,7 @@ from conftest import (
 from mara_hf import MaraGenerationMixin, MaraLogitsProcessor, MaraStats, add_mara_generation, mara_generate
 from mara_hf.states import _PLAIN_HEAD, known_plain_head
 from reference import naive_mara_greedy
+from test_reject_cost import word_tokenizer
 
 
 def both_paths(model, agent, ids, mask=None, n=10, **mara):
@@ -522,17 +522,12 @@ def test_stop_strings_stop_the_mixin_and_hub_paths(tmp_path):
 def test_text_generation_pipeline_passes_mara_to_generate():
     """`pipeline("text-generation")` hands MARA's keywords to `generate`: its answers, one chat at a time and
     batched (the pipeline pads on the left), are those of the fused loop and of the processor on the same ids."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, pipeline
-
-    from test_rewards import smollm2_tokenizer
-
-    tokenizer = copy.deepcopy(smollm2_tokenizer())  # the pipeline sets its padding side to left
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)).eval()
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    model = tiny_model("llama")
     agent = decisive_agent(seed=1)
-    chats = [[{"role": "user", "content": "Hi there"}], [{"role": "user", "content": "Tell me a long story, please."}]]
+    chats = [[{"role": "user", "content": " ".join(f"t{i}" for i in prompt)}]
+             for prompt in random_prompts(2, lengths=(4, 11), seed=5)]
     common = dict(max_new_tokens=8, do_sample=False)
 
     def answer(chat, **kwargs):
