@@ -124,11 +124,13 @@ def assert_same_agent(a: MaraAgent, b: MaraAgent):
 
 
 # ---------------------------------------------------------------------------------------------- rollouts
-def test_workers_transitions_equal_a_single_process_rollout(pool, local):
+@pytest.mark.parametrize("baseline", ["none", "greedy"])
+def test_workers_transitions_equal_a_single_process_rollout(pool, local, baseline):
     """Two workers rolling out the two shards of a batch give the transitions of the whole batch rolled out here,
-    in number and content, with the same per-row seeds and the same actor weights."""
+    in number and content, with the same per-row seeds and the same actor weights (with the reward baseline too:
+    each worker decodes its shard's greedy answers)."""
     model, tokenizer = local
-    cfg = config()
+    cfg = config(reward_baseline=baseline)
     torch.manual_seed(3)
     actor = MaraAgent(32, hidden_sizes=cfg.hidden_sizes)
     with torch.no_grad():
@@ -150,6 +152,7 @@ def test_workers_transitions_equal_a_single_process_rollout(pool, local):
     torch.testing.assert_close(there.next_states, here.next_states.half(), atol=2e-3, rtol=0)
     merged = {k: sum(r["totals"][k] for r in results) for k in totals}
     assert merged == pytest.approx(totals)
+    assert ("baseline_reward" in totals) == (baseline == "greedy")
 
 
 def test_shards_are_contiguous_and_cover_the_batch():
