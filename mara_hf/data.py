@@ -170,6 +170,12 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
+def decode_answers(tokenizer, tokens: torch.Tensor, lengths) -> list[str]:
+    """The text of each row of `tokens` `(B, T)` (generated tokens) up to its length in `lengths`, special tokens
+    dropped."""
+    return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, lengths.tolist())]
+
+
 def answer_lengths(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """Generated tokens per row of `new_tokens` (the tokens after the prompt), up to and including the first EOS
     (what follows is padding); the full width for a row without EOS."""

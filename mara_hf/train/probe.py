@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import hf_internals as hf
-from ..data import encode_chat_prompts, pad_token_id
+from ..data import decode_answers, encode_chat_prompts, pad_token_id
 from ..generation import mara_generate
 from ..stats import MaraStats
 from .rollout import repeated_ngrams
@@ -91,8 +91,8 @@ def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Calla
     # could refuse (with "last" the last one is forced without a decision).
     refusable = steps["num_candidates"] - (1 if config.fallback == "last" else 0)
     rejects = torch.where(steps["fallback"], refusable, steps["index"]) * steps["asked"]
-    responses = [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True) for row, mask in zip(tokens, active)]
-    scores = answer_scores(reward, prompts, responses)
-    repeats = repeated_ngrams(tokens, active.sum(dim=1)).sum()
+    lengths = active.sum(dim=1)  # `active` is a prefix of each row: up to and including its first EOS
+    scores = answer_scores(reward, prompts, decode_answers(tokenizer, tokens, lengths))
+    repeats = repeated_ngrams(tokens, lengths).sum()
     sums = torch.stack([active.sum(), (penalty * active).sum(), (rejects * active).sum(), repeats])
     return torch.cat([sums.to("cpu", torch.float64), scores.sum()[None]])

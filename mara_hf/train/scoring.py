@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..data import answer_lengths, pad_token_id
+from ..data import answer_lengths, decode_answers, pad_token_id
 
 BASELINES = ("none", "greedy")
 
@@ -36,8 +36,7 @@ def greedy_answers(model, tokenizer, encoded: dict, max_new_tokens: int, eos_ids
     out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, top_k=None, top_p=None,
                          temperature=None, eos_token_id=eos_ids, pad_token_id=pad_token_id(tokenizer))
     new = out[:, encoded["input_ids"].shape[1]:]
-    lengths = answer_lengths(new, eos_ids).tolist()
-    return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(new, lengths)]
+    return decode_answers(tokenizer, new, answer_lengths(new, eos_ids))
 
 
 def baseline_scores(model, tokenizer, reward: Callable, prompts: list[str], encoded: dict, max_new_tokens: int,

@@ -43,16 +43,16 @@ import torch
 
 from .. import hf_internals as hf
 from ..agent import MaraAgent, is_accept_threshold, validate_candidate_settings
-from ..data import encode_chat_prompts, eos_token_ids, pad_token_id
+from ..data import decode_answers, encode_chat_prompts, eos_token_ids, pad_token_id
 from ..files import write_atomic
 from ..progress import progress_bar
 from ..schedule import validate_schedule
-from .scoring import BASELINES, answer_scores, baseline_scores
 from .buffer import Batch, ReplayBuffer
 from .checkpoint import damaged, latest_checkpoint, load_checkpoint, save_checkpoint
 from .probe import greedy_probe
 from .rollout import build_transitions, rollout, rollout_metrics, row_generators
 from .sac import DiscreteSAC, SACConfig
+from .scoring import BASELINES, answer_scores, baseline_scores
 
 ROLLOUT_SCHEDULE = (1, 2, 4, 8, 16)
 """Lazy chunk boundaries of rollouts: a sampled actor mostly accepts within the first few candidates, so small
@@ -527,9 +527,7 @@ def rollout_transitions(model, tokenizer, reward: Callable, actor: MaraAgent, pr
         top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, fallback=config.fallback, schedule=config.schedule,
         deployed_share=config.deployed_share, deployed_threshold=config.probe_threshold,
     )
-    lengths = episodes.lengths.tolist()
-    responses = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
-                 for row, n in zip(episodes.tokens, lengths)]
+    responses = decode_answers(tokenizer, episodes.tokens, episodes.lengths)
     scores = answer_scores(reward, prompts, responses).float()
     totals = {**episodes.totals(), "reward": float(scores.double().sum())}
     terminal = scores
