@@ -307,6 +307,30 @@ def test_independent_screen_flags_issue_11s_examples_and_not_a_plain_answer(monk
     assert screen.gzip_ratio(loop) < screen.gzip_ratio(plain)
 
 
+def test_targets_judges_issue_11s_four_targets_at_their_edges(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS / "eval"))
+    targets = importlib.import_module("targets")
+
+    def results(gain, degenerate, kl, fallback, n=200):
+        return {"n_prompts": n, "rewards": {targets.CARD_REWARD: {"gain": gain}},
+                "fluency": {"degenerate": dict(zip(("mara", "base"), degenerate))},
+                "kl_per_token": {"mara": kl, "base_reference": 0.8}, "agent": {"fallback_rate": fallback}}
+
+    # Each figure exactly at its target: +30, base + 2% of 200 prompts = 4 more answers, 1.2 x 0.8, 5%.
+    edge = targets.judge(results(30.0, (14, 10), 0.96, 0.05))
+    assert all(ok for _, ok in edge.values()) and edge["kl_ratio"][0] == pytest.approx(1.2)
+    beyond = targets.judge(results(29.5, (15, 10), 0.97, 0.0505))
+    assert not any(ok for _, ok in beyond.values())
+    assert targets.judge(results(40.0, (1, 0), 0.5, 0.0), reward="vader")["gain"] == (None, False)
+    old = results(30.0, (0, 0), 0.8, 0.0)
+    del old["fluency"]  # written before the screen: not met, shown as n/a
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(old))
+    targets.main([str(path)])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == f"| {path} | +30.0 ✓ | n/a | 1.00x ✓ | 0.0% ✓ | 3 / 4 |"
+
+
 def test_the_device_check_script_runs_every_part_on_the_cpu(tmp_path):
     """`benchmarks/gpu_check.sh` is what a session runs in its one device call: its smoke mode runs every part, as
     written, on a tiny model on the CPU (static methods compiled by inductor), so a broken part shows here first."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import hf_internals as hf
-from ..data import answer_lengths, encode_chat_prompts, eos_token_ids, mark_changes, pad_token_id
+from ..data import answer_lengths, decode_answers, encode_chat_prompts, eos_token_ids, mark_changes, pad_token_id
 from ..files import write_json_atomic
 from ..progress import progress_bar
 from ..rewards import as_scores
@@ -275,6 +275,8 @@ class BatchRunner:
         steps = {k: v.cpu() for k, v in out.mara_steps.items() if k != "forwards"}
         # The batch's cost: forwards of the fused loop and its decode steps (one entry of `forwards` per step).
         batch = {"rows": len(prompts), "forwards": out.mara_stats.forwards, "steps": len(out.mara_steps["forwards"])}
+        base_texts, mara_texts = decode_answers(self.tokenizer, base_new, base_len), decode_answers(
+            self.tokenizer, mara_new, mara_len)
         records = []
         for row, (index, prompt) in enumerate(zip(indices, prompts)):
             n_base, n_mara = int(base_len[row]), int(mara_len[row])
@@ -288,8 +290,8 @@ class BatchRunner:
                 "index": index,
                 "prompt": prompt,
                 "settings_id": self.settings_id,
-                "base": self.tokenizer.decode(base_new[row, :n_base].tolist(), skip_special_tokens=True),
-                "mara": self.tokenizer.decode(tokens, skip_special_tokens=True),
+                "base": base_texts[row],
+                "mara": mara_texts[row],
                 "rewards": {"base": {}, "mara": {}},
                 "changed": marked.changed,
                 "mara_marked": marked.text,
