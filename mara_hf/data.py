@@ -85,6 +85,18 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None, field: str |
     return prompts
 
 
+def add_prompt_arguments(parser, limit_help: str) -> None:
+    """The `--prompts`, `--prompt-field` and `--limit` options of the commands that read a prompt file (read with
+    [`load_prompts`])."""
+    parser.add_argument("--prompts", required=True,
+                        help="prompt file: JSON (a list of strings, or of objects with 'instruction'), JSON Lines, "
+                             "CSV / TSV with a header row, or .txt with one prompt per line")
+    parser.add_argument("--prompt-field", default=None, metavar="NAME",
+                        help="the field (JSON) or column (CSV / TSV) holding the prompt (default: 'instruction', "
+                             "else 'prompt')")
+    parser.add_argument("--limit", type=int, default=None, help=limit_help)
+
+
 def _json_items(path: Path, text: str) -> list:
     if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
         items = []

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from ..data import load_prompts
+from ..data import add_prompt_arguments, load_prompts
 from ..distributed.config import RAY_PREFIX, RayConfig
 from ..evaluation.report import format_summary
 from ..evaluation.runner import evaluate
@@ -28,13 +28,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                      "--reward offensive\nthe same, answered by two Ray workers on this machine (pip install -e "
                      "\".[ray]\"):\n  mara-hf eval --prompts data/prompts/saferlhf_test.json --limit 50 --reward vader "
                      "--reward offensive --ray-workers 2")
-    parser.add_argument("--prompts", required=True,
-                        help="prompt file: JSON (a list of strings, or of objects with 'instruction'), JSON Lines, "
-                             "CSV / TSV with a header row, or .txt with one prompt per line")
-    parser.add_argument("--prompt-field", default=None, metavar="NAME",
-                        help="the field (JSON) or column (CSV / TSV) holding the prompt (default: 'instruction', "
-                             "else 'prompt')")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
+    add_prompt_arguments(parser, limit_help="evaluate the first N prompts only")
     parser.add_argument("--reward", action="append", required=True, metavar="SPEC",
                         help="a reward (repeatable): vader, offensive, fluency, beaver-reward, beaver-cost, "
                              "hf:ID_OR_PATH, py:MODULE:FUNCTION or a weighted sum like 2*beaver-reward-1*beaver-cost "

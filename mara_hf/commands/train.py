@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import add_prompt_arguments
 from ..distributed.config import RAY_PREFIX, RayConfig
 from ..options import add_config_arguments, config_from_args
 from ..train.sac import SACConfig
@@ -33,13 +34,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                           "the base model (and, with --reject-cost, a cost per reject decision). Re-running with the\n"
                           "same --out resumes from the latest checkpoint.")
     parser.epilog = REWARD_HELP + "\n\n" + EXAMPLE
-    parser.add_argument("--prompts", required=True,
-                        help="prompt file: JSON (a list of strings, or of objects with 'instruction'), JSON Lines, "
-                             "CSV / TSV with a header row, or .txt with one prompt per line")
-    parser.add_argument("--prompt-field", default=None, metavar="NAME",
-                        help="the field (JSON) or column (CSV / TSV) holding the prompt (default: 'instruction', "
-                             "else 'prompt')")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
+    add_prompt_arguments(parser, limit_help="use the first N prompts only")
     parser.add_argument("--reward", required=True, metavar="SPEC",
                         help="the sentence-level reward: vader, offensive, fluency, beaver-reward, hf:ID_OR_PATH, "
                              "py:MODULE:FUNCTION or a weighted sum like 10*vader+5*fluency (see below)")
