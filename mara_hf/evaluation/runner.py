@@ -275,8 +275,8 @@ class BatchRunner:
         steps = {k: v.cpu() for k, v in out.mara_steps.items() if k != "forwards"}
         # The batch's cost: forwards of the fused loop and its decode steps (one entry of `forwards` per step).
         batch = {"rows": len(prompts), "forwards": out.mara_stats.forwards, "steps": len(out.mara_steps["forwards"])}
-        base_texts, mara_texts = decode_answers(self.tokenizer, base_new, base_len), decode_answers(
-            self.tokenizer, mara_new, mara_len)
+        base_texts = decode_answers(self.tokenizer, base_new, base_len)
+        mara_texts = decode_answers(self.tokenizer, mara_new, mara_len)
         records = []
         for row, (index, prompt) in enumerate(zip(indices, prompts)):
             n_base, n_mara = int(base_len[row]), int(mara_len[row])
