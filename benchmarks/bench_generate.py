@@ -503,8 +503,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=None,
                         help="prompts per batch size, rounded up to whole batches (default: one batch)")
     parser.add_argument("--prompt-tokens", type=int, default=None,
-                        help="prompt length of the random models (default: 256; 32 for tiny-random); SmolLM2 uses "
-                             "the SafeRLHF test prompts with its chat template")
+                        help="prompt length of the random models (default: 256; 32 for tiny-random); SmolLM2 reads "
+                             "--prompts with its chat template")
+    parser.add_argument("--prompts", default="saferlhf_test", metavar="NAME",
+                        help="SmolLM2's prompts: the first ones of data/prompts/NAME.json (default: saferlhf_test; "
+                             "also beavertails_test, hhrlhf_test, saferlhf_train)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3; fewer only for smoke tests)")
     parser.add_argument("--compile", action="store_true",
                         help="off CUDA: let generate compile the static-cache methods (CompileConfig with "
@@ -544,6 +547,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} has to be at least 1")
     if min(args.batch_sizes) < 1:
         parser.error("--batch-sizes have to be at least 1")
+    if not common.prompt_path(args.prompts).is_file():
+        names = ", ".join(sorted(path.stem for path in common.PROMPTS_DIR.glob("*.json")))
+        parser.error(f"--prompts {args.prompts}: data/prompts/ has no {args.prompts}.json (it has {names})")
     if args.out is None:
         args.out = str(common.RESULTS_DIR / f"{args.model}-{args.device.split(':')[0]}")
     return args
@@ -586,7 +592,7 @@ def run(args, argv, mode: str, json_path: Path, log_path: Path, start: float) ->
     model, tokenizer = common.load_model(args.model, device, common.DTYPES[args.dtype], seed=args.seed)
     base_kwargs = common.base_generate_kwargs(model, args.max_new_tokens)
     batches = {bs: common.make_batches(model, tokenizer, bs, common.batches_for(args.num_prompts, bs),
-                                       args.prompt_tokens, args.seed, device)
+                                       args.prompt_tokens, args.seed, device, args.prompts)
                for bs in args.batch_sizes}
 
     names = list(dict.fromkeys(args.agents + args.processor_agents + args.static_agents))

@@ -139,7 +139,7 @@ def test_calibrated_agent_rejects_the_asked_share_of_the_states_mara_sees(script
     assert bool((none.accept_probability(states) > 0.5).all())
 
 
-def test_prompts_come_from_the_repository_and_a_missing_file_stops_the_run(scripts, tmp_path):
+def test_prompts_come_from_the_repository_and_a_missing_file_stops_the_run(scripts, tmp_path, capsys):
     common = scripts["common"]
     assert common.PROMPTS_DIR == ROOT / "data" / "prompts"
     sizes = {"saferlhf_test": 200, "beavertails_test": 700, "saferlhf_train": 25564}
@@ -160,6 +160,11 @@ def test_prompts_come_from_the_repository_and_a_missing_file_stops_the_run(scrip
     for name in ("llama3-8b-random", "llama3-8b-4layers-random"):
         with pytest.raises(SystemExit, match=f"{name} is for CUDA only"):
             common.load_model(name, "cpu", torch.float32)
+    bench = scripts["bench_generate"]
+    assert bench.parse_args(["--prompts", "beavertails_test"]).prompts == "beavertails_test"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--prompts", "beavertail_test"])
+    assert "data/prompts/ has no beavertail_test.json (it has beavertails_test, hhrlhf_test" in capsys.readouterr().err
 
 
 def test_shipped_agents_are_benchmark_agents_by_name(scripts):
