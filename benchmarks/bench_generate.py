@@ -27,7 +27,8 @@ processor vs fused, dynamic and static, for the other agents).
 
 Defaults on CUDA: random bf16 Llama-3-8B shape, random 256-token prompts, batch 1 and 16, 64 new tokens, 3 rounds
 (about 8 minutes on an H100, most of it compiling). On CPU: SmolLM2-135M-Instruct float32 on the SafeRLHF test
-prompts of data/prompts/, batch 1 and 16, 32 new tokens, 1 torch thread. `--model tiny-random` is a smoke test.
+prompts of data/prompts/ (`--prompts NAME`: another file there), batch 1 and 16, 32 new tokens, 1 torch thread.
+`--model tiny-random` is a smoke test.
 
     python benchmarks/bench_generate.py --out benchmarks/gpu/h100                  # speed, CUDA
     python benchmarks/bench_generate.py --identity --out benchmarks/gpu/h100       # identity, CUDA (fp32)
