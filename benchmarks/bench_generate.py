@@ -506,7 +506,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=None,
                         help="prompt length of the random models (default: 256; 32 for tiny-random); SmolLM2 reads "
                              "--prompts with its chat template")
-    parser.add_argument("--prompts", default="saferlhf_test", metavar="NAME",
+    parser.add_argument("--prompts", type=common.prompt_name, default="saferlhf_test", metavar="NAME",
                         help="SmolLM2's prompts: the first ones of data/prompts/NAME.json (default: saferlhf_test; "
                              "also beavertails_test, hhrlhf_test, saferlhf_train)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3; fewer only for smoke tests)")
@@ -548,9 +548,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} has to be at least 1")
     if min(args.batch_sizes) < 1:
         parser.error("--batch-sizes have to be at least 1")
-    if not common.prompt_path(args.prompts).is_file():
-        names = ", ".join(sorted(path.stem for path in common.PROMPTS_DIR.glob("*.json")))
-        parser.error(f"--prompts {args.prompts}: data/prompts/ has no {args.prompts}.json (it has {names})")
     if args.out is None:
         args.out = str(common.RESULTS_DIR / f"{args.model}-{args.device.split(':')[0]}")
     return args

@@ -125,6 +125,15 @@ def prompt_path(name: str) -> Path:
     return PROMPTS_DIR / f"{name}.json"
 
 
+def prompt_name(name: str) -> str:
+    """argparse type of a `--prompts NAME` option: the name of a file `data/prompts/NAME.json`, refused (listing the
+    files there) before anything loads."""
+    if not prompt_path(name).is_file():
+        names = ", ".join(sorted(path.stem for path in PROMPTS_DIR.glob("*.json")))
+        raise argparse.ArgumentTypeError(f"data/prompts/ has no {name}.json (it has {names})")
+    return name
+
+
 def load_prompts(count: int, name: str = "saferlhf_test", path: Path | None = None) -> list[str]:
     """The first `count` instructions of a prompt file of `data/prompts/` (cycled if it has fewer), read by
     `mara_hf.data.load_prompts`.

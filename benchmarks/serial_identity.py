@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from common import (REPO_ROOT, close_log, command_record, environment, load_prompts, logger, open_log,
+from common import (REPO_ROOT, close_log, command_record, environment, load_prompts, logger, open_log, prompt_name,
                     set_threads, write_json)
 from mara_hf import MaraLogitsProcessor, mara_generate
 from mara_hf.data import encode_chat_prompts, eos_token_ids, pad_token_id
@@ -150,7 +150,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--agent", default=DEFAULT_AGENT, help="a shipped agent's name or an agent folder")
-    parser.add_argument("--prompts", default="beavertails_test", help="a prompt file of data/prompts/")
+    parser.add_argument("--prompts", type=prompt_name, default="beavertails_test", metavar="NAME",
+                        help="a prompt file of data/prompts/ (NAME.json)")
     parser.add_argument("--start", type=int, default=200,
                         help="first prompt (the evaluations of benchmarks/eval/ used the first 200)")
     parser.add_argument("--count", type=int, default=96)

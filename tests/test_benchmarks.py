@@ -165,6 +165,10 @@ def test_prompts_come_from_the_repository_and_a_missing_file_stops_the_run(scrip
     with pytest.raises(SystemExit):
         bench.parse_args(["--prompts", "beavertail_test"])
     assert "data/prompts/ has no beavertail_test.json (it has beavertails_test, hhrlhf_test" in capsys.readouterr().err
+    serial = importlib.import_module("serial_identity")
+    with pytest.raises(SystemExit):  # refused while parsing, before the model loads
+        serial.main(["--prompts", "beavertail_test", "--out", str(tmp_path / "serial")])
+    assert "data/prompts/ has no beavertail_test.json" in capsys.readouterr().err
 
 
 def test_shipped_agents_are_benchmark_agents_by_name(scripts):

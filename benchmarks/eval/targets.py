@@ -41,14 +41,14 @@ def judge(results: dict, reward: str = CARD_REWARD) -> dict:
 
 
 def row(path: str, verdict: dict) -> str:
-    gain, degenerate, ratio, fallback = (verdict[k][0] for k in ("gain", "degenerate", "kl_ratio", "fallback"))
+    gain, degenerate, ratio, fallback = (figure for figure, _ in verdict.values())
     cells = [
         "n/a" if gain is None else f"{gain:+.1f}",
         "n/a" if degenerate is None else f"{degenerate['mara']} / {degenerate['base']}",
         f"{ratio:.2f}x",
         f"{100 * fallback:.1f}%",
     ]
-    marked = [cell + (" ✓" if verdict[k][1] else "") for cell, k in zip(cells, verdict)]
+    marked = [cell + (" ✓" if met else "") for cell, (_, met) in zip(cells, verdict.values())]
     met = sum(ok for _, ok in verdict.values())
     return f"| {path} | " + " | ".join(marked) + f" | {met} / 4 |"
 
