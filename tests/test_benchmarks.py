@@ -171,6 +171,29 @@ def test_prompts_come_from_the_repository_and_a_missing_file_stops_the_run(scrip
     assert "data/prompts/ has no beavertail_test.json" in capsys.readouterr().err
 
 
+def test_the_named_prompt_file_reaches_the_batches(scripts, monkeypatch, tmp_path):
+    from mara_hf.data import load_prompts
+
+    common, bench = scripts["common"], scripts["bench_generate"]
+    # A real model's batches are the named file's first prompts, in order, `batch_size` per batch.
+    monkeypatch.setattr(common, "encode_chat_prompts", lambda tokenizer, texts, device: list(texts))
+    batches = common.make_batches(None, "a tokenizer", 3, 2, 0, 0, "cpu", "hhrlhf_test")
+    first = load_prompts(common.PROMPTS_DIR / "hhrlhf_test.json")[:6]
+    assert batches == [first[:3], first[3:]]
+    assert first[:3] != load_prompts(common.PROMPTS_DIR / "saferlhf_test.json")[:3]
+    # bench_generate.py hands its `--prompts` to every batch size's batches.
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(args[-1])
+        raise KeyboardInterrupt  # enough: stop before anything is timed
+
+    monkeypatch.setattr(common, "make_batches", record)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(TINY + ["--prompts", "beavertails_test", "--batch-sizes", "1", "--out", str(tmp_path)])
+    assert seen == ["beavertails_test"]
+
+
 def test_shipped_agents_are_benchmark_agents_by_name(scripts):
     from mara_hf.models import DEFAULT_AGENT, shipped_agents
 
