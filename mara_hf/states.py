@@ -14,6 +14,7 @@ Either keeps one chosen sibling per row as the committed token (the fused loop) 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -264,15 +265,18 @@ def run_siblings(model, cache, tokens: torch.LongTensor, position_ids: torch.Lon
         return (states[:, :0],) + tuple(args[1:])  # "none", or a pick that defers: lm_head projects nothing
 
     handle = model.get_output_embeddings().register_forward_pre_hook(capture_states)
+    # A chunk of several siblings attends on the key/value heads as they are (grouped-query attention, sdpa).
+    packing = hf.packed_sibling_attention() if k > 1 else contextlib.nullcontext()
     try:
-        out = model(
-            input_ids=tokens,
-            attention_mask=attention_mask,
-            position_ids=position_ids.expand(batch, k),
-            **{cache_keyword(model): cache},
-            use_cache=True,
-            return_dict=True,
-        )
+        with packing:
+            out = model(
+                input_ids=tokens,
+                attention_mask=attention_mask,
+                position_ids=position_ids.expand(batch, k),
+                **{cache_keyword(model): cache},
+                use_cache=True,
+                return_dict=True,
+            )
     finally:
         handle.remove()
     states = captured["states"]

@@ -117,3 +117,75 @@ def test_decode_step_keeps_views_of_its_entries_and_a_later_commit_is_exact(arch
         with torch.no_grad():
             expected = model(torch.tensor([prompt + [taken, follow[row].item()]])).logits[0, -1]
         torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_chunk_of_siblings_attends_on_the_key_value_heads_as_they_are(monkeypatch):
+    """Grouped-query attention with sdpa: a chunk's queries are packed onto the 2 key/value heads (4 query heads), so
+    no layer copies its keys/values per query head; the states are those of separate forwards (above)."""
+    from mara_hf import hf_internals as hf
+
+    model = tiny_model("llama")
+    ids, mask = left_padded(random_prompts(2, lengths=(9, 6), seed=3))
+    cache = prefill(model, ids, mask)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        calls.append((tuple(query.shape), tuple(key.shape), kwargs.get("enable_gqa", False)))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    candidates = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = sibling_forward(model, cache, candidates, mask.sum(-1, keepdim=True), mask)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert calls == [((2, 2, 2 * 5, head_dim), (2, 2, 9 + 5, head_dim), False)] * model.config.num_hidden_layers
+    for row, prompt in enumerate(random_prompts(2, lengths=(9, 6), seed=3)):
+        torch.testing.assert_close(out.states[row], naive_states(model, prompt, candidates[row].tolist()),
+                                   atol=1e-5, rtol=1e-5)
+    assert hf._replaced_sdpa is None and hf._packed_sdpa_users == 0
+
+
+def test_the_attention_table_is_left_as_it_was_also_after_a_failed_forward(monkeypatch):
+    """The packing function stands in for "sdpa" only while a chunk runs; a function the user put there (a local
+    override) is called for every call it does not pack and is back afterwards, also when the forward raised."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from mara_hf import hf_internals as hf
+
+    model = tiny_model("llama")
+    ids, mask = left_padded(random_prompts(1, lengths=(7,), seed=5))
+    cache = prefill(model, ids, mask)
+    candidates = torch.tensor([[5, 6, 7]])
+    checkpoint = DynamicSnapshot(cache)
+    with torch.no_grad():
+        sibling_forward(model, cache, candidates, mask.sum(-1, keepdim=True), mask)
+    checkpoint.restore()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+    assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+
+    seen = []
+
+    def users_sdpa(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return sdpa_attention_forward(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", users_sdpa)
+    with hf.packed_sibling_attention():
+        with hf.packed_sibling_attention():  # nested: the table changes once
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is hf._sdpa_packing_siblings
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is hf._sdpa_packing_siblings
+        with torch.no_grad():  # one token per row is not a chunk: the user's function runs
+            model(input_ids=candidates[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], -1), use_cache=False)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is users_sdpa and seen == [1] * model.config.num_hidden_layers
+
+    def fail(module, args):
+        raise RuntimeError("boom")
+
+    handle = model.model.layers[-1].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        sibling_forward(model, cache, candidates, mask.sum(-1, keepdim=True), mask)
+    handle.remove()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is users_sdpa
+    assert hf._replaced_sdpa is None and hf._packed_sdpa_users == 0
