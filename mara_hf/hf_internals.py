@@ -496,4 +496,3 @@ def _sdpa_packing_siblings(module, query, key, value, attention_mask, dropout=0.
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
     # As `sdpa_attention_forward` returns it: (B, count, heads, value dim).
     return out.reshape(batch, heads, count, value.shape[-1]).transpose(1, 2).contiguous(), None
-
