@@ -125,7 +125,8 @@ def test_a_chunk_of_siblings_attends_on_the_key_value_heads_as_they_are(monkeypa
     from mara_hf import hf_internals as hf
 
     model = tiny_model("llama")
-    ids, mask = left_padded(random_prompts(2, lengths=(9, 6), seed=3))
+    prompts = random_prompts(2, lengths=(9, 6), seed=3)
+    ids, mask = left_padded(prompts)
     cache = prefill(model, ids, mask)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -140,7 +141,7 @@ def test_a_chunk_of_siblings_attends_on_the_key_value_heads_as_they_are(monkeypa
         out = sibling_forward(model, cache, candidates, mask.sum(-1, keepdim=True), mask)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     assert calls == [((2, 2, 2 * 5, head_dim), (2, 2, 9 + 5, head_dim), False)] * model.config.num_hidden_layers
-    for row, prompt in enumerate(random_prompts(2, lengths=(9, 6), seed=3)):
+    for row, prompt in enumerate(prompts):
         torch.testing.assert_close(out.states[row], naive_states(model, prompt, candidates[row].tolist()),
                                    atol=1e-5, rtol=1e-5)
     assert hf._replaced_sdpa is None and hf._packed_sdpa_users == 0
