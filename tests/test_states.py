@@ -147,6 +147,46 @@ def test_a_chunk_of_siblings_attends_on_the_key_value_heads_as_they_are(monkeypa
     assert hf._replaced_sdpa is None and hf._packed_sdpa_users == 0
 
 
+@pytest.mark.parametrize(
+    "mask_shape, packs",
+    [((2, 1, 3, 10), True), ((2, 1, 1, 10), False), ((2, 4, 3, 10), False), (None, False)],
+    ids=["a-row-per-query", "one-row-broadcast", "per-head", "no-mask"],
+)
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_the_packing_attention_equals_transformers_sdpa(monkeypatch, mask_shape, packs, dtype):
+    """Called as a layer calls "sdpa", the packing function gives transformers' output: packed for a chunk's mask
+    (one row per query, shared by the heads), handed to transformers' function for any other mask."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from mara_hf import hf_internals as hf
+
+    generator = torch.Generator().manual_seed(6)
+    query, key, value = (torch.randn(2, heads, length, 8, generator=generator)
+                         for heads, length in ((4, 3), (2, 10), (2, 10)))
+    mask = None
+    if mask_shape is not None:
+        mask = torch.rand(mask_shape, generator=generator) > 0.3
+        mask[..., 0] = True  # every query sees a key
+        if dtype is not torch.bool:
+            mask = torch.zeros(mask_shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        shapes.append(tuple(query.shape))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    with hf.packed_sibling_attention():
+        out, _ = hf._sdpa_packing_siblings(module, query, key, value, mask, scaling=0.3)
+    assert shapes[1] == ((2, 2, 6, 8) if packs else shapes[0])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
 def test_the_attention_table_is_left_as_it_was_also_after_a_failed_forward(monkeypatch):
     """The packing function stands in for "sdpa" only while a chunk runs; a function the user put there (a local
     override) is called for every call it does not pack and is back afterwards, also when the forward raised."""
