@@ -360,7 +360,12 @@ def test_targets_judges_issue_11s_four_targets_at_their_edges(monkeypatch, tmp_p
     path.write_text(json.dumps(old))
     targets.main([str(path)])
     line = capsys.readouterr().out.splitlines()[-1]
-    assert line == f"| {path} | +30.0 ✓ | n/a | 1.00x ✓ | 0.0% ✓ | 3 / 4 |"
+    assert line == f"| {path} | +30.0 ✓ | n/a | 1.00x ✓ | 0.0% ✓ | 3 / 4 | n/a | n/a |"
+    recent = {**results(24.0, (12, 10), 1.0, 0.01), "agent": {"fallback_rate": 0.01, "changed_rate": 0.08}}
+    path.write_text(json.dumps(recent))  # the share of changed tokens, and the card gain per percent of them
+    targets.main([str(path)])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == f"| {path} | +24.0 | 12 / 10 ✓ | 1.25x | 1.0% ✓ | 2 / 4 | 8.0% | 3.00 |"
 
 
 def test_the_device_check_script_runs_every_part_on_the_cpu(tmp_path):

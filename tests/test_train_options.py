@@ -5,6 +5,7 @@ into options for the sweep script, and name the flag of a bad value."""
 import argparse
 import dataclasses
 import importlib.util
+import json
 import re
 import shlex
 from pathlib import Path
@@ -171,3 +172,22 @@ def test_sweep_validates_the_last_and_the_best_probed_actor_of_each_run(tmp_path
     assert agents == {"probed": ("probed", tmp_path / "runs/probed/agent"),
                       "probed-best": ("probed", tmp_path / "runs/probed/best_agent"),
                       "plain": ("plain", tmp_path / "runs/plain/agent")}
+
+
+def test_sweep_summary_reports_the_gain_per_changed_token():
+    """A validated agent's line also gives the share of tokens that differ from the top-1 and the run's own reward
+    gain per percent of them (VADER's for a VADER run), read from a committed `mara-hf eval` results.json."""
+    sweep = load_sweep()
+    results = json.loads((ROOT / "benchmarks" / "eval" / "smollm2-steady" / "min-p" / "threshold"
+                          / "validation_t0.1_results.json").read_text())
+    card = "10*vader+10*fluency"
+    changed = 100 * results["agent"]["changed_rate"]
+    line = sweep.summary("run", results, ["vader", card])
+    assert line.startswith("run; validation gain +14.0 (")
+    assert f", {card} gain +14.0," in line and "fallback rate 1.3%, 1.73 forwards per step" in line
+    assert line.endswith(f"changed tokens {changed:.1f}% ({14.0 / changed:.2f} points of {card} gain per percent)")
+    assert f"({results['rewards']['vader']['gain'] / changed:.2f} points of vader gain" in sweep.summary(
+        "run", results, ["vader"])
+    unchanged = {**results, "agent": {**results["agent"], "changed_rate": 0.0}}
+    assert sweep.summary("run", unchanged, ["vader"]).endswith(
+        "changed tokens 0.0% (n/a points of vader gain per percent)")
