@@ -23,10 +23,9 @@ Every configuration is a `TrainConfig` (hyperparameters declared once, in `mara_
 (metrics.jsonl, agent/, checkpoints/; best_agent/ with a greedy probe), OUT/evals/NAME/ (results.json, responses.jsonl;
 OUT/evals/NAME-best/ for best_agent/) and prints one summary line per validated agent: validation gain (VADER, and the
 run's own reward where it is another), KL, degenerate answers (the `fluency` screen), fallback rate, forwards per decode
-step, and the share of changed tokens with the gain per percent of them (issue 11's KL target allows about 10% changed
-tokens, so its +30 asks about 3 points per percent). With `--seeds`, every configuration is trained once per seed, as
-NAME-seedS: the same recipe can end far apart with another seed (`train/cpu-seed1-2026-11-28/`), so compare recipes over
-seeds.
+step, and the share of changed tokens with the gain per percent of them (why that figure: `eval/targets.py`). With
+`--seeds`, every configuration is trained once per seed, as NAME-seedS: the same recipe can end far apart with another
+seed (`train/cpu-seed1-2026-11-28/`), so compare recipes over seeds.
 """
 
 from __future__ import annotations
@@ -214,9 +213,7 @@ def main(argv=None) -> None:
 def summary(head: str, results: dict, rewards: list[str]) -> str:
     """One validated agent's line: its gains (`rewards`: VADER first, then the run's own reward if any), KL, degenerate
     answers, fallbacks, forwards per step, and the share of tokens that differ from the base model's top-1 with the
-    last reward's gain per percent of them. Over the committed evaluations the KL ratio follows that share (about
-    1.1x at 5-9%, 1.5-1.8x at 20-28%), so issue 11's KL target (1.2x) allows about 10%, and its +30 gain then asks
-    about 3 points per percent (`eval/targets.log`)."""
+    last reward's gain per percent of them (`eval/targets.py` says why)."""
     vader, kl = results["rewards"]["vader"], results["kl_per_token"]
     own = "".join(f", {reward} gain {results['rewards'][reward]['gain']:+.1f}" for reward in rewards[1:])
     degenerate, agent = results["fluency"]["degenerate"], results["agent"]
