@@ -392,3 +392,23 @@ def test_the_device_check_script_runs_every_part_on_the_cpu(tmp_path):
     assert json.loads((out / "speed" / "speed.json").read_text())["complete"]
     with tarfile.open(out / "profile.tar.gz") as packed:
         assert "profile/profile.json" in packed.getnames()
+
+
+def test_rows_out_of_step_count_each_rows_actions_in_sequence():
+    """`benchmarks/cpu/18-rows-out-of-step/`: lockstep waits each step for its slowest row and pads a chunk's rows to
+    the widest of them; out of step, forward `f` holds action `f` of every row, unpadded."""
+    path = BENCHMARKS / "cpu" / "18-rows-out-of-step" / "out_of_step.py"
+    spec = importlib.util.spec_from_file_location("out_of_step", path)
+    out_of_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(out_of_step)
+    used = [(1, 8)] * 3
+    # Per step and row: search length l (taken index + 1, all n on a fallback, 0 for a lone candidate) and count n.
+    lengths = [[1, 3, 0], [40, 1, 1], [5, 8, 1]]
+    counts = [[40, 40, 1], [40, 5, 40], [5, 40, 40]]
+    # Step 3: rows 0 (5 candidates) and 1 (40) both need candidates 2-8; lockstep pads row 0's 4 to row 1's 7.
+    assert out_of_step.lockstep(used, lengths, counts, 40) == [[3, 7], [3, 7, 32], [3, 14]]
+    flat, actions = out_of_step.out_of_step(used, lengths, counts, 40)
+    # Row 0: 1 | 1, 7, 32 | 1, 4; row 1: 1, 7 | 1 | 1, 7; row 2: 1 | 1 | 1.
+    assert flat == [3, 9, 9, 33, 8, 4] and actions == [3, 5, 6]
+    assert out_of_step.chunks((1, 2, 12, 40), 40) == [(0, 1), (1, 2), (2, 12), (12, 40)]
+    assert out_of_step.chunks((1, 8), 40) == [(0, 1), (1, 8), (8, 40)]
