@@ -48,8 +48,8 @@ CHUNK_SHAPES = ((4, 2), (4, 8), (8, 4), (16, 4), (16, 8))  # (rows, siblings per
 def traces(model, agent, inputs, base):
     """Per step: the boundaries `"auto"` used, and per row the search length `l` and candidate count `n`; plus the
     forwards the loop reported per step."""
-    model.generate(**inputs, **base, custom_generate=mara_generate, mara_agent=agent)  # warm-up (auto learns, as in
-    # the timed rounds of bench_generate.py)
+    # A warm-up call first: "auto" remembers what it saw, as before the timed rounds of bench_generate.py.
+    model.generate(**inputs, **base, custom_generate=mara_generate, mara_agent=agent)
     schedule = make_schedule("auto", device="cpu", batch_size=BATCH, width=agent.top_k, agent=agent, model=model)
     used, current = [], schedule.current
     schedule.current = lambda: used.append(current()) or used[-1]
