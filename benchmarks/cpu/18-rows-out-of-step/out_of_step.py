@@ -22,7 +22,6 @@ Plain greedy's decode forward at batch 16 is timed beside them, so the modelled 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -139,16 +138,9 @@ def fit(medians: dict) -> tuple[float, float]:
 
 @torch.no_grad()
 def main() -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the forwards (default 5)")
-    args = parser.parse_args()
-    common.set_threads(None, "cpu")
-    model, tokenizer = common.load_model("smollm2", "cpu", torch.float32)
-    agent = common.load_agent()
-    base = common.base_generate_kwargs(model, TOKENS)
-    record = {"command": common.command_record("cpu/18-rows-out-of-step/out_of_step.py", None)["command_line"],
-              "agent": common.DEFAULT_AGENT, "batch_size": BATCH, "max_new_tokens": TOKENS, "rounds": args.rounds,
-              "environment": common.environment("cpu"), "results": []}
+    rounds, model, tokenizer, agent, base, record = common.default_agent_ab(
+        "benchmarks/cpu/18-rows-out-of-step/out_of_step.py", __doc__.splitlines()[0], TOKENS)
+    record["batch_size"] = BATCH
     print(record["command"])
     for name in SETS:
         inputs = common.make_batches(model, tokenizer, BATCH, 1, 0, 0, "cpu", name)[0]
@@ -159,7 +151,7 @@ def main() -> dict:
                              f"loop reported ({reported}).")
         flat, row_actions = out_of_step(used, lengths, counts, agent.top_k)
         cases = timed_cases(model, inputs)
-        _, timed = common.interleaved(lambda case: _seconds(cases[case]), tuple(cases), args.rounds)
+        _, timed = common.interleaved(lambda case: _seconds(cases[case]), tuple(cases), rounds)
         medians = {case: 1e3 * statistics.median(values) for case, values in timed.items()}
         big_f, g = fit(medians)
         h = medians["lm_head, 16 rows"]
