@@ -2,6 +2,7 @@
 prompts are the repository's own; the calibrated agent rejects the share of top-1 candidates it was asked to."""
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
