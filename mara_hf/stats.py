@@ -31,6 +31,12 @@ class StepDecision:
     fallback: torch.BoolTensor
 
 
+def search_lengths(index: torch.Tensor, fallback: torch.Tensor, asked: torch.Tensor, counts: torch.Tensor):
+    """Candidates each decision had evaluated: `index + 1` when it took candidate `index`, all `counts` when every
+    candidate was rejected (`fallback`), none where the agent was not `asked` (a lone candidate)."""
+    return torch.where(asked, torch.where(fallback, counts, index + 1), 0)
+
+
 class MaraStats:
     """Counters over the tokens MARA decided.
 
@@ -98,7 +104,7 @@ class MaraStats:
             self._to(asked.device)
             asked = asked & active
             counted = asked & ~fallback
-            length = torch.where(asked, torch.where(fallback, counts, index + 1), 0)
+            length = search_lengths(index, fallback, asked, counts)
             self._counts[:3] += torch.stack([active.sum(), asked.sum(), (fallback & asked).sum()])
             self._histogram.scatter_add_(0, index.clamp(max=self.top_k - 1).flatten(), counted.long().flatten())
             cell = length.clamp(max=self.top_k) * (self.top_k + 1) + counts.clamp(max=self.top_k)

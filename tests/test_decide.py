@@ -161,3 +161,16 @@ def test_plain_head_tells_models_that_post_process_lm_head_apart(arch, plain):
     if arch == "cohere":
         projected = model.get_output_embeddings()(head_input.states)
         assert torch.allclose(projected, out.logits, rtol=1e-3, atol=1e-3)
+
+
+def test_search_lengths_count_the_candidates_each_decision_evaluated():
+    """Taken candidate `index`: index + 1 evaluated; every one rejected: all of them; a lone candidate: none. The
+    statistics' search-length histogram counts the same."""
+    from mara_hf.stats import MaraStats, StepDecision, search_lengths
+
+    index, counts = torch.tensor([0, 2, 0, 0]), torch.tensor([40, 5, 5, 1])
+    fallback, asked = torch.tensor([False, False, True, False]), torch.tensor([True, True, True, False])
+    assert search_lengths(index, fallback, asked, counts).tolist() == [1, 3, 5, 0]
+    stats = MaraStats(8)
+    stats.record(StepDecision(index=index, token=index, num_candidates=counts, asked=asked, fallback=fallback))
+    assert stats.search_length_histogram == [1, 1, 0, 1, 0, 1, 0, 0, 0]

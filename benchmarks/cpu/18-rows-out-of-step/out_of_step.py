@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +37,8 @@ from mara_hf import mara_generate  # noqa: E402
 from mara_hf.hf_internals import DynamicSnapshot  # noqa: E402
 from mara_hf.schedule import make_schedule  # noqa: E402
 from mara_hf.states import DynamicSiblings, cache_keyword  # noqa: E402
+from mara_hf.stats import search_lengths  # noqa: E402
+from profile_step import Timer  # noqa: E402
 
 SETS = ("saferlhf_test", "beavertails_test", "hhrlhf_test")
 BATCH, TOKENS = 16, 32
@@ -56,8 +57,7 @@ def traces(model, agent, inputs, base):
                          return_dict_in_generate=True)
     steps = out.mara_steps
     n = steps["num_candidates"]
-    length = torch.where(steps["fallback"], n, steps["index"] + 1)
-    length = torch.where(steps["asked"], length, 0)  # a lone candidate is decided without asking
+    length = search_lengths(steps["index"], steps["fallback"], steps["asked"], n)
     return used, length.T.tolist(), n.T.tolist(), steps["forwards"].tolist()  # lists per step, then per row
 
 
@@ -131,9 +131,8 @@ def fit(medians: dict) -> tuple[float, float]:
     """`F, g` (ms, ms per token) of `F + g * T` over the chunk timings."""
     xs = [r * k for r, k in CHUNK_SHAPES]
     ys = [medians[f"chunk {r} x {k}"] for r, k in CHUNK_SHAPES]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    g = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - g * mx, g
+    g, big_f = statistics.linear_regression(xs, ys)
+    return big_f, g
 
 
 @torch.no_grad()
@@ -141,6 +140,7 @@ def main() -> dict:
     rounds, model, tokenizer, agent, base, record = common.default_agent_ab(
         "benchmarks/cpu/18-rows-out-of-step/out_of_step.py", __doc__.splitlines()[0], TOKENS)
     record["batch_size"] = BATCH
+    timer = Timer("cpu")
     print(record["command"])
     for name in SETS:
         inputs = common.make_batches(model, tokenizer, BATCH, 1, 0, 0, "cpu", name)[0]
@@ -151,7 +151,7 @@ def main() -> dict:
                              f"loop reported ({reported}).")
         flat, row_actions = out_of_step(used, lengths, counts, agent.top_k)
         cases = timed_cases(model, inputs)
-        _, timed = common.interleaved(lambda case: _seconds(cases[case]), tuple(cases), rounds)
+        _, timed = common.interleaved(lambda case: timer(cases[case]), tuple(cases), rounds)
         medians = {case: 1e3 * statistics.median(values) for case, values in timed.items()}
         big_f, g = fit(medians)
         h = medians["lm_head, 16 rows"]
@@ -184,12 +184,6 @@ def main() -> dict:
                   f"{result['modelled_ratio_vs_plain'][loop]:.3f}x of plain's decode forward ({plain_ms:.1f} ms)")
     common.write_json(HERE / "out_of_step.json", record)
     return record
-
-
-def _seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
