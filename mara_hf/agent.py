@@ -137,7 +137,8 @@ class MaraAgent(
         }
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
-        """Reject/accept logits `[..., 2]`, computed in float32 whatever the states' dtype."""
+        """Reject/accept logits `[..., 2]`, computed in the agent's own dtype (float32 as loaded) whatever the
+        states' dtype: half-precision states are cast up (an agent cast to half precision computes in it)."""
         params = self.ln.weight
         x = self.ln(states.to(device=params.device, dtype=params.dtype))
         x = torch.relu(self.linear1(x))
@@ -149,7 +150,8 @@ class MaraAgent(
         return torch.softmax(self.logits(states), dim=-1)
 
     def accept_probability(self, states: torch.Tensor) -> torch.Tensor:
-        """p(accept) for states of any leading shape `[..., state_dim]` -> `[...]`, in float32."""
+        """p(accept) for states of any leading shape `[..., state_dim]` -> `[...]`, in the agent's dtype (see
+        `logits`)."""
         if states.shape[-1] != self.state_dim:
             raise ValueError(
                 f"The agent reads states of size {self.state_dim}, but got states of size {states.shape[-1]}: "
@@ -309,20 +311,21 @@ def is_min_p(value) -> bool:
 
 
 def validate_candidate_settings(top_k: int, top_p: float, fallback: str, accept_threshold: float = 0.5,
-                                min_p: float = 0.0) -> None:
-    """Eager checks shared by the agent config, the processor and the fused loop."""
+                                min_p: float = 0.0, *, prefix: str = "") -> None:
+    """Eager checks shared by the agent config, the processor and the fused loop (whose arguments carry the prefix
+    `"mara_"`, which the messages name)."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ValueError(f"`top_k` has to be a strictly positive integer, but is {top_k!r}.")
+        raise ValueError(f"`{prefix}top_k` has to be a strictly positive integer, but is {top_k!r}.")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"`top_p` has to be a float in (0, 1], but is {top_p!r}.")
+        raise ValueError(f"`{prefix}top_p` has to be a float in (0, 1], but is {top_p!r}.")
     if not is_min_p(min_p):
-        raise ValueError(f"`min_p` has to be a float in [0, 1) (0: the paper's candidates, no min-p cut), but is "
-                         f"{min_p!r}.")
+        raise ValueError(f"`{prefix}min_p` has to be a float in [0, 1) (0: the paper's candidates, no min-p cut), "
+                         f"but is {min_p!r}.")
     if fallback not in FALLBACKS:
-        raise ValueError(f"`fallback` has to be one of {FALLBACKS}, but is {fallback!r}.")
+        raise ValueError(f"`{prefix}fallback` has to be one of {FALLBACKS}, but is {fallback!r}.")
     if not is_accept_threshold(accept_threshold):
-        raise ValueError(f"`accept_threshold` has to be a float in (0, 1) (0.5: the agent's greedy decision), but "
-                         f"is {accept_threshold!r}.")
+        raise ValueError(f"`{prefix}accept_threshold` has to be a float in (0, 1) (0.5: the agent's greedy "
+                         f"decision), but is {accept_threshold!r}.")
 
 
 def _init_names() -> set[str]:

@@ -172,60 +172,64 @@ def evaluate_step(
     logits_mode = "pick" if picking else ("all" if for_commit else "none")
     start, end = 0, min(first, max_count)
     rows = None  # the rows a chunk runs for (None: all)
-    while True:
-        at = slice(None) if rows is None else rows
-        pick = None
-        if picking:
-            # A later chunk only runs after a deferring first one; a first chunk that may be the last projects.
-            defers = defer and (start > 0 or (lazy and end < max_count))
-            pick = Picker(agent, cands, start, end, target, thresholds, at, defer=defers, decided=decided)
-        out = siblings.forward(cands.tokens[at, start:end], position_ids[at], start, rows, logits=logits_mode,
-                               pick=pick, keep_kv=for_commit and not static)
-        evaluation.forwards += 1
-        evaluation.evaluated_width = end
-        evaluation.bounds.append((start, end))
-        p = pick.p_accept if picking else agent.accept_probability(out.states)
-        p = p.to(device)
-        valid = cands.valid[at, start:end]
-        evaluation.probabilities.append((p, valid))  # for MaraStats.nonfinite, counted when read
-        if keep_states:
-            evaluation.states_parts.append(widen(out.states, rows, batch))
-        chunk_accepted = (p > _chunk_thresholds(thresholds, at, start, end)) & valid
-        accepted[at, start:end] = chunk_accepted
-        if rows is None:
-            decided = decided | chunk_accepted.any(dim=-1)
-        else:
-            decided = decided.index_put((rows,), decided[rows] | chunk_accepted.any(dim=-1))
-        if lazy and end < max_count:
-            # The host read of a chunk: how many rows still need candidates, and how many can those rows have
-            # (the next chunk is cut to that, not to the widest row of the batch)? (When only some rows need more,
-            # `nonzero` below reads which.) A deferring picker made it already, before lm_head.
-            need = ~decided & (cands.counts > end)
-            if pick is not None and pick.read is not None:
-                needed, max_count = pick.read
-            elif static:  # fixed shapes: chunks are never cut to the largest count
-                needed = int(need.sum())
+    try:
+        while True:
+            at = slice(None) if rows is None else rows
+            pick = None
+            if picking:
+                # A later chunk only runs after a deferring first one; a first chunk that may be the last projects.
+                defers = defer and (start > 0 or (lazy and end < max_count))
+                pick = Picker(agent, cands, start, end, target, thresholds, at, defer=defers, decided=decided)
+            out = siblings.forward(cands.tokens[at, start:end], position_ids[at], start, rows, logits=logits_mode,
+                                   pick=pick, keep_kv=for_commit and not static)
+            evaluation.forwards += 1
+            evaluation.evaluated_width = end
+            evaluation.bounds.append((start, end))
+            p = pick.p_accept if picking else agent.accept_probability(out.states)
+            p = p.to(device)
+            valid = cands.valid[at, start:end]
+            evaluation.probabilities.append((p, valid))  # for MaraStats.nonfinite, counted when read
+            if keep_states:
+                evaluation.states_parts.append(widen(out.states, rows, batch))
+            chunk_accepted = (p > _chunk_thresholds(thresholds, at, start, end)) & valid
+            accepted[at, start:end] = chunk_accepted
+            if rows is None:
+                decided = decided | chunk_accepted.any(dim=-1)
             else:
-                needed, max_count = _read_need(need, cands.counts)
-        else:
-            needed = 0
-        if pick is not None and pick.deferred:
-            evaluation.deferred = True
-            evaluation.head_inputs.append(widen(pick.kept, rows, batch))
-        elif for_commit:
-            evaluation.logits_parts.append(widen(out.logits, rows, batch))
-            if end == 1 and not needed:
-                # Every row takes its top-1 (accepted, or a lone candidate): the cache already holds the step.
-                evaluation.committed = True
+                decided = decided.index_put((rows,), decided[rows] | chunk_accepted.any(dim=-1))
+            if lazy and end < max_count:
+                # The host read of a chunk: how many rows still need candidates, and how many can those rows have
+                # (the next chunk is cut to that, not to the widest row of the batch)? (When only some rows need more,
+                # `nonzero` below reads which.) A deferring picker made it already, before lm_head.
+                need = ~decided & (cands.counts > end)
+                if pick is not None and pick.read is not None:
+                    needed, max_count = pick.read
+                elif static:  # fixed shapes: chunks are never cut to the largest count
+                    needed = int(need.sum())
+                else:
+                    needed, max_count = _read_need(need, cands.counts)
+            else:
+                needed = 0
+            if pick is not None and pick.deferred:
+                evaluation.deferred = True
+                evaluation.head_inputs.append(widen(pick.kept, rows, batch))
+            elif for_commit:
+                evaluation.logits_parts.append(widen(out.logits, rows, batch))
+                if end == 1 and not needed:
+                    # Every row takes its top-1 (accepted, or a lone candidate): the cache already holds the step.
+                    evaluation.committed = True
+                    break
+            if not static:
+                siblings.restore()
+            if not needed:
                 break
-        if not static:
-            siblings.restore()
-        if not needed:
-            break
-        if not static:
-            rows = need.nonzero().squeeze(1) if needed < batch else None
-        start = end
-        end = min(next((b for b in bounds if b > start), max_count), max_count)
+            if not static:
+                rows = need.nonzero().squeeze(1) if needed < batch else None
+            start = end
+            end = min(next((b for b in bounds if b > start), max_count), max_count)
+    except BaseException:
+        siblings.restore()  # a failed step (the agent, a later chunk's memory) leaves the cache as it found it
+        raise
 
     if static and not for_commit:
         siblings.restore()

@@ -27,7 +27,7 @@ from .processor import agent_on_device, check_agent, check_watermark, unwrap_mod
 from .schedule import DEFAULT_SCHEDULE, make_schedule
 from .states import (HeadInput, check_cache, check_left_padding, check_model, known_plain_head, next_position_ids,
                      plain_head)
-from .stats import MaraStats
+from .stats import MaraStats, check_stats
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def mara_generate(
             "side): drop `output_attentions` / `output_hidden_states`, or use "
             "`logits_processor=[MaraLogitsProcessor(agent, model)]` with plain `generate`, which returns them."
         )
-    calling = hf.calling_generate_locals(model, ("streamer", "assistant_model"))
+    calling = hf.calling_generate_locals(model, ("streamer", "assistant_model", "logits_processor"))
     if calling.get("assistant_model") is not None or generation_config.prompt_lookup_num_tokens is not None:
         raise ValueError(
             "The fused MARA loop does not do assisted or speculative decoding: drop `assistant_model` / "
@@ -130,20 +130,21 @@ def mara_generate(
     min_p = mara_agent.min_p if mara_min_p is None else mara_min_p
     fallback = mara_agent.fallback if mara_fallback is None else mara_fallback
     threshold = mara_agent.accept_threshold if mara_accept_threshold is None else mara_accept_threshold
-    validate_candidate_settings(top_k, top_p, fallback, threshold, min_p)
+    validate_candidate_settings(top_k, top_p, fallback, threshold, min_p, prefix="mara_")
     if not model_kwargs.get("use_cache", True):
         check_cache(None)
     check_left_padding(model_kwargs.get("attention_mask"))
     cache = hf.cache_of(model_kwargs)
     static = cache is not None and check_cache(cache, static=True) == "static"
     width = min(top_k, model.get_output_embeddings().weight.shape[0])
+    check_stats(mara_stats, width)
     if static:
         cache = _static_cache_with_scratch(model, cache, generation_config, input_ids, model_kwargs, width)
     device = hf.execution_device(model.get_output_embeddings())
     batch_size = input_ids.shape[0]
     compiling = static and hf.generate_would_compile(model, model_kwargs, generation_config)
     schedule = make_schedule(mara_schedule, device=device, batch_size=batch_size, width=width, static=static,
-                             compiled=compiling, agent=mara_agent, model=model)
+                             compiled=compiling, agent=mara_agent, model=model, name="mara_schedule")
     agent = agent_on_device(mara_agent, device)
     if streamer is None:
         streamer = calling.get("streamer")
@@ -154,7 +155,8 @@ def mara_generate(
     output_logits = return_dict and generation_config.output_logits
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
     do_sample = generation_config.do_sample
-    processors, after = hf.split_at_caller_processors(logits_processor)  # `after`: warpers, watermark, ...
+    # `after`: generate's warpers, watermark, ...; the caller's own processors all run before MARA decides
+    processors, after = hf.split_at_caller_processors(logits_processor, calling.get("logits_processor"))
     stats = mara_stats if mara_stats is not None else MaraStats(top_k, device=device)
     nonfinite_before = stats.nonfinite if mara_stats is not None else 0  # the NaN warning is about this call
     schedule.start(mara_stats)
@@ -189,74 +191,83 @@ def mara_generate(
     length = int(cache.get_seq_length())
 
     with hf.decode_context(model):  # generate's own decode steps run in it too
-        while True:
-            scores = processors(input_ids, logits)
-            context_mask = model_kwargs.get("attention_mask")
-            next_positions = next_position_ids(model_kwargs.get("position_ids"), context_mask, length, batch_size,
-                                               input_ids.device)
+        try:
+            while True:
+                evaluation = None  # the step under way, whose cache snapshot `finally` puts back
+                scores = processors(input_ids, logits)
+                context_mask = model_kwargs.get("attention_mask")
+                next_positions = next_position_ids(model_kwargs.get("position_ids"), context_mask, length, batch_size,
+                                                   input_ids.device)
 
-            evaluation = evaluate_step(
-                model,
-                agent,
-                cache,
-                scores,
-                next_positions,
-                context_mask,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                fallback=fallback,
-                thresholds=threshold,
-                schedule=schedule.current(),
-                lazy=not do_sample,
-                for_commit=True,
-                static_length=length if static else None,
-                compiled=compiled,
-                defer_head=defer_head,
-                active=unfinished,
-            )
-            decision = evaluation.decision
-            cands = evaluation.candidates
-            if do_sample:
-                final_scores = after(input_ids, evaluation.restrict(scores, evaluation.allowed()))
-                next_tokens = torch.multinomial(torch.softmax(final_scores, dim=-1), num_samples=1).squeeze(1)
-                index = ((cands.tokens == next_tokens[:, None]) & cands.valid).long().argmax(dim=-1)
-                decision.index, decision.token = index, next_tokens
-            else:
-                index, next_tokens = decision.index, decision.token
-                final_scores = None
-                if output_scores:  # what generate returns for the processor's one-hot output
-                    final_scores = after(input_ids, torch.full_like(scores, -float("inf")).scatter(
-                        1, next_tokens[:, None], scores.gather(1, next_tokens[:, None])
-                    ))
+                evaluation = evaluate_step(
+                    model,
+                    agent,
+                    cache,
+                    scores,
+                    next_positions,
+                    context_mask,
+                    top_k=top_k,
+                    top_p=top_p,
+                    min_p=min_p,
+                    fallback=fallback,
+                    thresholds=threshold,
+                    schedule=schedule.current(),
+                    lazy=not do_sample,
+                    for_commit=True,
+                    static_length=length if static else None,
+                    compiled=compiled,
+                    defer_head=defer_head,
+                    active=unfinished,
+                )
+                decision = evaluation.decision
+                cands = evaluation.candidates
+                if do_sample:
+                    final_scores = after(input_ids, evaluation.restrict(scores, evaluation.allowed()))
+                    next_tokens = torch.multinomial(torch.softmax(final_scores, dim=-1), num_samples=1).squeeze(1)
+                    index = ((cands.tokens == next_tokens[:, None]) & cands.valid).long().argmax(dim=-1)
+                    decision.index, decision.token = index, next_tokens
+                else:
+                    index, next_tokens = decision.index, decision.token
+                    final_scores = None
+                    if output_scores:  # what generate returns for the processor's one-hot output
+                        final_scores = after(input_ids, torch.full_like(scores, -float("inf")).scatter(
+                            1, next_tokens[:, None], scores.gather(1, next_tokens[:, None])
+                        ))
 
-            next_logits = evaluation.next_logits() if evaluation.committed else evaluation.commit(index)
-            length += 1
+                next_logits = evaluation.next_logits() if evaluation.committed else evaluation.commit(index)
+                length += 1
 
-            stats.record(decision, unfinished)
-            stats.add_forwards(evaluation.forwards)
-            stats.add_probabilities(evaluation.probabilities)
-            schedule.observe(stats)
-            if return_dict:
-                for key in ("index", "num_candidates", "asked", "fallback"):
-                    steps[key].append(getattr(decision, key))
-                steps["top1"].append(cands.tokens[:, 0])
-                steps["forwards"].append(evaluation.forwards)
-            if output_scores:
-                scores_out += (final_scores,)
-            if output_logits:
-                logits_out += (logits,)
+                stats.record(decision, unfinished)
+                stats.add_forwards(evaluation.forwards)
+                stats.add_probabilities(evaluation.probabilities)
+                schedule.observe(stats)
+                if return_dict:
+                    for key in ("index", "num_candidates", "asked", "fallback"):
+                        steps[key].append(getattr(decision, key))
+                    steps["top1"].append(cands.tokens[:, 0])
+                    steps["forwards"].append(evaluation.forwards)
+                if output_scores:
+                    scores_out += (final_scores,)
+                if output_logits:
+                    logits_out += (logits,)
 
-            if has_eos_stopping_criteria:
-                next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
-            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-            model_kwargs = hf.advance_model_kwargs(model, {}, model_kwargs)
-            if streamer is not None:
-                streamer.put(next_tokens.cpu())
-            unfinished = unfinished & ~stopping_criteria(input_ids, scores_out)
-            if unfinished.max() == 0:
-                break
-            logits = next_logits.to(dtype=torch.float32, device=input_ids.device)
+                if has_eos_stopping_criteria:
+                    next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+                input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+                model_kwargs = hf.advance_model_kwargs(model, {}, model_kwargs)
+                if streamer is not None:
+                    streamer.put(next_tokens.cpu())
+                unfinished = unfinished & ~stopping_criteria(input_ids, scores_out)
+                if unfinished.max() == 0:
+                    break
+                logits = next_logits.to(dtype=torch.float32, device=input_ids.device)
+        finally:
+            # The cache as `generate` leaves it, also after a failure: without the last taken token (its step kept
+            # its keys/values, which plain decoding only computes when the next call feeds it; a call continuing on
+            # `out.past_key_values` with `out.sequences` feeds it), and without a failed step's siblings. A step
+            # whose `evaluate_step` raised has put its cache back itself.
+            if evaluation is not None:
+                evaluation.siblings.restore()
 
     schedule.finish(stats)
     if streamer is not None:
@@ -318,7 +329,7 @@ class MaraGenerationMixin:
     def generate(self, *args, mara_agent=None, **kwargs):
         if mara_agent is None:
             return super().generate(*args, **kwargs)
-        if kwargs.get("custom_generate") is not None:
+        if kwargs.pop("custom_generate", None) not in (None, mara_generate):  # the README's form says it twice
             raise ValueError("Pass either `mara_agent` or `custom_generate`, not both.")
         # What `generate` does with the tokenizer it would drop for a callable `custom_generate`:
         args, kwargs = hf.tokenizer_settings_first(self, args, kwargs)

@@ -227,18 +227,21 @@ def tokenizer_settings_first(model, args: tuple, kwargs: dict) -> tuple[tuple, d
 AFTER_CALLER_PROCESSORS = (WatermarkLogitsProcessor, SynthIDTextWatermarkLogitsProcessor, LogitNormalization)
 
 
-def split_at_caller_processors(logits_processor) -> tuple[LogitsProcessorList, LogitsProcessorList]:
+def split_at_caller_processors(logits_processor, caller=None) -> tuple[LogitsProcessorList, LogitsProcessorList]:
     """`generate`'s processor list cut where `MaraLogitsProcessor` sits as the caller's last processor: `(before,
-    after)`, `after` being what `generate` applies to the processor's output.
+    after)`, `after` being what `generate` applies to the processor's output. `caller`: the `logits_processor` the
+    caller passed to `generate` (`calling_generate_locals`); none of its items is put after MARA, whatever its name.
 
     Mirrors `GenerationMixin._get_logits_processor` of 5.x: after merging the caller's `logits_processor` into its
-    own processors it appends, in this order, the sampling warpers (`...LogitsWarper`, with `do_sample`), the
-    watermark processor (`watermarking_config`, "after all logits processing is finished") and `LogitNormalization`
+    own processors (`_merge_criteria_processor_list`: the caller's items keep their identity, and come before what
+    follows) it appends, in this order, the sampling warpers (`...LogitsWarper`, with `do_sample`), the watermark
+    processor (`watermarking_config`, "after all logits processing is finished") and `LogitNormalization`
     (`renormalize_logits`)."""
     items = list(logits_processor or [])
+    callers = [id(item) for item in caller or []]
     cut = len(items)
-    while cut > 0 and (type(items[cut - 1]).__name__.endswith("Warper")
-                       or isinstance(items[cut - 1], AFTER_CALLER_PROCESSORS)):
+    while cut > 0 and id(items[cut - 1]) not in callers and (
+            type(items[cut - 1]).__name__.endswith("Warper") or isinstance(items[cut - 1], AFTER_CALLER_PROCESSORS)):
         cut -= 1
     return LogitsProcessorList(items[:cut]), LogitsProcessorList(items[cut:])
 

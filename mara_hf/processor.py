@@ -81,15 +81,15 @@ def agent_on_device(agent: MaraAgent, device: torch.device) -> MaraAgent:
     return kept[1]
 
 
-def warn_nonfinite(agent: MaraAgent, count: int) -> None:
-    """Warn (once per call) when the agent gave `count` NaN/inf accept probabilities: such candidates count as
-    rejected, so decisions silently fall back."""
+def warn_nonfinite(agent: MaraAgent, count: int, so_far: bool = False) -> None:
+    """Warn (once per call) when the agent gave `count` NaN/inf accept probabilities (`so_far`: in the call's steps
+    until now): such candidates count as rejected, so decisions silently fall back."""
     if count:
         name = agent.source or agent.base_model or type(agent).__name__
         logger.warning(
-            "The MARA agent (%s) returned NaN or infinite accept probabilities for %d candidates; they were treated "
+            "The MARA agent (%s) returned NaN or infinite accept probabilities for %d candidates%s; they were treated "
             "as rejected. Check the agent's weights (and the model's dtype: float16 states may overflow).",
-            name, count,
+            name, count, " so far in this call" if so_far else "",
         )
 
 
@@ -168,7 +168,9 @@ class MaraLogitsProcessor(LogitsProcessor):
         validate_candidate_settings(self.top_k, self.top_p, self.fallback, self.accept_threshold, self.min_p)
         self.device = hf.execution_device(self.model.get_output_embeddings())
         self.schedule = schedule
-        make_schedule(schedule, device=self.device, batch_size=1, width=self.top_k)  # validate now
+        # At most this many candidates per row (as the candidate set cuts top_k to the vocabulary)
+        self.width = min(self.top_k, self.model.get_output_embeddings().weight.shape[0])
+        make_schedule(schedule, device=self.device, batch_size=1, width=self.width)  # validate now
         self._user_agent = agent
         self.agent = agent_on_device(agent, self.device)
         self.stats = MaraStats(self.top_k, device=self.device)
@@ -193,10 +195,12 @@ class MaraLogitsProcessor(LogitsProcessor):
             check_left_padding(state["attention_mask"] if state["attention_mask"] is None
                                else state["attention_mask"][:, :past])  # the prompt's columns
             self.stats = MaraStats(self.top_k, device=self.device)
-            schedule = make_schedule(self.schedule, device=self.device, batch_size=batch, width=self.top_k,
+            schedule = make_schedule(self.schedule, device=self.device, batch_size=batch, width=self.width,
                                      first_for_all=False, agent=self._user_agent, model=self.model)
             self._call = (weakref.ref(state["generation_config"]), schedule)
+            self._step, self._warned = 0, False
         schedule = self._call[1]
+        self._step += 1
         context_mask = state["attention_mask"]
         position_ids = next_position_ids(state["position_ids"], context_mask, past, batch, input_ids.device)
 
@@ -221,8 +225,13 @@ class MaraLogitsProcessor(LogitsProcessor):
         self.stats.add_forwards(evaluation.forwards)
         self.stats.add_probabilities(evaluation.probabilities)
         schedule.observe(self.stats)
-        if first_step:
-            warn_nonfinite(self.agent, self.stats.nonfinite)  # one host read per call
+        # A processor is not told when the call ends: the NaN count is read (a host read) at steps 1, 2, 4, 8, ... and
+        # at the last step `max_length` allows, until the call's one warning; so at most 2 + log2(steps) reads.
+        last_step = input_ids.shape[1] + 1 >= (state["generation_config"].max_length or 0)
+        if not self._warned and (self._step & (self._step - 1) == 0 or last_step):
+            count = self.stats.nonfinite
+            warn_nonfinite(self.agent, count, so_far=True)
+            self._warned = bool(count)
 
         cands = evaluation.candidates
         if state["greedy"]:

@@ -35,8 +35,9 @@ modelled from an H100's bandwidth and compute (about 11 ms to read the weights, 
 Other accelerators use the CUDA values."""
 
 
-def validate_schedule(schedule) -> tuple[int, ...]:
-    """Check explicit chunk boundaries: increasing positive integers, e.g. `(1, 8)` or `(40,)`."""
+def validate_schedule(schedule, name: str = "schedule") -> tuple[int, ...]:
+    """Check explicit chunk boundaries: increasing positive integers, e.g. `(1, 8)` or `(40,)`; `name`: the argument
+    the messages name."""
     try:
         bounds = tuple(schedule)
     except TypeError:
@@ -48,7 +49,7 @@ def validate_schedule(schedule) -> tuple[int, ...]:
         or any(b <= a for a, b in zip(bounds, bounds[1:]))
     ):
         raise ValueError(
-            "`schedule` is \"auto\" or increasing chunk boundaries of positive integers, e.g. (1, 8) (the top-1 "
+            f"`{name}` is \"auto\" or increasing chunk boundaries of positive integers, e.g. (1, 8) (the top-1 "
             f"first, then candidates 2-8, then the rest) or (40,) (every candidate at once), but is {schedule!r}."
         )
     return bounds
@@ -71,14 +72,20 @@ def observed_counts(agent, model, width: int) -> list[list[float]] | None:
 
 
 def make_schedule(schedule, *, device, batch_size: int, width: int, compiled: bool = False, static: bool = False,
-                  first_for_all: bool = True, agent=None, model=None):
-    """A [`FixedSchedule`] or [`AutoSchedule`] from what a user passed (`"auto"`, a tuple, or a schedule object).
-    With `agent` and `model`, `"auto"` starts from what earlier calls observed of this agent on this model."""
+                  first_for_all: bool = True, agent=None, model=None, name: str = "schedule"):
+    """A [`FixedSchedule`] or [`AutoSchedule`] from what a user passed (`"auto"`, a tuple, or a schedule object);
+    `width`: the call's candidates per row at most. With `agent` and `model`, `"auto"` starts from what earlier calls
+    observed of this agent on this model. `name`: the argument the messages name."""
+    if isinstance(schedule, AutoSchedule) and schedule.width != width:
+        raise ValueError(
+            f"`{name}` is an AutoSchedule for {schedule.width} candidates per row, but this call has {width} (its "
+            f"top_k): build it with `width={width}`, or pass \"auto\"."
+        )
     if isinstance(schedule, (FixedSchedule, AutoSchedule)):
         return schedule
     if isinstance(schedule, str):
         if schedule != "auto":
-            raise ValueError(f"`schedule` is \"auto\" or a tuple of chunk boundaries, but is {schedule!r}.")
+            raise ValueError(f"`{name}` is \"auto\" or a tuple of chunk boundaries, but is {schedule!r}.")
         kind = torch.device(device).type
         key = "cpu" if kind == "cpu" else ("cuda-compiled" if compiled else "cuda")
         tokens_per_forward, single = COST_MODELS[key]
@@ -87,7 +94,7 @@ def make_schedule(schedule, *, device, batch_size: int, width: int, compiled: bo
         return AutoSchedule(tokens_per_forward, batch_size=batch_size, width=width, narrows=not static,
                             first_for_all=first_for_all, menu=menu, memory=observed_counts(agent, model, width),
                             single_token_cost=single)
-    return FixedSchedule(validate_schedule(schedule))
+    return FixedSchedule(validate_schedule(schedule, name))
 
 
 def compiled_menu(width: int) -> tuple[tuple[int, ...], ...]:

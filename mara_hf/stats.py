@@ -189,3 +189,17 @@ class MaraStats:
             f"MaraStats(tokens={d['tokens']}, agent_decided={d['agent_decided']}, fallbacks={d['fallbacks']}, "
             f"forwards={d['forwards']}, accepted_index_histogram={d['accepted_index_histogram']})"
         )
+
+
+def check_stats(stats, width: int, name: str = "mara_stats") -> None:
+    """Eager check of statistics passed in to accumulate a call that has up to `width` candidates per row (`None`:
+    nothing passed)."""
+    if stats is None:
+        return
+    if not isinstance(stats, MaraStats):
+        raise TypeError(f"`{name}` has to be a `MaraStats` to accumulate into, but is a {type(stats).__name__}.")
+    if stats.top_k < width:
+        raise ValueError(
+            f"`{name}` counts decisions among at most {stats.top_k} candidates, but this call has up to {width} (its "
+            f"top_k): create it as `MaraStats({width})`."
+        )

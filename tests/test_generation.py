@@ -119,7 +119,7 @@ def test_accept_threshold_moves_the_decision_boundary_on_every_path():
     out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, custom_generate=mara_generate,
                          mara_agent=calibrated)
     assert out[0, len(prompt):].tolist() == expected
-    with pytest.raises(ValueError, match=r"`accept_threshold` has to be a float in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"`mara_accept_threshold` has to be a float in \(0, 1\)"):
         model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, mara_agent=agent,
                        mara_accept_threshold=0.0)
 
@@ -154,7 +154,7 @@ def test_min_p_cuts_the_candidates_on_every_path():
     out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, custom_generate=mara_generate,
                          mara_agent=cut)
     assert out[0, len(prompt):].tolist() == expected
-    with pytest.raises(ValueError, match=r"`min_p` has to be a float in \[0, 1\) \(0: the paper's candidates"):
+    with pytest.raises(ValueError, match=r"`mara_min_p` has to be a float in \[0, 1\) \(0: the paper's candidates"):
         model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, mara_agent=agent, mara_min_p=1.0)
     with pytest.raises(ValueError, match=r"`min_p` has to be a float in \[0, 1\)"):
         MaraLogitsProcessor(agent, model, min_p=-0.1)
@@ -213,6 +213,34 @@ def test_what_generate_appends_after_the_warpers_runs_after_mara_on_both_paths(a
         assert torch.equal(fused.sequences, dropin.sequences)
         for a, b in zip(fused.scores, dropin.scores, strict=True):
             torch.testing.assert_close(a, b)
+
+
+class BanTokensWarper:
+    """A caller's own processor whose name only looks like one of generate's sampling warpers."""
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill(1, torch.arange(3, 60), -float("inf"))
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling"])
+def test_every_processor_the_caller_passes_runs_before_mara_on_both_paths(mode):
+    """The caller's `logits_processor` items run before MARA decides, whatever their class is called: generate's own
+    warpers (which it appends after them) are told apart by identity, not by a name ending in "Warper"."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    model = tiny_model("llama")
+    agent = decisive_agent(reject_bias=3.0)
+    ids, mask = left_padded(random_prompts(3, lengths=(4, 13, 8), seed=1))
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0,
+                  **(dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.7)))
+    for user in (BanTokensWarper(), MinPLogitsWarper(0.5)):
+        torch.manual_seed(3)
+        dropin = model.generate(**common, logits_processor=[user, MaraLogitsProcessor(agent, model)])
+        torch.manual_seed(3)
+        fused = model.generate(**common, logits_processor=[user], custom_generate=mara_generate, mara_agent=agent)
+        assert torch.equal(fused, dropin), type(user).__name__
+        if isinstance(user, BanTokensWarper):
+            assert not ((fused[:, -8:] >= 3) & (fused[:, -8:] < 60)).any()
 
 
 def test_a_watermark_on_greedy_mara_is_refused_on_both_paths():
@@ -354,6 +382,10 @@ def test_mixin_and_add_mara_generation():
     assert isinstance(model, MaraGenerationMixin) and isinstance(model, cls) and type(model).__name__ == cls.__name__
     assert torch.equal(model.generate(**common, mara_agent=agent), fused)
     assert torch.equal(model.generate(**common), plain)  # without an agent: the model's own generate
+    # The README's fused form, said again on a model that has the mixin: the same call
+    assert torch.equal(model.generate(**common, custom_generate=mara_generate, mara_agent=agent), fused)
+    with pytest.raises(ValueError, match="either `mara_agent` or `custom_generate`"):
+        model.generate(**common, custom_generate=lambda *a, **k: None, mara_agent=agent)
     add_mara_generation(model)  # idempotent
     assert type(model).__mro__.count(MaraGenerationMixin) == 1
 
@@ -409,6 +441,44 @@ def test_fused_refusals():
     with pytest.raises(ValueError, match="hidden size 32"):
         model.generate(ids, max_new_tokens=2, custom_generate=mara_generate, mara_agent=MaraAgent(state_dim=8),
                        pad_token_id=0)
+    assert_model_untouched(model)
+
+
+def test_settings_that_do_not_fit_the_call_are_refused_before_decoding_naming_the_argument():
+    """A `mara_stats` or `AutoSchedule` made for fewer candidates than the call has would break mid-decode or clamp
+    its histograms silently; bad fused-loop settings are named as the caller wrote them (`mara_...`)."""
+    from mara_hf import AutoSchedule
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    agent = decisive_agent(reject_bias=3.0)  # top_k 40 from its config
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, custom_generate=mara_generate, mara_agent=agent)
+    stats = MaraStats(10)
+    with pytest.raises(ValueError, match=r"`mara_stats` counts decisions among at most 10 candidates, but this call "
+                                         r"has up to 40 \(its top_k\): create it as `MaraStats\(40\)`"):
+        model.generate(ids, **common, mara_stats=stats)
+    assert stats.tokens == 0
+    with pytest.raises(TypeError, match="`mara_stats` has to be a `MaraStats` to accumulate into, but is a int"):
+        model.generate(ids, **common, mara_stats=5)
+    model.generate(ids, **common, mara_stats=stats, mara_top_k=10)  # as many candidates as it counts: fine
+    assert stats.tokens == 4
+    auto = AutoSchedule(25.0, batch_size=1, width=40)
+    message = r"is an AutoSchedule for 40 candidates per row, but this call has 10 \(its top_k\): build it with " \
+              r"`width=10`, or pass \"auto\""
+    with pytest.raises(ValueError, match="`mara_schedule` " + message):
+        model.generate(ids, **common, mara_top_k=10, mara_schedule=auto)
+    with pytest.raises(ValueError, match="`schedule` " + message):
+        MaraLogitsProcessor(agent, model, top_k=10, schedule=auto)
+    for setting, value in (("top_k", 0), ("top_p", 1.5), ("min_p", 1.0), ("fallback", "middle"),
+                           ("accept_threshold", 1.0)):
+        with pytest.raises(ValueError, match=f"`mara_{setting}` has to be"):
+            model.generate(ids, **common, **{f"mara_{setting}": value})
+        with pytest.raises(ValueError, match=f"^`{setting}` has to be"):
+            MaraLogitsProcessor(agent, model, **{setting: value})
+    with pytest.raises(ValueError, match="`mara_schedule` is \"auto\" or increasing chunk boundaries"):
+        model.generate(ids, **common, mara_schedule=(8, 1))
+    with pytest.raises(ValueError, match="`mara_schedule` is \"auto\" or a tuple"):
+        model.generate(ids, **common, mara_schedule="lazy")
     assert_model_untouched(model)
 
 
