@@ -32,6 +32,7 @@ from .agent_files import (
     resolve_file,
     shipped_agent_names,
 )
+from .files import save_tensors_atomic
 
 FALLBACKS = ("first", "last")
 """What a step takes when the agent rejects every candidate: the top-1 (released evaluation) or the last one
@@ -196,7 +197,7 @@ class MaraAgent(
         # `.pth` path or a Hub repo of original actors, which have no config.json. So this method only dispatches:
         # original actors to `from_original_pth`, everything else to the hook `_from_pretrained`, called with the
         # arguments the mixin passes it (huggingface_hub 0.34 to 2.x).
-        source = os.fspath(pretrained_model_name_or_path)
+        source = os.path.expanduser(os.fspath(pretrained_model_name_or_path))  # `~/agent` (no Hub id starts so)
         hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                    local_files_only=local_files_only, token=token)
         if filename is not None:
@@ -236,11 +237,7 @@ class MaraAgent(
                    local_files_only=local_files_only, token=token)
         config_path = resolve_file(model_id, CONFIG_NAME, **hub)
         weights_path = resolve_file(model_id, WEIGHTS_NAME, **hub)
-        overrides = init_arguments(model_kwargs)
-        unknown = set(overrides) - _init_names()
-        if unknown:
-            raise TypeError(f"Unknown agent setting(s) {sorted(unknown)}: the keyword arguments of from_pretrained "
-                            f"override config values, which are {sorted(_init_names())}.")
+        overrides = _checked_overrides(model_kwargs)
         config = {**read_config(config_path, _init_names()), **overrides}
         try:
             agent = cls(**config)
@@ -256,18 +253,21 @@ class MaraAgent(
         """Import an original MARA actor file (`*_actor.pth` of IAAR-Shanghai/MARA_AGENTS: a plain state dict),
         safely (`torch.load(weights_only=True)`); the sizes are read from the tensors, `config` sets the rest
         (e.g. `base_model=`). `save_pretrained` then writes the native format (what `mara-hf convert` does)."""
-        path = os.fspath(path)
+        path = os.path.expanduser(os.fspath(path))
+        config = _checked_overrides(config, read_from=("state_dim", "hidden_sizes"))
         state_dict, state_dim, hidden_sizes = read_original_pth(path)
         config.setdefault("source", os.path.basename(path))
-        agent = cls(state_dim=state_dim, hidden_sizes=hidden_sizes, **init_arguments(config))
+        agent = cls(state_dim=state_dim, hidden_sizes=hidden_sizes, **config)
         agent.load_state_dict(checked_weights(state_dict, agent, path, "the sizes read from its tensors"))
         return agent.eval()
 
     # ------------------------------------------------------------------ saving
     def _save_pretrained(self, save_directory: Path) -> None:
         """The mixin's saving hook: `model.safetensors` and `config.json`, the latter from the agent's current
-        settings (the mixin's own copy is taken at construction, before e.g. training changes `fallback`)."""
-        super()._save_pretrained(save_directory)
+        settings (the mixin's own copy is taken at construction, before e.g. training changes `fallback`). The
+        weights are what the mixin's hook writes (`safetensors.torch.save_model`: the state dict, metadata format
+        "pt"), written with the umask's permissions (safetensors' own writer makes owner-only files)."""
+        save_tensors_atomic(self.state_dict(), Path(save_directory) / WEIGHTS_NAME, metadata={"format": "pt"})
         (Path(save_directory) / CONFIG_NAME).write_text(json.dumps(self.config, sort_keys=True, indent=2))
 
     # The two public savers are overridden only to tell the model card where the agent lives, so that its example
@@ -326,6 +326,20 @@ def validate_candidate_settings(top_k: int, top_p: float, fallback: str, accept_
     if not is_accept_threshold(accept_threshold):
         raise ValueError(f"`{prefix}accept_threshold` has to be a float in (0, 1) (0.5: the agent's greedy "
                          f"decision), but is {accept_threshold!r}.")
+
+
+def _checked_overrides(settings: dict, read_from: tuple[str, ...] = ()) -> dict:
+    """Keyword arguments of `from_pretrained` that override config values, checked: every one a setting of the agent
+    (`MaraAgent.__init__`'s arguments), none of `read_from` (the sizes an original actor's tensors give)."""
+    overrides = init_arguments(settings)
+    unknown = set(overrides) - _init_names()
+    if unknown:
+        raise TypeError(f"Unknown agent setting(s) {sorted(unknown)}: the keyword arguments of from_pretrained "
+                        f"override config values, which are {sorted(_init_names())}.")
+    fixed = sorted(set(overrides) & set(read_from))
+    if fixed:
+        raise TypeError(f"{fixed} cannot be overridden for an original MARA actor: they are read from its tensors.")
+    return overrides
 
 
 def _init_names() -> set[str]:

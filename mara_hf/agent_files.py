@@ -107,6 +107,10 @@ def checked_weights(state_dict: dict, agent, path: str, expected: str) -> dict[s
                 f"{agent.hidden_sizes}): '{key}' has shape {list(state_dict[key].shape)}, "
                 f"expected {list(own[key].shape)}."
             )
+    integral = [f"{key} ({state_dict[key].dtype})" for key in ORIGINAL_KEYS if not state_dict[key].is_floating_point()]
+    if integral:
+        raise ValueError(f"'{path}' holds weights that are not floating point ({', '.join(integral)}): not an agent's "
+                         "trained weights; use the file its training wrote.")
     broken = [key for key in ORIGINAL_KEYS if not torch.isfinite(state_dict[key]).all()]
     if broken:
         raise ValueError(
@@ -129,7 +133,13 @@ def resolve_file(source: str, filename: str, **hub) -> str:
                 "pass the `.pth` file itself."
             )
         return path
-    if os.path.isfile(source) or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if os.path.isfile(source):
+        raise FileNotFoundError(
+            f"'{source}' is a file, not an agent folder or Hub repo id: pass the folder that holds a native agent "
+            f"({CONFIG_NAME} + {WEIGHTS_NAME}), or an original actor's .pth file alone (without `filename=` / "
+            "--agent-file)."
+        )
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
         shipped = ", ".join(shipped_agent_names()) or "none"
         raise FileNotFoundError(
             f"'{source}' is neither an existing local path nor a Hub repo id ('org/name') nor a shipped agent "

@@ -34,6 +34,14 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         raise
 
 
+def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Replace `path` by `tensors` (name -> tensor) in the safetensors format (as `safetensors.torch.save_file`
+    writes it, whose own files are owner-only)."""
+    from safetensors.torch import save
+
+    write_atomic(path, save({name: t.detach().contiguous() for name, t in tensors.items()}, metadata=metadata))
+
+
 def write_json_atomic(path: str | os.PathLike, value) -> None:
     """Replace `path` by `value` as indented JSON (UTF-8, no NaN)."""
     write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n")

@@ -36,8 +36,8 @@ def generate(model, *args, mara_agent=None, **kwargs):
     return GenerationMixin.generate(model, *args, custom_generate=mara_generate, mara_agent=mara_agent, **kwargs)
 '''
 
-CARD_SECTION = """
-## Use it as a `custom_generate` repository
+SECTION_TITLE = "## Use it as a `custom_generate` repository"
+CARD_SECTION = "\n" + SECTION_TITLE + """
 
 ```python
 out = model.generate(**inputs, max_new_tokens=64, custom_generate="{source}", trust_remote_code=True)
@@ -63,18 +63,34 @@ def export_custom_generate(directory: str | os.PathLike, agent_source: str | Non
             "`MaraAgent.save_pretrained` (or `mara-hf convert`) first."
         )
     source = agent_source or str(directory.resolve())
+    card_path = directory / "README.md"
+    try:  # read before anything is written: a card that does not parse stops the export with nothing changed
+        card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
+    except Exception as err:  # yaml's errors, ValueError for a header that is not a mapping
+        raise ValueError(f"'{card_path}' is not a model card whose header parses ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}): fix or remove its YAML header, then "
+                         "export again.") from None
+    tags = list(card.data.tags or [])
+    if "custom_generate" not in tags:
+        card.data.tags = tags + ["custom_generate"]
+    card.text = _without_section(card.text, SECTION_TITLE).rstrip("\n") + "\n" + CARD_SECTION.format(source=source)
+
     target = directory / "custom_generate"
     target.mkdir(exist_ok=True)
     generate_py = target / "generate.py"
     generate_py.write_text(GENERATE_TEMPLATE.format(source=source), encoding="utf-8")
     (target / "requirements.txt").write_text("mara-hf\n", encoding="utf-8")
-
-    card_path = directory / "README.md"
-    card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
-    tags = list(card.data.tags or [])
-    if "custom_generate" not in tags:
-        card.data.tags = tags + ["custom_generate"]
-    if "## Use it as a `custom_generate` repository" not in card.text:
-        card.text = card.text.rstrip("\n") + "\n" + CARD_SECTION.format(source=source)
     card.save(card_path)
     return generate_py
+
+
+def _without_section(text: str, title: str) -> str:
+    """`text` (markdown) without its section `title` (the heading line to the next heading of the same level), so
+    that an export run again (e.g. with the repo id after a local one) leaves one section, with its latest source."""
+    lines = text.split("\n")
+    if title not in lines:
+        return text
+    start = lines.index(title)
+    level = title.split(" ")[0] + " "
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(level)), len(lines))
+    return "\n".join(lines[:start] + lines[end:])

@@ -18,8 +18,21 @@ DEFAULT_AGENT = "smollm2-steady"
 
 
 def default_device(device: str | None = None) -> str:
-    """`device` if given, else `"cuda"` when a GPU is available and `"cpu"` otherwise (every command's default)."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` if given, else `"cuda"` when a GPU is available and `"cpu"` otherwise (every command's default). A
+    device this torch cannot use is refused here, before anything loads."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, mps, ...).") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU (a CPU build of torch {torch.__version__}, "
+                         "or no GPU here): use --device cpu, or install a CUDA build of torch.")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                         "from 0.")
+    return device
 
 
 def model_name(model) -> str:
@@ -174,5 +187,8 @@ def load_agent(source: str | None = None, filename: str | None = None, **kwargs)
     from .agent import MaraAgent
 
     if source is None:
+        if filename is not None:
+            raise ValueError(f"--agent-file {filename} names an original actor inside --agent's folder or Hub repo, "
+                             "but no --agent was given: add it (a local .pth file goes to --agent itself).")
         source = SHIPPED_AGENTS / DEFAULT_AGENT
     return MaraAgent.from_pretrained(source, filename=filename, **kwargs)

@@ -88,9 +88,11 @@ def config_from_args(config_class, args: argparse.Namespace, prefix: str = "", *
         if "none" in field.metadata and value == _value_type(hint)(field.metadata["none"]):
             value = None  # e.g. --initial-accept 0
         found[field.name] = value
+    followed = {}  # field -> the field whose value it took (`same_as`), for the messages
     for field, _, _ in _hyperparameters(config_class):
         if found[field.name] is None and "same_as" in field.metadata:
             found[field.name] = found[field.metadata["same_as"]]
+            followed[field.name] = field.metadata["same_as"]
     try:
         return config_class(**found, **values)
     except ValueError as err:
@@ -98,7 +100,11 @@ def config_from_args(config_class, args: argparse.Namespace, prefix: str = "", *
         fields = {f.name: f for f in dataclasses.fields(config_class)}
         if named is None or named[1] not in fields:
             raise
-        raise ValueError(f"{_flag(fields[named[1]])}: {err}") from None
+        name = named[1]
+        if name in followed:  # the value the caller gave is the other option's
+            name = followed[name]
+            err = re.sub(r"`\w+`", f"`{name}`", str(err), count=1)
+        raise ValueError(f"{_flag(fields[name])}: {err}") from None
 
 
 def config_to_argv(config) -> list[str]:

@@ -179,3 +179,29 @@ def test_min_p_is_saved_shown_and_older_configs_load_without_it(tmp_path):
     assert "min-p" not in MaraAgent(state_dim=8).generate_model_card().content
     for name in shipped_agent_names():  # written before min_p existed: the paper's candidate set
         assert MaraAgent.from_pretrained(name).min_p == 0.0
+
+
+def test_sources_given_as_a_file_a_home_path_or_with_settings_the_actor_fixes(tmp_path, monkeypatch):
+    from mara_hf.models import load_agent
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    agent = MaraAgent(state_dim=8, hidden_sizes=(16, 8))
+    agent.save_pretrained(tmp_path / "native")
+    actor = tmp_path / "mine_actor.pth"
+    torch.save(dict(agent.state_dict()), actor)
+    # `~` is the home folder, for a native folder and for a .pth actor alike
+    torch.testing.assert_close(MaraAgent.from_pretrained("~/native").state_dict(), agent.state_dict())
+    torch.testing.assert_close(MaraAgent.from_pretrained("~/mine_actor.pth").state_dict(), agent.state_dict())
+    # a file where a folder or repo belongs is named as a file
+    for source, filename in ((tmp_path / "native" / "config.json", None), (actor, "mine_actor.pth")):
+        with pytest.raises(FileNotFoundError, match=r"is a file, not an agent folder or Hub repo id: pass the folder"):
+            MaraAgent.from_pretrained(source, filename=filename)
+    # settings: unknown ones, and the sizes an original actor's tensors give, are refused by name
+    with pytest.raises(TypeError, match=r"Unknown agent setting\(s\) \['foo'\]"):
+        MaraAgent.from_pretrained(actor, foo=1)
+    with pytest.raises(TypeError, match=r"\['state_dim'\] cannot be overridden for an original MARA actor"):
+        MaraAgent.from_pretrained(actor, state_dim=8)
+    assert MaraAgent.from_pretrained(actor, base_model="org/model").base_model == "org/model"
+    # --agent-file belongs to --agent's folder or repo, not to the default shipped agent
+    with pytest.raises(ValueError, match="no --agent was given: add it"):
+        load_agent(None, "mine_actor.pth")

@@ -146,6 +146,23 @@ def test_device_map_is_refused_with_ray_workers(command, capsys):
     assert "with --ray-workers each worker loads the model on its own device: drop --device-map" in err
 
 
+@pytest.mark.parametrize("command", [["generate", "hi"], ["eval", "--prompts", "p.json", "--reward", "vader"],
+                                     ["train", "--prompts", "p.json", "--reward", "vader", "--out", "run"]])
+def test_a_device_this_torch_cannot_use_is_one_line_before_anything_loads(command, tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded something before checking the device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mara_hf.models, "load_base_model", no_loading)
+    assert main(command + ["--device", "gpu"]) == 2
+    assert "error: --device gpu: not a torch device (cpu, cuda, cuda:1, mps, ...)." in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(command + ["--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "error: --device cuda: this torch sees no CUDA GPU" in err and "use --device cpu" in err
+        assert "Traceback" not in err
+
+
 def test_train_reads_prompts_from_the_named_field(tmp_path, monkeypatch, capsys):
     """`mara-hf train --prompt-field` reaches the prompt reader; without it a CSV's error names the option."""
     import mara_hf.data

@@ -358,8 +358,8 @@ def test_resume_generates_only_missing_prompts(tmp_path, model, tokenizer, agent
 
 def test_resume_refuses_other_settings_and_broken_files(tmp_path, model, tokenizer, agent):
     evaluate(model, tokenizer, agent, PROMPTS[:1], REWARDS, out_dir=tmp_path, plots=False, **SETTINGS)
-    with pytest.raises(ValueError, match="holds answers generated with other settings .* use another out_dir or "
-                                         "resume=False"):
+    with pytest.raises(ValueError, match=r"holds answers generated with other settings .* use another out_dir "
+                                         r"\(--out\) or resume=False \(--no-resume\)"):
         evaluate(model, tokenizer, agent, PROMPTS[:1], REWARDS, out_dir=tmp_path, plots=False,
                  **{**SETTINGS, "max_new_tokens": 5})
     with open(tmp_path / RESPONSES_FILE, "a") as handle:

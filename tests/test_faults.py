@@ -86,6 +86,21 @@ def poison(agent: MaraAgent, value: float) -> MaraAgent:
     return agent
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_weights_that_are_not_floating_point_are_refused_at_load(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    agent = decisive_agent(state_dim=8)
+    agent.save_pretrained(tmp_path / "native")
+    state = {k: v.to(dtype) if k == "linear1.weight" else v for k, v in agent.state_dict().items()}
+    save_file(state, tmp_path / "native" / "model.safetensors")
+    torch.save(state, tmp_path / "int_actor.pth")
+    for source in (tmp_path / "native", tmp_path / "int_actor.pth"):
+        with pytest.raises(ValueError, match=re.escape(f"holds weights that are not floating point (linear1.weight "
+                                                       f"({dtype}))")):
+            MaraAgent.from_pretrained(source)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_or_inf_weights_are_refused_at_load(tmp_path, capsys, value):
     poison(decisive_agent(state_dim=8), value).save_pretrained(tmp_path / "native")
@@ -371,13 +386,18 @@ def test_half_written_last_metric_line_does_not_block_resume(tmp_path):
     assert metrics.read_text() == "\n".join(lines) + "\n"
 
 
-def test_checkpoints_follow_the_umask(tmp_path):
+def test_checkpoints_and_agents_follow_the_umask(tmp_path):
+    """Every file, the safetensors ones included (safetensors' own writer makes them owner-only)."""
     previous = os.umask(0o022)
     try:
         save_checkpoint(tmp_path, "step-0000001", MaraAgent(state_dim=4, hidden_sizes=(8, 8)), {"t": torch.ones(2)})
+        MaraAgent(state_dim=4, hidden_sizes=(8, 8)).save_pretrained(tmp_path / "agent")
     finally:
         os.umask(previous)
-    for path in (tmp_path / "step-0000001", tmp_path / "latest", tmp_path / "step-0000001" / "trainer.json"):
+    paths = [tmp_path / "step-0000001", tmp_path / "latest", *(tmp_path / "step-0000001").rglob("*"),
+             *(tmp_path / "agent").iterdir()]
+    assert {p.name for p in paths} >= {"trainer.json", "trainer.safetensors", "model.safetensors", "config.json"}
+    for path in paths:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o044 == 0o044, (path.name, oct(mode))  # group and others can read
 
@@ -389,6 +409,43 @@ def test_cli_train_out_that_is_a_file_is_refused_before_loading(tmp_path, capsys
     base = ["train", "--prompts", str(prompts), "--reward", "vader", "--model", str(tmp_path / "no-such-model")]
     assert main(base + ["--out", str(tmp_path / "taken")]) == 2
     assert f"--out '{tmp_path / 'taken'}' is a file, not a run folder" in one_error_line(capsys, "train")
+    assert main(base + ["--out", str(tmp_path / "run"), "--threads", "0"]) == 2
+    assert "--threads has to be at least 1" in one_error_line(capsys, "train")
     assert main(base + ["--out", str(tmp_path / "taken" / "run")]) == 2
     assert f"'{tmp_path / 'taken'}' is a file" in one_error_line(capsys, "train")
     assert (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_cli_eval_out_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"instruction": "hi"}]))
+    (tmp_path / "taken").write_text("not a folder")
+    base = ["eval", "--prompts", str(prompts), "--reward", "vader", "--model", str(tmp_path / "no-such-model")]
+    assert main(base + ["--out", str(tmp_path / "taken")]) == 2
+    assert f"--out '{tmp_path / 'taken'}' is a file, not a results folder" in one_error_line(capsys, "eval")
+    assert main(base + ["--out", str(tmp_path / "taken" / "results")]) == 2
+    assert f"'{tmp_path / 'taken'}' is a file" in one_error_line(capsys, "eval")
+    assert (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_export_custom_generate_again_keeps_one_card_section_and_a_broken_card_changes_nothing(tmp_path):
+    from mara_hf import export_custom_generate
+    from mara_hf.hub import SECTION_TITLE
+
+    folder = tmp_path / "agent"
+    saved_agent(folder)
+    export_custom_generate(folder)  # local use first: the folder's absolute path
+    export_custom_generate(folder, "org/mara-agent")  # then for the Hub repo it will be pushed to
+    card = (folder / "README.md").read_text()
+    assert card.count(SECTION_TITLE) == 1 and 'custom_generate="org/mara-agent"' in card
+    assert str(folder.resolve()) not in card
+    assert "AGENT_SOURCE = 'org/mara-agent'" in (folder / "custom_generate" / "generate.py").read_text()
+
+    broken = tmp_path / "broken"
+    saved_agent(broken)
+    (broken / "README.md").write_text("---\ntags: [a\n---\ntext\n")
+    with pytest.raises(ValueError, match="README.md' is not a model card whose header parses .* fix or remove its "
+                                         "YAML header"):
+        export_custom_generate(broken)
+    assert not (broken / "custom_generate").exists()
+    assert (broken / "README.md").read_text() == "---\ntags: [a\n---\ntext\n"

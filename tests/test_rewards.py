@@ -144,6 +144,13 @@ def test_load_callable_and_py_specs():
         ("2*beaver-reward[eos]-beaver-cost[eos,max_length=512]",
          [(1, "2*beaver-reward[eos]"), (-1, "beaver-cost[eos,max_length=512]")]),
         ("beaver-cost[max_length=512]+fluency", [(1, "beaver-cost[max_length=512]"), (1, "fluency")]),
+        # a model id that ends in a known name is one model; a space or a weight makes it two terms
+        ("hf:cardiffnlp/twitter-roberta-base-offensive", [(1, "hf:cardiffnlp/twitter-roberta-base-offensive")]),
+        ("hf:./models/my-beaver-reward-vader", [(1, "hf:./models/my-beaver-reward-vader")]),
+        ("2*hf:org/x-fluency+vader", [(1, "2*hf:org/x-fluency"), (1, "vader")]),
+        ("hf:org/rm - offensive", [(1, "hf:org/rm "), (-1, " offensive")]),
+        ("hf:org/rm-1*offensive", [(1, "hf:org/rm"), (-1, "1*offensive")]),
+        ("hf:a/b-hf:c/d", [(1, "hf:a/b"), (-1, "hf:c/d")]),
     ],
 )
 def test_split_terms_keeps_hyphens_inside_names(spec, terms):

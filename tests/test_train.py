@@ -571,3 +571,17 @@ def test_training_and_evaluation_do_not_import_each_other():
         run = subprocess.run([sys.executable, "-c", check.format(modules=modules, other=other)],
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
+
+
+def test_an_agent_to_start_from_is_trained_for_this_base_model_with_its_own_layer_sizes(tmp_path):
+    """`--init-agent`: the trained agent records the base model it is now trained for (not the one the agent to start
+    from named), and a config asking for other layer sizes than the agent has is refused, not ignored."""
+    start = MaraAgent(state_dim=32, hidden_sizes=(32, 16), base_model="some/other-model")
+    trainer = Trainer(tiny_model(), word_tokenizer(), word_prompts(4), even_token_rate, tmp_path / "run",
+                      small_config(), agent=start, base_model_name="tiny/llama", progress=False)
+    assert trainer.agent.base_model == "tiny/llama"
+    with pytest.raises(ValueError, match=r"has hidden layers \(32, 16\), but the training config asks for "
+                                         r"\(1024, 256\) \(`hidden_sizes`, `--hidden-sizes`\)"):
+        Trainer(tiny_model(), word_tokenizer(), word_prompts(4), even_token_rate, tmp_path / "other",
+                small_config(hidden_sizes=(1024, 256)), agent=MaraAgent(state_dim=32, hidden_sizes=(32, 16)),
+                progress=False)

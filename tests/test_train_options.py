@@ -148,6 +148,11 @@ def test_a_bad_value_names_its_flag(tmp_path, capsys):
         parse(["--reject-cost", "-1"])
     with pytest.raises(ValueError, match=r"^--min-p: `min_p` has to be a float in \[0, 1\) \(0: the paper's"):
         parse(["--min-p", "1"])
+    # --lr sets both learning rates: its bad value is named as --lr, not as the --actor-lr the user never gave
+    with pytest.raises(ValueError, match=r"^--lr: `critic_lr` has to be a positive float, but is -1.0.$"):
+        parse(["--lr", "-1"])
+    with pytest.raises(ValueError, match=r"^--actor-lr: `actor_lr` has to be a positive float, but is -1.0.$"):
+        parse(["--actor-lr", "-1"])
     from mara_hf.cli import main
 
     assert main(["train", "--prompts", "x.json", "--reward", "vader", "--out", str(tmp_path / "run"),

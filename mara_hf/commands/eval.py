@@ -13,6 +13,7 @@ from ..evaluation.report import format_summary
 from ..evaluation.runner import evaluate
 from ..options import add_config_arguments, config_from_args
 from ..rewards import REWARD_HELP
+from .folders import check_out_folder
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,6 +67,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{option} has to be at least 1.")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit has to be at least 1.")
+    check_out_folder(args.out, "results folder")
     ray_config = config_from_args(RayConfig, args, prefix=RAY_PREFIX)
     if ray_config.enabled:
         return _run_eval_on_ray(args, ray_config)

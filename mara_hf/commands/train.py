@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -16,6 +14,7 @@ from ..distributed.config import RAY_PREFIX, RayConfig
 from ..options import add_config_arguments, config_from_args
 from ..train.sac import SACConfig
 from ..train.trainer import BEST_AGENT, FINAL_AGENT, METRICS_FILE, Trainer, TrainConfig
+from .folders import check_out_folder
 
 EXAMPLE = """example (from the repository root, which holds data/prompts/; the shipped SmolLM2 agent's exact command is
 in its model card and the README):
@@ -66,18 +65,6 @@ SAC_PREFIX = "sac_"
 """Namespace prefix of the `SACConfig` options (`args.sac_tau`), apart from `TrainConfig`'s."""
 
 
-def check_out_folder(out: str) -> None:
-    """Refuse an unusable --out before anything is loaded: a file, or below a file or an unwritable folder."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out '{out}' is a file, not a run folder: give a folder (new or of an earlier run).")
-    existing = next(p for p in (path, *path.parents) if p.exists())  # the filesystem root always exists
-    if not existing.is_dir():
-        raise ValueError(f"--out '{out}' cannot be created: '{existing}' is a file; give another folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out '{out}' is not writable ('{existing}' is not): give another folder.")
-
-
 def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from .. import models
     from ..data import load_prompts
@@ -87,6 +74,8 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         raise ValueError("--limit has to be at least 1.")
     if args.time_limit is not None and args.time_limit <= 0:
         raise ValueError("--time-limit has to be positive (minutes).")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads has to be at least 1 (leave it out for torch's default).")
     check_out_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -79,7 +79,7 @@ class ResponseStore:
         if foreign:
             raise ValueError(f"'{self.path}' holds answers generated with other settings (model, agent or decoding; "
                              f"settings id {foreign[0].get('settings_id')}, now {settings_id}); use another out_dir "
-                             "or resume=False to start over.")
+                             "(--out) or resume=False (--no-resume) to start over.")
 
     def __contains__(self, key: tuple[int, str]) -> bool:
         return key in self.records

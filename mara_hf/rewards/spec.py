@@ -76,9 +76,15 @@ _WITH_OPTIONS = re.compile(r"^(?P<name>[\w\-]+)\[(?P<options>[^\[\]]*)\]$")
 _TERM = re.compile(rf"^\s*(?:(?P<weight>{_NUMBER})\s*\*\s*)?(?P<atom>\S.*?)\s*$")
 
 
+_NEW_TERM = re.compile(rf"{_NUMBER}\s*\*|hf:|py:")
+"""A term that cannot be the end of an `hf:` model id (see `_split_terms`)."""
+
+
 def _split_terms(spec: str) -> list[tuple[int, str]]:
     """Split at '+' / '-' signs that start a new term (a number followed by '*', a known name, 'hf:' or 'py:');
-    hyphens inside names such as 'beaver-reward' or 'hf:org/model-v2' are kept."""
+    hyphens inside names such as 'beaver-reward' or 'hf:org/model-v2' are kept. Inside an `hf:` model id (which has
+    no spaces) a hyphen is part of the id when a known name follows it without a space: `hf:org/rm-offensive` is one
+    model; `hf:org/rm - offensive` or `hf:org/rm-1*offensive` are two terms."""
     terms, sign, start = [], 1, 0
     text = spec.strip()
     if text[:1] in "+-" and text:
@@ -86,8 +92,12 @@ def _split_terms(spec: str) -> list[tuple[int, str]]:
     i = start
     while i < len(text):
         if text[i] in "+-" and i > start and _TERM_START.match(text, i + 1):
-            terms.append((sign, text[start:i]))
-            sign, start = (-1 if text[i] == "-" else 1), i + 1
+            in_hf_id = (text[i] == "-" and not text[i - 1].isspace()
+                        and _TERM.match(text[start:i]).group("atom").startswith("hf:")
+                        and not _NEW_TERM.match(text, i + 1))  # a known name: maybe the id's own end
+            if not in_hf_id:
+                terms.append((sign, text[start:i]))
+                sign, start = (-1 if text[i] == "-" else 1), i + 1
         i += 1
     terms.append((sign, text[start:]))
     return terms
@@ -100,7 +110,9 @@ def parse_reward(spec: str, *, device=None, dtype=None, batch_size: int = 8, cac
     ([`FluencyReward`]; `repetition` is minus it, a penalty), `beaver-reward`, `beaver-cost`, `hf:<model id or path>`
     ([`SequenceClassifierReward`]), `py:<module:function>` ([`CallableReward`]); weighted sums of them:
     `2*beaver-reward-1*beaver-cost`, `vader+0.5*offensive`, `10*vader+5*fluency`, `-offensive`. A `-` starts a
-    new term only before a number followed by `*`, a known name, `hf:` or `py:`, so names keep their hyphens.
+    new term only before a number followed by `*`, a known name, `hf:` or `py:`, so names keep their hyphens; in an
+    `hf:` model id, only before a known name with a space before the `-` (`hf:org/rm-offensive` is one model,
+    `hf:org/rm - offensive` two terms).
 
     Options follow a name in brackets, comma-separated, `key=value` or a bare `key` for true:
     `beaver-reward[eos]` appends EOS, `beaver-cost[max_length=512]` keeps the first 512 tokens,

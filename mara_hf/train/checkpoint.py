@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..files import temporary_name, write_atomic
+from ..files import save_tensors_atomic, temporary_name, write_atomic
 
 LATEST = "latest"
 TENSORS = "trainer.safetensors"
@@ -82,7 +82,7 @@ def save_checkpoint(directory: str | os.PathLike, name: str, agent, state: dict[
         tmp.mkdir()
         agent.save_pretrained(tmp / AGENT)
         skeleton, tensors = flatten(state)
-        save_file(tensors, str(tmp / TENSORS))
+        save_tensors_atomic(tensors, tmp / TENSORS)
         (tmp / METADATA).write_text(json.dumps(skeleton))
         if final.exists():
             shutil.rmtree(final)

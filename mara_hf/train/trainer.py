@@ -251,6 +251,12 @@ class Trainer:
         elif agent.state_dim != state_dim:
             raise ValueError(f"The agent reads states of size {agent.state_dim}, but the model's hidden size is "
                              f"{state_dim}: start from a fresh agent or one trained for this model.")
+        elif tuple(agent.hidden_sizes) != tuple(config.hidden_sizes):
+            raise ValueError(f"The agent to start from has hidden layers {tuple(agent.hidden_sizes)}, but the training "
+                             f"config asks for {tuple(config.hidden_sizes)} (`hidden_sizes`, `--hidden-sizes`): set "
+                             f"them to the agent's, or start from a fresh agent.")
+        else:  # from now on it is trained for this base model
+            agent.base_model = base_model_name or agent.base_model
         # Inference must use the candidate set and fallback the agent was trained with.
         agent.top_k, agent.top_p, agent.min_p = config.top_k, config.top_p, config.min_p
         agent.fallback = config.fallback
