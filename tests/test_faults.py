@@ -402,30 +402,20 @@ def test_checkpoints_and_agents_follow_the_umask(tmp_path):
         assert mode & 0o044 == 0o044, (path.name, oct(mode))  # group and others can read
 
 
-def test_cli_train_out_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
+@pytest.mark.parametrize(("command", "folder"), [("train", "run folder"), ("eval", "results folder")])
+def test_cli_out_that_is_a_file_is_refused_before_loading(command, folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"instruction": "hi"}]))
     (tmp_path / "taken").write_text("not a folder")
-    base = ["train", "--prompts", str(prompts), "--reward", "vader", "--model", str(tmp_path / "no-such-model")]
+    base = [command, "--prompts", str(prompts), "--reward", "vader", "--model", str(tmp_path / "no-such-model")]
     assert main(base + ["--out", str(tmp_path / "taken")]) == 2
-    assert f"--out '{tmp_path / 'taken'}' is a file, not a run folder" in one_error_line(capsys, "train")
-    assert main(base + ["--out", str(tmp_path / "run"), "--threads", "0"]) == 2
-    assert "--threads has to be at least 1" in one_error_line(capsys, "train")
-    assert main(base + ["--out", str(tmp_path / "taken" / "run")]) == 2
-    assert f"'{tmp_path / 'taken'}' is a file" in one_error_line(capsys, "train")
+    assert f"--out '{tmp_path / 'taken'}' is a file, not a {folder}" in one_error_line(capsys, command)
+    assert main(base + ["--out", str(tmp_path / "taken" / "out")]) == 2
+    assert f"'{tmp_path / 'taken'}' is a file" in one_error_line(capsys, command)
     assert (tmp_path / "taken").read_text() == "not a folder"
-
-
-def test_cli_eval_out_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([{"instruction": "hi"}]))
-    (tmp_path / "taken").write_text("not a folder")
-    base = ["eval", "--prompts", str(prompts), "--reward", "vader", "--model", str(tmp_path / "no-such-model")]
-    assert main(base + ["--out", str(tmp_path / "taken")]) == 2
-    assert f"--out '{tmp_path / 'taken'}' is a file, not a results folder" in one_error_line(capsys, "eval")
-    assert main(base + ["--out", str(tmp_path / "taken" / "results")]) == 2
-    assert f"'{tmp_path / 'taken'}' is a file" in one_error_line(capsys, "eval")
-    assert (tmp_path / "taken").read_text() == "not a folder"
+    if command == "train":
+        assert main(base + ["--out", str(tmp_path / "run"), "--threads", "0"]) == 2
+        assert "--threads has to be at least 1" in one_error_line(capsys, command)
 
 
 def test_export_custom_generate_again_keeps_one_card_section_and_a_broken_card_changes_nothing(tmp_path):
