@@ -585,3 +585,14 @@ def test_an_agent_to_start_from_is_trained_for_this_base_model_with_its_own_laye
         Trainer(tiny_model(), word_tokenizer(), word_prompts(4), even_token_rate, tmp_path / "other",
                 small_config(hidden_sizes=(1024, 256)), agent=MaraAgent(state_dim=32, hidden_sizes=(32, 16)),
                 progress=False)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplog):
+    import logging
+
+    make_trainer(tmp_path / "run", small_config(iterations=2)).train()
+    again = make_trainer(tmp_path / "run", small_config(iterations=2))
+    with caplog.at_level(logging.WARNING, logger="mara_hf"):
+        again.train()
+    assert again.iteration == 2
+    assert any("already holds 2 rollouts (iterations: 2): nothing to train" in r.getMessage() for r in caplog.records)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import time
@@ -53,6 +54,8 @@ from .probe import greedy_probe
 from .rollout import build_transitions, rollout, rollout_metrics, row_generators
 from .sac import DiscreteSAC, SACConfig
 from .scoring import BASELINES, answer_scores, baseline_scores
+
+logger = logging.getLogger(__name__)
 
 ROLLOUT_SCHEDULE = (1, 2, 4, 8, 16)
 """Lazy chunk boundaries of rollouts: a sampled actor mostly accepts within the first few candidates, so small
@@ -434,6 +437,10 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
+            if self.iteration >= self.config.iterations:
+                logger.warning("'%s' already holds %d rollouts (iterations: %d): nothing to train; the agent is written "
+                               "again. Give more iterations (--iterations) to go on.", self.out_dir, self.iteration,
+                               self.config.iterations)
         elif (self.out_dir / CHECKPOINTS).exists():
             raise ValueError(f"'{self.out_dir}' already holds checkpoints: resume, or use another output folder.")
         else:
