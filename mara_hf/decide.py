@@ -292,7 +292,12 @@ def _decide(cands: CandidateSet, accepted: torch.BoolTensor, lone: torch.BoolTen
     they are.
 
     `first_accepted` gives 0 where nothing was accepted, which is the `"first"` fallback; a lone candidate can only
-    be accepted at 0 and its `target` is 0 too."""
+    be accepted at 0 and its `target` is 0 too. With `"last"` the last candidate is the forced fallback, as in the
+    training MDP (which never asks about it): an accept flag of its own does not count, so a step that rejected all
+    the others is a fallback whatever the agent said of the last one (the token is the same)."""
+    if fallback == "last":
+        refusable = torch.arange(accepted.shape[-1], device=accepted.device) < (cands.counts - 1)[:, None]
+        accepted = accepted & refusable
     any_accepted, index = first_accepted(accepted)
     if fallback == "last":
         index = torch.where(any_accepted, index, target)

@@ -174,3 +174,26 @@ def test_search_lengths_count_the_candidates_each_decision_evaluated():
     stats = MaraStats(8)
     stats.record(StepDecision(index=index, token=index, num_candidates=counts, asked=asked, fallback=fallback))
     assert stats.search_length_histogram == [1, 1, 0, 1, 0, 1, 0, 0, 0]
+
+
+def test_with_the_last_fallback_an_accepted_last_candidate_is_still_the_forced_fallback():
+    """Under "last" the training MDP forces the last candidate without asking: a step that rejected all the others
+    counts as a fallback whatever the agent said of the last one (the token is the same); under "first" accepting
+    the last candidate is a decision."""
+    from mara_hf.candidates import CandidateSet
+    from mara_hf.decide import _decide
+    from mara_hf.stats import MaraStats
+
+    cands = CandidateSet(tokens=torch.tensor([[4, 5, 6], [4, 5, 6], [7, 7, 7]]), logprobs=torch.zeros(3, 3),
+                         counts=torch.tensor([3, 3, 1]),
+                         valid=torch.tensor([[True] * 3, [True] * 3, [True, False, False]]))
+    accepted = torch.tensor([[False, False, True], [False, True, True], [False, False, False]])
+    lone = cands.counts == 1
+    for fallback, index, fell_back in (("last", [2, 1, 0], [True, False, False]),
+                                       ("first", [2, 1, 0], [False, False, False])):
+        target = cands.counts - 1 if fallback == "last" else torch.zeros(3, dtype=torch.long)
+        decision = _decide(cands, accepted, lone, fallback, target.masked_fill(lone, 0))
+        assert decision.index.tolist() == index and decision.fallback.tolist() == fell_back, fallback
+        stats = MaraStats(3)
+        stats.record(decision)
+        assert stats.fallbacks == sum(fell_back) and stats.agent_decided == 2

@@ -95,7 +95,8 @@ def word_tokenizer(vocab: int = 96) -> PreTrainedTokenizerFast:
 
 
 def make_trainer(tmp_path, **overrides):
-    values = dict(iterations=1, rollout_batch_size=4, max_new_tokens=4, learning_starts=10_000, hidden_sizes=(16, 16),
+    values = dict(iterations=1, rollout_batch_size=4, max_new_tokens=4, learning_starts=0, updates_per_rollout=0,
+                  hidden_sizes=(16, 16),
                   sac=SACConfig(batch_size=8, buffer_size=512))
     values.update(overrides)
     prompts = [" ".join(f"t{i}" for i in p) for p in random_prompts(8, seed=1)]

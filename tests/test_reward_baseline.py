@@ -35,7 +35,7 @@ def one_iteration(tmp_path, monkeypatch, baseline: str):
         return build_transitions(episodes, scores, kl_coef, **costs)
 
     monkeypatch.setattr(trainer_module, "build_transitions", recording)
-    config = TrainConfig(iterations=1, rollout_batch_size=4, max_new_tokens=6, learning_starts=10_000,
+    config = TrainConfig(iterations=1, rollout_batch_size=4, max_new_tokens=6, learning_starts=0, updates_per_rollout=0,
                          hidden_sizes=(16, 16), initial_accept=0.3, reward_baseline=baseline,
                          sac=SACConfig(batch_size=8, buffer_size=512))
     prompts = [" ".join(f"t{i}" for i in p) for p in random_prompts(8, seed=1)]
@@ -73,7 +73,7 @@ def test_a_reward_without_finite_scores_for_the_base_answers_is_refused(tmp_path
         calls.append(len(responses))
         return [float("nan") if len(calls) == 2 else 0.0] * len(responses)
 
-    config = TrainConfig(iterations=1, rollout_batch_size=4, max_new_tokens=4, learning_starts=10_000,
+    config = TrainConfig(iterations=1, rollout_batch_size=4, max_new_tokens=4, learning_starts=0, updates_per_rollout=0,
                          hidden_sizes=(16, 16), reward_baseline="greedy", sac=SACConfig(batch_size=8, buffer_size=512))
     prompts = [" ".join(f"t{i}" for i in p) for p in random_prompts(8, seed=1)]
     trainer = Trainer(tiny_model(), word_tokenizer(), prompts, second_call_nan, tmp_path, config, progress=False)

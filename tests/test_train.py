@@ -367,8 +367,9 @@ def test_greedy_probe_reports_what_inference_costs():
 
 def test_greedy_probe_scores_the_greedy_return_as_the_mdp_counts_it():
     """With the training reward the probe scores its greedy answers: reward - kl_coef * KL penalties - reject_cost
-    * rejects - repeat_cost * repeated 4-gram tokens, equal to a serial reference (one unpadded prompt at a time,
-    teacher-forced KL, rejects counted from the walk over candidates, repeats by a naive n-gram search)."""
+    * rejects - repeat_cost * repeated 4-gram tokens a decision took (as `build_transitions` charges them: a lone
+    candidate is taken without one), equal to a serial reference (one unpadded prompt at a time, teacher-forced KL,
+    rejects counted from the walk over candidates, repeats by a naive n-gram search)."""
     model, tokenizer, prompts = tiny_model(), word_tokenizer(), word_prompts(5)
     config = small_config(rollout_batch_size=2, max_new_tokens=12, fallback="first", kl_coef=0.3, reject_cost=0.05,
                           repeat_cost=0.5)
@@ -386,12 +387,13 @@ def test_greedy_probe_scores_the_greedy_return_as_the_mdp_counts_it():
                        - torch.log_softmax(naive_next_logits(model, ids + answer[:i]), -1)[token])
                  for i, token in enumerate(answer))
         walked = sum(len(r["candidates"]) if r["fallback"] else r["index"] for r in records if r["asked"])
-        looped = sum(naive_repeated(answer, len(answer), 4))
+        marks = naive_repeated(answer, len(answer), 4)
+        charged = sum(mark and record["asked"] for mark, record in zip(marks, records, strict=True))
         reward = even_token_rate([prompt], [tokenizer.decode(answer, skip_special_tokens=True)])[0]
-        returns.append(reward - 0.3 * kl - 0.05 * walked - 0.5 * looped)
+        returns.append(reward - 0.3 * kl - 0.05 * walked - 0.5 * charged)
         rewards.append(reward)
         penalties, rejects, tokens = penalties + kl, rejects + walked, tokens + len(answer)
-        repeats += looped
+        repeats += sum(marks)
     assert rejects > 0 and penalties > 0  # the agent rejects some candidates and takes some non-top-1 tokens
     assert repeats > 0  # and some answers loop
     assert probe["return"] == pytest.approx(sum(returns) / 5, abs=1e-5)
@@ -400,6 +402,26 @@ def test_greedy_probe_scores_the_greedy_return_as_the_mdp_counts_it():
     assert probe["rejects_per_answer"] == pytest.approx(rejects / 5)
     assert probe["repeat_rate"] == pytest.approx(repeats / tokens)
     assert set(probe) == set(PROBE_METRICS) | set(SCORED_METRICS) | {"prompts"}
+
+
+def test_the_probe_charges_the_repeats_a_decision_took_and_counts_every_repeat():
+    """A repeated token at a lone-candidate position is taken without a decision: `build_transitions` charges it to
+    no transition, so the probe's return does not either; `repeat_rate` counts it."""
+    from types import SimpleNamespace
+
+    from mara_hf.train.probe import _score
+
+    answer = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])  # positions 7, 8 and 9 repeat a 4-gram
+    asked = torch.ones(1, 10, dtype=torch.bool)
+    asked[0, 8] = False  # a lone candidate
+    zeros = torch.zeros(1, 10, dtype=torch.long)
+    out = SimpleNamespace(sequences=torch.cat([torch.tensor([[9, 9]]), answer], dim=1),
+                          mara_steps=dict(index=zeros, num_candidates=zeros + 3, fallback=zeros.bool(), asked=asked),
+                          logits=tuple(torch.zeros(1, 96) for _ in range(10)))
+    tokens, kl, rejects, repeats, charged, rewards = _score(
+        out, 2, ["p"], word_tokenizer(), lambda prompts, responses: torch.zeros(len(prompts)), [2],
+        small_config(repeat_cost=0.5)).tolist()
+    assert (tokens, kl, rejects, repeats, charged) == (10, 0, 0, 3, 2)
 
 
 def test_trainer_keeps_the_probed_actors_and_the_one_with_the_best_greedy_return(tmp_path):

@@ -148,6 +148,10 @@ def test_a_bad_value_names_its_flag(tmp_path, capsys):
         parse(["--reject-cost", "-1"])
     with pytest.raises(ValueError, match=r"^--min-p: `min_p` has to be a float in \[0, 1\) \(0: the paper's"):
         parse(["--min-p", "1"])
+    # a buffer too small to ever hold `learning_starts` transitions would train nothing, silently
+    with pytest.raises(ValueError, match=r"^--learning-starts: `learning_starts` \(64\) is more than the replay buffer "
+                                         r"holds \(`buffer_size` 40\): no update would ever run"):
+        parse(["--learning-starts", "64", "--buffer-size", "40"])
     # --lr sets both learning rates: its bad value is named as --lr, not as the --actor-lr the user never gave
     with pytest.raises(ValueError, match=r"^--lr: `critic_lr` has to be a positive float, but is -1.0.$"):
         parse(["--lr", "-1"])

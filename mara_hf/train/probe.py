@@ -46,7 +46,8 @@ def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_id
     device = hf.input_device(model)
     was_training = actor.training
     actor.eval()
-    totals = torch.zeros(5, dtype=torch.float64)  # tokens, KL penalties, rejects, repeats, sentence rewards
+    # tokens, KL penalties, rejects, repeats, repeats the agent decided (what the repeat cost charges), rewards
+    totals = torch.zeros(6, dtype=torch.float64)
     try:
         for start in range(0, len(prompts), config.rollout_batch_size):
             batch = list(prompts[start:start + config.rollout_batch_size])
@@ -65,9 +66,9 @@ def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_id
     rates = stats.to_dict()
     probe = {**{name: rates[name] for name in PROBE_METRICS}, "prompts": len(prompts)}
     if reward is not None:
-        tokens, kl, rejects, repeats, rewards = totals.tolist()
+        tokens, kl, rejects, repeats, charged, rewards = totals.tolist()
         count = len(prompts)
-        costs = config.kl_coef * kl + config.reject_cost * rejects + config.repeat_cost * repeats
+        costs = config.kl_coef * kl + config.reject_cost * rejects + config.repeat_cost * charged
         # The return is linear in its parts, so its mean over answers is made of their means.
         probe.update(kl_per_token=kl / max(tokens, 1.0), rejects_per_answer=rejects / count,
                      repeat_rate=repeats / max(tokens, 1.0), reward=rewards / count,
@@ -77,8 +78,10 @@ def greedy_probe(model, tokenizer, actor, prompts: Sequence[str], config, eos_id
 
 def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Callable, eos_ids: list[int],
            config) -> torch.Tensor:
-    """One probe batch's sums `(tokens, KL penalties, rejects, repeats, sentence rewards)` (float64), from `out`:
-    `mara_generate`'s output with the base model's logits of every step."""
+    """One probe batch's sums `(tokens, KL penalties, rejects, repeats, charged repeats, sentence rewards)`
+    (float64), from `out`: `mara_generate`'s output with the base model's logits of every step. A repeat is charged
+    (`--repeat-cost`) where a decision took its token, as `rollout.build_transitions` charges it: a token at a
+    lone-candidate position is taken without one; every repeat counts in `repeat_rate`."""
     tokens = out.sequences[:, prompt_length:]
     steps = out.mara_steps
     # Positions up to and including each row's first EOS are the answer (later ones are padding).
@@ -93,6 +96,7 @@ def _score(out, prompt_length: int, prompts: list[str], tokenizer, reward: Calla
     rejects = torch.where(steps["fallback"], refusable, steps["index"]) * steps["asked"]
     lengths = active.sum(dim=1)  # `active` is a prefix of each row: up to and including its first EOS
     scores = answer_scores(reward, prompts, decode_answers(tokenizer, tokens, lengths))
-    repeats = repeated_ngrams(tokens, lengths).sum()
-    sums = torch.stack([active.sum(), (penalty * active).sum(), (rejects * active).sum(), repeats])
+    repeated = repeated_ngrams(tokens, lengths)
+    charged = (repeated & steps["asked"].to(repeated.device)).sum()
+    sums = torch.stack([active.sum(), (penalty * active).sum(), (rejects * active).sum(), repeated.sum(), charged])
     return torch.cat([sums.to("cpu", torch.float64), scores.sum()[None]])

@@ -163,6 +163,10 @@ class TrainConfig:
         self.hidden_sizes = tuple(self.hidden_sizes)
         if isinstance(self.sac, dict):
             self.sac = SACConfig(**self.sac)
+        if self.learning_starts > self.sac.buffer_size:
+            raise ValueError(f"`learning_starts` ({self.learning_starts}) is more than the replay buffer holds "
+                             f"(`buffer_size` {self.sac.buffer_size}): no update would ever run. Lower it, or give "
+                             "the buffer more room.")
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -438,9 +442,9 @@ class Trainer:
         if resume:
             self.resume()
             if self.iteration >= self.config.iterations:
-                logger.warning("'%s' already holds %d rollouts (iterations: %d): nothing to train; the agent is written "
-                               "again. Give more iterations (--iterations) to go on.", self.out_dir, self.iteration,
-                               self.config.iterations)
+                logger.warning("'%s' already holds %d rollouts (iterations: %d): nothing to train; the agent is "
+                               "written again. Give more iterations (--iterations) to go on.", self.out_dir,
+                               self.iteration, self.config.iterations)
         elif (self.out_dir / CHECKPOINTS).exists():
             raise ValueError(f"'{self.out_dir}' already holds checkpoints: resume, or use another output folder.")
         else:
