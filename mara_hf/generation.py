@@ -23,7 +23,8 @@ from . import hf_internals as hf
 from .agent import validate_candidate_settings
 from .compiled import CompiledStep
 from .decide import evaluate_step
-from .processor import agent_on_device, check_agent, check_watermark, unwrap_model, warn_nonfinite
+from .processor import (agent_on_device, candidate_width, check_agent, check_watermark, unwrap_model,
+                        warn_nonfinite)
 from .schedule import DEFAULT_SCHEDULE, make_schedule
 from .states import (HeadInput, check_cache, check_left_padding, check_model, known_plain_head, next_position_ids,
                      plain_head)
@@ -136,7 +137,7 @@ def mara_generate(
     check_left_padding(model_kwargs.get("attention_mask"))
     cache = hf.cache_of(model_kwargs)
     static = cache is not None and check_cache(cache, static=True) == "static"
-    width = min(top_k, model.get_output_embeddings().weight.shape[0])
+    width = candidate_width(model, top_k)
     check_stats(mara_stats, width)
     if static:
         cache = _static_cache_with_scratch(model, cache, generation_config, input_ids, model_kwargs, width)

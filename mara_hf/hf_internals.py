@@ -238,7 +238,7 @@ def split_at_caller_processors(logits_processor, caller=None) -> tuple[LogitsPro
     processor (`watermarking_config`, "after all logits processing is finished") and `LogitNormalization`
     (`renormalize_logits`)."""
     items = list(logits_processor or [])
-    callers = [id(item) for item in caller or []]
+    callers = {id(item) for item in caller or []}
     cut = len(items)
     while cut > 0 and id(items[cut - 1]) not in callers and (
             type(items[cut - 1]).__name__.endswith("Warper") or isinstance(items[cut - 1], AFTER_CALLER_PROCESSORS)):

@@ -81,6 +81,11 @@ def agent_on_device(agent: MaraAgent, device: torch.device) -> MaraAgent:
     return kept[1]
 
 
+def candidate_width(model, top_k: int) -> int:
+    """At most this many candidates per row: `top_k`, cut to the vocabulary as `build_candidates` cuts it."""
+    return min(top_k, model.get_output_embeddings().weight.shape[0])
+
+
 def warn_nonfinite(agent: MaraAgent, count: int, so_far: bool = False) -> None:
     """Warn (once per call) when the agent gave `count` NaN/inf accept probabilities (`so_far`: in the call's steps
     until now): such candidates count as rejected, so decisions silently fall back."""
@@ -168,8 +173,7 @@ class MaraLogitsProcessor(LogitsProcessor):
         validate_candidate_settings(self.top_k, self.top_p, self.fallback, self.accept_threshold, self.min_p)
         self.device = hf.execution_device(self.model.get_output_embeddings())
         self.schedule = schedule
-        # At most this many candidates per row (as the candidate set cuts top_k to the vocabulary)
-        self.width = min(self.top_k, self.model.get_output_embeddings().weight.shape[0])
+        self.width = candidate_width(self.model, self.top_k)
         make_schedule(schedule, device=self.device, batch_size=1, width=self.width)  # validate now
         self._user_agent = agent
         self.agent = agent_on_device(agent, self.device)
